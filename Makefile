@@ -1,0 +1,44 @@
+# The two commands README promises: `make run` and `make test`. Both build what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: run test lint check-protos proto deps e2e soak clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+## Regenerate the protobuf/gRPC stubs from protos/ (they are checked in).
+proto: $(INSTALLED)
+	PYTHON=$(PY) scripts/gen_protos.sh
+
+check-protos: $(INSTALLED)
+	PYTHON=$(PY) scripts/check-protos.sh
+
+## Serve etcd v3 on 127.0.0.1:2379 with the data in ./db/state.db (ARGS='--flag value' to change).
+run: $(INSTALLED)
+	$(VENV)/bin/kine-server $(ARGS)
+
+## Install the real etcd and PostgreSQL the tests start (as root; otherwise says what is missing).
+deps:
+	scripts/test-deps.sh
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+## The whole suite: stubs up to date, lint and types, then every test on SQLite and PostgreSQL.
+test: $(INSTALLED) deps check-protos lint
+	$(PY) -m pytest
+
+## Long soak tests, excluded from `make test`.
+soak: $(INSTALLED) deps
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) db .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""kine-server: an etcd v3 API server that keeps its data in SQLite or PostgreSQL."""
+
+__version__ = "0.1.0"

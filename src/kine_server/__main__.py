@@ -1,0 +1,5 @@
+"""Allows `python -m kine_server`."""
+
+from kine_server.cli import main
+
+raise SystemExit(main())

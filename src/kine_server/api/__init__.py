@@ -1,0 +1,1 @@
+"""gRPC services: each translates and validates etcd requests and hands them to the store."""

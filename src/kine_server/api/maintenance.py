@@ -1,0 +1,59 @@
+"""etcdserverpb.Maintenance: Status and Alarm; the rest answers UNIMPLEMENTED by name."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import grpc
+
+from kine_server import errors
+from kine_server.api.common import Member, answer_unsupported, etcd_errors
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store.store import Store
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
+    def __init__(self, store: Store, member: Member, version: str) -> None:
+        self._store = store
+        self._member = member
+        self._version = version
+
+    @etcd_errors
+    async def Status(
+        self, request: rpc_pb2.StatusRequest, context: Context
+    ) -> rpc_pb2.StatusResponse:
+        counters = await self._store.counters()
+        try:
+            size, in_use = await self._store.driver.size()
+        except Exception as exc:
+            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
+        # One member, always the leader; the store revision stands in for the raft index.
+        response = rpc_pb2.StatusResponse(
+            version=self._version,
+            dbSize=size,
+            dbSizeInUse=in_use,
+            leader=self._member.member_id,
+            raftIndex=counters.revision,
+            raftTerm=1,
+            raftAppliedIndex=counters.revision,
+            isLearner=False,
+        )
+        response.header.revision = counters.revision
+        self._member.stamp(response.header)
+        return response
+
+    @etcd_errors
+    async def Alarm(self, request: rpc_pb2.AlarmRequest, context: Context) -> rpc_pb2.AlarmResponse:
+        if request.action == rpc_pb2.AlarmRequest.ACTIVATE:
+            raise errors.Unsupported("etcdserverpb.Maintenance/Alarm ACTIVATE")
+        # No alarm is ever raised yet, so GET lists none and DEACTIVATE has nothing to clear.
+        counters = await self._store.counters()
+        response = rpc_pb2.AlarmResponse()
+        response.header.revision = counters.revision
+        self._member.stamp(response.header)
+        return response
+
+
+answer_unsupported(MaintenanceService, rpc_pb2.DESCRIPTOR.services_by_name["Maintenance"])

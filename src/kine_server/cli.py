@@ -1,0 +1,158 @@
+"""The `kine-server` command: kine's flag names, each also read from KINE_<FLAG> in the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kine_server import __version__
+from kine_server.config import Config
+from kine_server.durations import format_duration, parse_duration
+from kine_server.server import StartupError, serve
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    field: str
+    help: str
+    parse: Callable[[str], Any] = str
+    show: Callable[[Any], str] = str
+
+    @property
+    def env(self) -> str:
+        return "KINE_" + self.name.upper().replace("-", "_")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"invalid boolean {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+FLAGS = [
+    Flag(
+        "endpoint",
+        "endpoint",
+        "Storage DSN: sqlite://PATH or postgres://user:pass@host:port/db?sslmode=..."
+        " (the database is created if missing)",
+    ),
+    Flag(
+        "listen-address",
+        "listen_address",
+        "Address to serve etcd's gRPC API on: HOST:PORT or unix://PATH",
+    ),
+    Flag(
+        "max-request-bytes",
+        "max_request_bytes",
+        "Largest write request accepted, in bytes (as etcd)",
+        _positive_int,
+    ),
+    Flag(
+        "max-txn-ops",
+        "max_txn_ops",
+        "Most operations allowed in one Txn branch (as etcd)",
+        _positive_int,
+    ),
+    Flag(
+        "emulated-etcd-version",
+        "emulated_etcd_version",
+        "etcd version reported by Maintenance.Status",
+    ),
+    Flag(
+        "compact-batch-size",
+        "compact_batch_size",
+        "Revisions removed per compaction transaction",
+        _positive_int,
+    ),
+    Flag(
+        "compact-timeout",
+        "compact_timeout",
+        "Time limit of one compaction batch (Go duration)",
+        parse_duration,
+        format_duration,
+    ),
+    Flag("debug", "debug", "Log at debug level", _bool),
+]
+
+
+def build_parser(defaults: Config) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kine-server",
+        description="An etcd v3 API server that keeps its data in SQLite or PostgreSQL.",
+        epilog="Every flag can also be set as KINE_<FLAG>, e.g. KINE_ENDPOINT or KINE_LISTEN_ADDRESS; "
+        "a flag on the command line wins over the environment.",
+    )
+    for flag in FLAGS:
+        default = getattr(defaults, flag.field)
+        shown = flag.show(default)
+        if flag.name == "debug":
+            parser.add_argument(
+                "--debug",
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{flag.help} [env {flag.env}]",
+            )
+            continue
+        parser.add_argument(
+            f"--{flag.name}",
+            metavar="VALUE",
+            default=None,
+            help=f"{flag.help} (default {shown}) [env {flag.env}]",
+        )
+    parser.add_argument("--version", action="version", version=f"kine-server {__version__}")
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
+    """Flags over environment over defaults; a bad value raises ValueError naming the flag."""
+    config = Config()
+    args = build_parser(config).parse_args(argv)
+    for flag in FLAGS:
+        raw = getattr(args, flag.field)
+        source = f"--{flag.name}"
+        if raw is None:
+            raw = environ.get(flag.env)
+            source = flag.env
+        if raw is None:
+            continue
+        try:
+            setattr(config, flag.field, flag.parse(raw))
+        except ValueError as exc:
+            raise ValueError(f"invalid {source} {raw!r}: {exc}") from None
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    except ValueError as exc:
+        print(f"kine-server: error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=logging.DEBUG if config.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"kine-server: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

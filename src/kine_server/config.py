@@ -1,0 +1,27 @@
+"""Server settings: one dataclass, filled from flags and KINE_* environment variables by cli.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kine_server.drivers import DEFAULT_ENDPOINT
+
+#: etcd's default --max-request-bytes (1.5 MiB).
+DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
+#: etcd allows this much on top of --max-request-bytes at the gRPC layer before refusing a message.
+GRPC_OVERHEAD_BYTES = 512 * 1024
+#: A 3.5 release new enough that kube-apiserver may rely on watch progress requests.
+DEFAULT_ETCD_VERSION = "3.5.16"
+
+
+@dataclass
+class Config:
+    endpoint: str = DEFAULT_ENDPOINT
+    listen_address: str = "127.0.0.1:2379"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_txn_ops: int = 128
+    emulated_etcd_version: str = DEFAULT_ETCD_VERSION
+    compact_batch_size: int = 1000
+    compact_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+    debug: bool = False

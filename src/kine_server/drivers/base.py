@@ -1,0 +1,159 @@
+"""The narrow interface between the MVCC store and a SQL database.
+
+A driver owns SQL and nothing else: it stores rows of a log-structured key table and a few named
+counters, and gives the store two kinds of transaction. Every revision rule, every etcd semantic and
+every error message lives in the store; a driver never decides what a revision means.
+
+The key table holds one row per change of a key:
+
+    key, create_revision, mod_revision, version, value, lease, sub, next_revision
+
+`version == 0` marks a deletion (a tombstone). `sub` orders the changes made by one revision.
+`next_revision` is the revision of the key's following row, or NULL while the row is the newest: the
+state at revision R is then "rows with mod_revision <= R < next_revision", and compaction to R may drop
+every row whose `next_revision <= R` and every tombstone at or below R.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import AbstractAsyncContextManager
+from typing import NamedTuple
+
+SCHEMA_VERSION = 1
+
+#: Sentinel end of range: every key at or after the start key.
+OPEN_END = b""
+
+
+class Row(NamedTuple):
+    """One row of the key table; field order matches etcd's mvccpb.KeyValue."""
+
+    key: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    value: bytes
+    lease: int
+
+
+class ChangeRow(NamedTuple):
+    """A row as the event log sees it: a Row plus its position within its revision."""
+
+    key: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    value: bytes
+    lease: int
+    sub: int
+
+
+class Counters(NamedTuple):
+    """The store's counters as one consistent read.
+
+    revision: the newest committed store revision.
+    compact_revision: reads below it are refused (what etcd calls the compact revision).
+    compacted_through: history at or below it has been physically removed.
+    """
+
+    revision: int
+    compact_revision: int
+    compacted_through: int
+
+
+class DriverError(Exception):
+    """The database could not be reached or failed a statement (as opposed to a semantic error)."""
+
+
+class ReadTx(abc.ABC):
+    """A consistent snapshot of the store.
+
+    `at=None` asks for the newest rows of the snapshot; an integer asks for the state as of that
+    revision. `end=None` is a single key, `end == OPEN_END` every key from `key` on, otherwise [key, end).
+    """
+
+    @abc.abstractmethod
+    async def counters(self) -> Counters: ...
+
+    @abc.abstractmethod
+    async def range(
+        self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
+    ) -> list[Row]:
+        """Live rows in key order; `limit <= 0` means no limit; values are b'' without `with_values`."""
+
+    @abc.abstractmethod
+    async def count(self, key: bytes, end: bytes | None, at: int | None) -> int: ...
+
+    @abc.abstractmethod
+    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
+        """Rows with after < mod_revision <= through in (revision, sub) order, tombstones included."""
+
+
+class WriteTx(ReadTx):
+    """The one write transaction in flight. It holds the revision lock from `lock()` to commit."""
+
+    @abc.abstractmethod
+    async def lock(self) -> Counters:
+        """Take the revision lock (serialising writers, across processes too) and read the counters."""
+
+    @abc.abstractmethod
+    async def newest(self, key: bytes) -> Row | None:
+        """The key's newest row, tombstone included (version 0), or None if it has no history."""
+
+    @abc.abstractmethod
+    async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
+        """Insert `rows` (all of one revision) and mark each (key, old mod_revision) superseded by it."""
+
+    @abc.abstractmethod
+    async def set_revision(self, revision: int) -> None: ...
+
+    @abc.abstractmethod
+    async def set_compact_revision(self, revision: int) -> None: ...
+
+
+class CompactTx(abc.ABC):
+    """One compaction batch: a short transaction of its own, separate from the writer's."""
+
+    @abc.abstractmethod
+    async def counters(self) -> Counters: ...
+
+    @abc.abstractmethod
+    async def delete_history(self, after: int, through: int) -> int:
+        """Drop rows superseded in (after, through] and tombstones in (after, through]; return the count."""
+
+    @abc.abstractmethod
+    async def claim(self, expected: int, through: int) -> bool:
+        """Advance compacted_through from `expected` to `through`; False if someone else moved it."""
+
+
+class Driver(abc.ABC):
+    """A database holding one kine-server store."""
+
+    #: A short name for logs and metrics: "sqlite" or "postgres".
+    name: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create the database and schema if missing, check the schema version."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def read(self) -> AbstractAsyncContextManager[ReadTx]: ...
+
+    @abc.abstractmethod
+    def write(self) -> AbstractAsyncContextManager[WriteTx]:
+        """A write transaction; committed when the block exits normally, rolled back otherwise."""
+
+    @abc.abstractmethod
+    def compact(self) -> AbstractAsyncContextManager[CompactTx]: ...
+
+    @abc.abstractmethod
+    async def meta(self, name: str) -> int | None:
+        """A named integer from the meta table (e.g. the cluster id), outside any transaction."""
+
+    @abc.abstractmethod
+    async def size(self) -> tuple[int, int]:
+        """(bytes the database occupies, bytes in use)."""

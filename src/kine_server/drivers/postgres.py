@@ -1,0 +1,263 @@
+"""PostgreSQL driver: asyncpg pools, one row lock serialising writers across every instance.
+
+Writers take `FOR UPDATE` on the `revision` counter row first, so transactions that write commit in
+revision order and a rolled-back transaction leaves no gap, whichever process or machine they come
+from. Reads run in REPEATABLE READ so the counters and the rows they read come from one snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+
+from kine_server.drivers import sql
+from kine_server.drivers.base import (
+    SCHEMA_VERSION,
+    ChangeRow,
+    CompactTx,
+    Counters,
+    Driver,
+    DriverError,
+    ReadTx,
+    Row,
+    WriteTx,
+)
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS kine_meta (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS kine_kv (
+        key BYTEA NOT NULL,
+        create_revision BIGINT NOT NULL,
+        mod_revision BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        value BYTEA NOT NULL,
+        lease BIGINT NOT NULL,
+        sub INTEGER NOT NULL,
+        next_revision BIGINT
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub)",
+    """CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
+        WHERE next_revision IS NULL AND version > 0""",
+    """CREATE INDEX IF NOT EXISTS kine_kv_next ON kine_kv (next_revision)
+        WHERE next_revision IS NOT NULL""",
+]
+
+#: Any number will do, as long as every kine-server uses the same one for schema creation.
+SCHEMA_LOCK_ID = 0x6B696E65
+
+LOCK_REVISION = "SELECT value FROM kine_meta WHERE name = 'revision' FOR UPDATE"
+
+#: What asyncpg and the network raise when the database is unreachable or a statement fails.
+DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ConnectionError)
+
+_COUNTERS = sql.numbered(sql.COUNTERS)
+_META = sql.numbered(sql.META)
+_SET_META = sql.numbered(sql.SET_META)
+_NEWEST = sql.numbered(sql.NEWEST)
+_INSERT = sql.numbered(sql.INSERT)
+_SUPERSEDE = sql.numbered(sql.SUPERSEDE)
+_CHANGES = sql.numbered(sql.CHANGES)
+_DELETE_SUPERSEDED = sql.numbered(sql.DELETE_SUPERSEDED)
+_DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
+_CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
+
+
+def _row(record: Sequence[Any]) -> Row:
+    key, create, mod, version, value, lease = record
+    return Row(bytes(key), create, mod, version, bytes(value) if value is not None else b"", lease)
+
+
+def _affected(status: str) -> int:
+    """asyncpg returns the command tag, e.g. 'DELETE 12'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class _Read(ReadTx):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def counters(self) -> Counters:
+        values = {r[0]: r[1] for r in await self._conn.fetch(_COUNTERS)}
+        return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
+
+    async def range(
+        self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
+    ) -> list[Row]:
+        query, params = sql.range_query(key, end, at, limit, with_values)
+        return [_row(r) for r in await self._conn.fetch(sql.numbered(query), *params)]
+
+    async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
+        query, params = sql.count_query(key, end, at)
+        return int(await self._conn.fetchval(sql.numbered(query), *params))
+
+    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
+        rows = await self._conn.fetch(_CHANGES, after, through, limit)
+        return [ChangeRow(*_row(r[:6]), r[6]) for r in rows]
+
+
+class _Write(_Read, WriteTx):
+    async def lock(self) -> Counters:
+        await self._conn.fetchval(LOCK_REVISION)
+        return await self.counters()
+
+    async def newest(self, key: bytes) -> Row | None:
+        record = await self._conn.fetchrow(_NEWEST, key)
+        return _row(record) if record is not None else None
+
+    async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
+        await self._conn.executemany(_INSERT, rows)
+        if superseded:
+            revision = rows[0].mod_revision
+            await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def set_revision(self, revision: int) -> None:
+        await self._conn.execute(_SET_META, revision, "revision")
+
+    async def set_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(_SET_META, revision, "compact_revision")
+
+
+class _Compact(_Read, CompactTx):
+    async def delete_history(self, after: int, through: int) -> int:
+        superseded = await self._conn.execute(_DELETE_SUPERSEDED, after, through)
+        tombstones = await self._conn.execute(_DELETE_TOMBSTONES, after, through)
+        return _affected(superseded) + _affected(tombstones)
+
+    async def claim(self, expected: int, through: int) -> bool:
+        return _affected(await self._conn.execute(_CLAIM_COMPACTED, through, expected)) == 1
+
+
+def database_name(dsn: str) -> str:
+    """The database a DSN names; kine's default is `kubernetes`."""
+    path = urllib.parse.urlsplit(dsn).path.lstrip("/")
+    return urllib.parse.unquote(path) or "kubernetes"
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(name)))
+
+
+class PostgresDriver(Driver):
+    """A store in one PostgreSQL database, shareable by several kine-server instances."""
+
+    name = "postgres"
+
+    def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 10.0) -> None:
+        self.dsn = with_database(dsn, database_name(dsn))
+        self._pool_size = pool_size
+        self._timeout = connect_timeout
+        self._readers: asyncpg.Pool | None = None
+        self._writers: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            await self._create_database()
+            self._writers = await self._pool(2)
+            self._readers = await self._pool(self._pool_size)
+            async with self._writers.acquire() as conn, conn.transaction():
+                await self._create_schema(conn)
+        except DATABASE_ERRORS as exc:
+            await self.close()
+            raise DriverError(f"cannot open PostgreSQL database: {exc}") from exc
+
+    async def _pool(self, size: int) -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=size, timeout=self._timeout, command_timeout=None
+        )
+        assert pool is not None
+        return pool
+
+    async def _create_database(self) -> None:
+        """kine creates the database when it is missing; so do we."""
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+        except asyncpg.InvalidCatalogNameError:
+            admin = await asyncpg.connect(
+                with_database(self.dsn, "postgres"), timeout=self._timeout
+            )
+            try:
+                name = database_name(self.dsn).replace('"', '""')
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                    await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
+            return
+        await conn.close()
+
+    async def _create_schema(self, conn: asyncpg.Connection) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_ID)
+        for statement in SCHEMA:
+            await conn.execute(statement)
+        seed, rows = sql.seed_meta(secrets.randbits(63) or 1)
+        await conn.executemany(sql.numbered(seed), rows)
+        found = await conn.fetchval(_META, "schema_version")
+        if found > SCHEMA_VERSION:
+            raise DriverError(
+                f"schema version {found} is newer than this kine-server ({SCHEMA_VERSION})"
+            )
+
+    async def close(self) -> None:
+        for pool in (self._readers, self._writers):
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await pool.close()
+        self._readers = self._writers = None
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[ReadTx]:
+        assert self._readers is not None, "driver not open"
+        try:
+            async with (
+                self._readers.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield _Read(conn)
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[WriteTx]:
+        assert self._writers is not None, "driver not open"
+        try:
+            async with self._writers.acquire() as conn, conn.transaction():
+                yield _Write(conn)
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+
+    @contextlib.asynccontextmanager
+    async def compact(self) -> AsyncIterator[CompactTx]:
+        assert self._writers is not None, "driver not open"
+        try:
+            async with self._writers.acquire() as conn, conn.transaction():
+                yield _Compact(conn)
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+
+    async def meta(self, name: str) -> int | None:
+        assert self._readers is not None, "driver not open"
+        try:
+            value = await self._readers.fetchval(_META, name)
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+        return int(value) if value is not None else None
+
+    async def size(self) -> tuple[int, int]:
+        assert self._readers is not None, "driver not open"
+        try:
+            total = await self._readers.fetchval("SELECT pg_database_size(current_database())")
+            used = await self._readers.fetchval(
+                "SELECT pg_total_relation_size('kine_kv') + pg_total_relation_size('kine_meta')"
+            )
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+        return int(total), int(used)

@@ -1,0 +1,102 @@
+"""The statements both drivers share, written once with `?` placeholders.
+
+The query shapes are the same on SQLite and PostgreSQL; only DDL, locking and placeholder syntax
+differ, and those stay in each driver. `numbered()` turns `?` into PostgreSQL's `$1, $2, ...`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+from kine_server.drivers.base import OPEN_END, SCHEMA_VERSION
+
+ROW_COLUMNS = "key, create_revision, mod_revision, version, value, lease"
+KEY_COLUMNS = "key, create_revision, mod_revision, version, NULL AS value, lease"
+
+COUNTERS = (
+    "SELECT name, value FROM kine_meta "
+    "WHERE name IN ('revision', 'compact_revision', 'compacted_through')"
+)
+META = "SELECT value FROM kine_meta WHERE name = ?"
+SET_META = "UPDATE kine_meta SET value = ? WHERE name = ?"
+
+NEWEST = f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE key = ? ORDER BY mod_revision DESC LIMIT 1"
+INSERT = (
+    "INSERT INTO kine_kv (key, create_revision, mod_revision, version, value, lease, sub) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+SUPERSEDE = "UPDATE kine_kv SET next_revision = ? WHERE key = ? AND mod_revision = ?"
+CHANGES = (
+    f"SELECT {ROW_COLUMNS}, sub FROM kine_kv WHERE mod_revision > ? AND mod_revision <= ? "
+    "ORDER BY mod_revision, sub LIMIT ?"
+)
+
+DELETE_SUPERSEDED = "DELETE FROM kine_kv WHERE next_revision > ? AND next_revision <= ?"
+DELETE_TOMBSTONES = (
+    "DELETE FROM kine_kv WHERE version = 0 AND mod_revision > ? AND mod_revision <= ?"
+)
+CLAIM_COMPACTED = "UPDATE kine_meta SET value = ? WHERE name = 'compacted_through' AND value = ?"
+
+
+def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
+    """Rows a new store starts with: etcd's first revision is 1, nothing compacted."""
+    rows = [
+        ("schema_version", SCHEMA_VERSION),
+        ("revision", 1),
+        ("compact_revision", 0),
+        ("compacted_through", 0),
+        ("cluster_id", cluster_id),
+    ]
+    return "INSERT INTO kine_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", rows
+
+
+def _key_filter(end: bytes | None) -> str:
+    if end is None:
+        return "key = ?"
+    if end == OPEN_END:
+        return "key >= ?"
+    return "key >= ? AND key < ?"
+
+
+def _visible(at: int | None) -> str:
+    # The newest-row predicate matches the partial index kine_kv_live word for word.
+    if at is None:
+        return "next_revision IS NULL AND version > 0"
+    return "mod_revision <= ? AND (next_revision IS NULL OR next_revision > ?) AND version > 0"
+
+
+def _params(key: bytes, end: bytes | None, at: int | None) -> list[Any]:
+    params: list[Any] = [key]
+    if end:
+        params.append(end)
+    if at is not None:
+        params += [at, at]
+    return params
+
+
+def range_query(
+    key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool
+) -> tuple[str, list[Any]]:
+    columns = ROW_COLUMNS if with_values else KEY_COLUMNS
+    sql = f"SELECT {columns} FROM kine_kv WHERE {_key_filter(end)} AND {_visible(at)} ORDER BY key"
+    params = _params(key, end, at)
+    if limit > 0:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def count_query(key: bytes, end: bytes | None, at: int | None) -> tuple[str, list[Any]]:
+    sql = f"SELECT count(*) FROM kine_kv WHERE {_key_filter(end)} AND {_visible(at)}"
+    return sql, _params(key, end, at)
+
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def numbered(sql: str) -> str:
+    """`?` placeholders to PostgreSQL's numbered `$n` ones."""
+    counter = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)

@@ -1,0 +1,254 @@
+"""SQLite driver: one embedded file in WAL mode, one writer connection, a pool of readers.
+
+SQLite allows one writing transaction at a time, so the store's single writer owns one connection
+and compaction batches use a second one that waits on SQLite's busy handler. Readers get their own
+connections so that a long LIST never waits for a write; WAL gives each of them a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from typing import IO, Any
+
+import aiosqlite
+
+from kine_server.drivers import sql
+from kine_server.drivers.base import (
+    SCHEMA_VERSION,
+    ChangeRow,
+    CompactTx,
+    Counters,
+    Driver,
+    DriverError,
+    ReadTx,
+    Row,
+    WriteTx,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kine_meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kine_kv (
+    key BLOB NOT NULL,
+    create_revision INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    lease INTEGER NOT NULL,
+    sub INTEGER NOT NULL,
+    next_revision INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision);
+CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub);
+CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
+    WHERE next_revision IS NULL AND version > 0;
+CREATE INDEX IF NOT EXISTS kine_kv_next ON kine_kv (next_revision)
+    WHERE next_revision IS NOT NULL;
+"""
+
+
+def _row(record: Sequence[Any]) -> Row:
+    key, create, mod, version, value, lease = record
+    return Row(key, create, mod, version, value if value is not None else b"", lease)
+
+
+class _Read(ReadTx):
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def _all(self, query: str, params: Sequence[Any]) -> list[Any]:
+        return list(await self._conn.execute_fetchall(query, params))
+
+    async def counters(self) -> Counters:
+        values = dict(await self._all(sql.COUNTERS, ()))
+        return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
+
+    async def range(
+        self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
+    ) -> list[Row]:
+        query, params = sql.range_query(key, end, at, limit, with_values)
+        return [_row(r) for r in await self._all(query, params)]
+
+    async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
+        query, params = sql.count_query(key, end, at)
+        rows = await self._all(query, params)
+        return int(rows[0][0])
+
+    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
+        rows = await self._all(sql.CHANGES, (after, through, limit))
+        return [ChangeRow(*r) for r in rows]
+
+
+class _Write(_Read, WriteTx):
+    async def lock(self) -> Counters:
+        # BEGIN IMMEDIATE in Driver.write() already holds SQLite's single write lock.
+        return await self.counters()
+
+    async def newest(self, key: bytes) -> Row | None:
+        rows = await self._all(sql.NEWEST, (key,))
+        return _row(rows[0]) if rows else None
+
+    async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
+        await self._conn.executemany(sql.INSERT, rows)
+        if superseded:
+            revision = rows[0].mod_revision
+            await self._conn.executemany(sql.SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def set_revision(self, revision: int) -> None:
+        await self._conn.execute(sql.SET_META, (revision, "revision"))
+
+    async def set_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(sql.SET_META, (revision, "compact_revision"))
+
+
+class _Compact(_Read, CompactTx):
+    async def delete_history(self, after: int, through: int) -> int:
+        superseded = await self._conn.execute(sql.DELETE_SUPERSEDED, (after, through))
+        tombstones = await self._conn.execute(sql.DELETE_TOMBSTONES, (after, through))
+        return superseded.rowcount + tombstones.rowcount
+
+    async def claim(self, expected: int, through: int) -> bool:
+        cursor = await self._conn.execute(sql.CLAIM_COMPACTED, (through, expected))
+        return cursor.rowcount == 1
+
+
+class SQLiteDriver(Driver):
+    """A store in one SQLite file, used by exactly one kine-server process."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, readers: int = 4, busy_timeout_ms: int = 30_000) -> None:
+        self.path = path
+        self._reader_count = readers
+        self._busy_timeout_ms = busy_timeout_ms
+        self._lock_file: IO[bytes] | None = None
+        self._writer: aiosqlite.Connection | None = None
+        self._compactor: aiosqlite.Connection | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all: list[aiosqlite.Connection] = []
+
+    async def open(self) -> None:
+        try:
+            self._prepare_files()
+            self._writer = await self._connect()
+            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._create_schema(self._writer)
+            self._compactor = await self._connect()
+            for _ in range(self._reader_count):
+                conn = await self._connect(query_only=True)
+                self._readers.put_nowait(conn)
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise DriverError(f"cannot open SQLite database {self.path}: {exc}") from exc
+
+    def _prepare_files(self) -> None:
+        """Create the directory; refuse a second server on the file (it would break revision order)."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        lock = open(self.path + ".lock", "ab")  # noqa: SIM115 - held open for the process lifetime
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise OSError(f"another kine-server is already using {self.path}") from None
+        self._lock_file = lock
+
+    async def _connect(self, query_only: bool = False) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        self._all.append(conn)
+        await conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        # FULL: an acknowledged write is on disk before the client hears of it.
+        await conn.execute("PRAGMA synchronous=FULL")
+        if query_only:
+            await conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    async def _create_schema(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    await conn.execute(statement)
+            seed, rows = sql.seed_meta(secrets.randbits(63) or 1)
+            await conn.executemany(seed, rows)
+            found = list(await conn.execute_fetchall(sql.META, ("schema_version",)))
+            if found[0][0] > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {found[0][0]} is newer than this kine-server ({SCHEMA_VERSION})"
+                )
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        for conn in self._all:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._all.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[ReadTx]:
+        conn = await self._readers.get()
+        try:
+            await conn.execute("BEGIN")
+            try:
+                yield _Read(conn)
+            finally:
+                await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise DriverError(str(exc)) from exc
+        finally:
+            self._readers.put_nowait(conn)
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[WriteTx]:
+        assert self._writer is not None, "driver not open"
+        async with self._transaction(self._writer) as conn:
+            yield _Write(conn)
+
+    @contextlib.asynccontextmanager
+    async def compact(self) -> AsyncIterator[CompactTx]:
+        assert self._compactor is not None, "driver not open"
+        async with self._transaction(self._compactor) as conn:
+            yield _Compact(conn)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+            raise DriverError(str(exc)) from exc
+
+    async def meta(self, name: str) -> int | None:
+        async with self.read() as tx:
+            assert isinstance(tx, _Read)
+            rows = await tx._all(sql.META, (name,))
+        return int(rows[0][0]) if rows else None
+
+    async def size(self) -> tuple[int, int]:
+        async with self.read() as tx:
+            assert isinstance(tx, _Read)
+            ((page_size,),) = await tx._all("PRAGMA page_size", ())
+            ((pages,),) = await tx._all("PRAGMA page_count", ())
+            ((free,),) = await tx._all("PRAGMA freelist_count", ())
+        return pages * page_size, (pages - free) * page_size

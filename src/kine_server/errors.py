@@ -1,0 +1,72 @@
+"""etcd's errors, each with the gRPC status code and message etcd sends for it.
+
+The store raises these; the gRPC layer turns them into a status. Keeping codes and messages in one
+module is what lets clients that match on etcd's strings (clientv3, kube-apiserver) work unchanged.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EtcdError(Exception):
+    """An error a client sees as the gRPC status `code` with `message` as its details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    message: str = "etcdserver: unknown error"
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None:
+            self.message = message
+        super().__init__(self.message)
+
+
+def _error(name: str, code: grpc.StatusCode, message: str) -> type[EtcdError]:
+    return type(name, (EtcdError,), {"code": code, "message": message, "__doc__": message})
+
+
+_IA = grpc.StatusCode.INVALID_ARGUMENT
+
+EmptyKey = _error("EmptyKey", _IA, "etcdserver: key is not provided")
+KeyNotFound = _error("KeyNotFound", _IA, "etcdserver: key not found")
+ValueProvided = _error("ValueProvided", _IA, "etcdserver: value is provided")
+LeaseProvided = _error("LeaseProvided", _IA, "etcdserver: lease is provided")
+TooManyOps = _error("TooManyOps", _IA, "etcdserver: too many operations in txn request")
+DuplicateKey = _error("DuplicateKey", _IA, "etcdserver: duplicate key given in txn request")
+InvalidSortOption = _error("InvalidSortOption", _IA, "etcdserver: invalid sort option")
+RequestTooLarge = _error("RequestTooLarge", _IA, "etcdserver: request is too large")
+Compacted = _error(
+    "Compacted",
+    grpc.StatusCode.OUT_OF_RANGE,
+    "etcdserver: mvcc: required revision has been compacted",
+)
+FutureRevision = _error(
+    "FutureRevision",
+    grpc.StatusCode.OUT_OF_RANGE,
+    "etcdserver: mvcc: required revision is a future revision",
+)
+LeaseNotFound = _error(
+    "LeaseNotFound", grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found"
+)
+LeaseExists = _error(
+    "LeaseExists", grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: lease already exists"
+)
+NoSpace = _error(
+    "NoSpace", grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"
+)
+
+
+class Unavailable(EtcdError):
+    """The database cannot be reached; the client should retry (clientv3 retries UNAVAILABLE)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    message = "kine-server: database unavailable"
+
+
+class Unsupported(EtcdError):
+    """A call etcd has and this server does not implement; the message names the call."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"kine-server: {method} is not supported")

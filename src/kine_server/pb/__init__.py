@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code lives here; regenerate with scripts/gen_protos.sh."""

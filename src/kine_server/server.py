@@ -1,0 +1,159 @@
+"""Wires the store to the gRPC services and runs them: listen, serve, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import socket
+
+import grpc
+
+from kine_server.api.cluster import ClusterService
+from kine_server.api.common import Member
+from kine_server.api.health import HealthService
+from kine_server.api.kv import KVService
+from kine_server.api.maintenance import MaintenanceService
+from kine_server.api.unserved import AuthService, LeaseService, WatchService
+from kine_server.config import GRPC_OVERHEAD_BYTES, Config
+from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
+from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
+from kine_server.store.compactor import Compactor
+from kine_server.store.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is the one line the operator sees."""
+
+
+def grpc_address(listen_address: str) -> str:
+    """kine's listen syntax (HOST:PORT or unix://PATH) to gRPC's."""
+    if listen_address.startswith("unix://"):
+        return "unix:" + listen_address[len("unix://") :]
+    _, sep, port = listen_address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise StartupError(
+            f"invalid --listen-address {listen_address!r}: expected HOST:PORT or unix://PATH"
+        )
+    return listen_address
+
+
+def client_url(listen_address: str, port: int) -> str:
+    if listen_address.startswith("unix://"):
+        return listen_address
+    host = listen_address.rpartition(":")[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def member_id(cluster_id: int, name: str) -> int:
+    """A stable member id: the same store served under the same name keeps its id across restarts."""
+    digest = hashlib.sha256(f"{cluster_id}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF or 1
+
+
+class Server:
+    """One kine-server: a store on a database, served over gRPC."""
+
+    def __init__(self, config: Config, driver: Driver | None = None) -> None:
+        self.config = config
+        try:
+            self.driver = driver or make_driver(config.endpoint)
+        except EndpointError as exc:
+            raise StartupError(str(exc)) from exc
+        self.store = Store(
+            self.driver,
+            Compactor(self.driver, config.compact_batch_size, config.compact_timeout),
+        )
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        address = grpc_address(self.config.listen_address)
+        try:
+            await self.driver.open()
+        except DriverError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            await self._serve(address)
+        except BaseException:
+            await self.driver.close()
+            raise
+        log.info(
+            "kine-server serving etcd v3 on %s (%s)", self.config.listen_address, self.driver.name
+        )
+
+    async def _serve(self, address: str) -> None:
+        cluster_id = await self.driver.meta("cluster_id") or 1
+        name = socket.gethostname()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared
+                (
+                    "grpc.max_receive_message_length",
+                    self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
+                ),
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {self.config.listen_address}: {exc}") from exc
+        if self.port == 0:
+            raise StartupError(f"cannot listen on {self.config.listen_address}: address in use")
+        member = Member(
+            cluster_id=cluster_id,
+            member_id=member_id(cluster_id, name),
+            name=name,
+            client_urls=[client_url(self.config.listen_address, self.port)],
+        )
+        store = self.store
+        rpc_pb2_grpc.add_KVServicer_to_server(
+            KVService(store, member, self.config.max_request_bytes, self.config.max_txn_ops), server
+        )
+        rpc_pb2_grpc.add_MaintenanceServicer_to_server(
+            MaintenanceService(store, member, self.config.emulated_etcd_version), server
+        )
+        rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(store, member), server)
+        rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(), server)
+        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(), server)
+        rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), server)
+        await store.start()
+        await server.start()
+        if address.startswith("unix:"):
+            os.chmod(address[len("unix:") :], 0o600)
+        self._server = server
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close the store and the database."""
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace)
+            self._server = None
+        await self.store.stop()
+        await self.driver.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("kine-server shutting down")
+    await server.stop()

@@ -1,0 +1,324 @@
+"""etcd's request semantics (Range, Put, DeleteRange, Txn) evaluated on one database transaction.
+
+This follows etcd's applier (server/etcdserver/apply.go) step for step: a Txn's compares choose a
+branch, every request of the branch is checked before anything is written (so an error leaves no
+partial write), then the branch runs. All writes of one request share one revision, `begin + 1`;
+a request that changes nothing does not take a revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kine_server import errors
+from kine_server.drivers.base import OPEN_END, ChangeRow, ReadTx, Row, WriteTx
+from kine_server.pb import kv_pb2, rpc_pb2
+
+RangeRequest = rpc_pb2.RangeRequest
+Compare = rpc_pb2.Compare
+KeyValue = kv_pb2.KeyValue
+Event = kv_pb2.Event
+
+_SORT_KEYS: dict[int, Callable[[Row], Any]] = {
+    RangeRequest.KEY: lambda r: r.key,
+    RangeRequest.VERSION: lambda r: r.version,
+    RangeRequest.CREATE: lambda r: r.create_revision,
+    RangeRequest.MOD: lambda r: r.mod_revision,
+    RangeRequest.VALUE: lambda r: r.value,
+}
+
+
+def range_end(end: bytes) -> bytes | None:
+    """etcd's encoding of a range end: empty is one key, "\\0" is every key from the start on."""
+    if not end:
+        return None
+    if end == b"\x00":
+        return OPEN_END
+    return end
+
+
+def to_kv(row: Row) -> kv_pb2.KeyValue:
+    return KeyValue(
+        key=row.key,
+        create_revision=row.create_revision,
+        mod_revision=row.mod_revision,
+        version=row.version,
+        value=row.value,
+        lease=row.lease,
+    )
+
+
+def header(revision: int) -> rpc_pb2.ResponseHeader:
+    return rpc_pb2.ResponseHeader(revision=revision)
+
+
+def is_read_only(txn: rpc_pb2.TxnRequest) -> bool:
+    """True if neither branch can write, at any depth (etcd's isTxnReadonly)."""
+    for op in (*txn.success, *txn.failure):
+        kind = op.WhichOneof("request")
+        if kind in ("request_put", "request_delete_range"):
+            return False
+        if kind == "request_txn" and not is_read_only(op.request_txn):
+            return False
+    return True
+
+
+def _compare_one(compare: rpc_pb2.Compare, row: Row | None) -> bool:
+    target = compare.target
+    ours: bytes | int
+    theirs: bytes | int
+    if target == Compare.VALUE:
+        ours, theirs = (row.value if row else b""), compare.value
+    elif target == Compare.CREATE:
+        ours, theirs = (row.create_revision if row else 0), compare.create_revision
+    elif target == Compare.MOD:
+        ours, theirs = (row.mod_revision if row else 0), compare.mod_revision
+    elif target == Compare.VERSION:
+        ours, theirs = (row.version if row else 0), compare.version
+    elif target == Compare.LEASE:
+        ours, theirs = (row.lease if row else 0), compare.lease
+    else:
+        return True
+    sign = _sign(ours, theirs)
+    result = compare.result
+    if result == Compare.EQUAL:
+        return sign == 0
+    if result == Compare.NOT_EQUAL:
+        return sign != 0
+    if result == Compare.GREATER:
+        return sign > 0
+    if result == Compare.LESS:
+        return sign < 0
+    return True
+
+
+def _sign(ours: Any, theirs: Any) -> int:
+    """-1, 0 or 1, like Go's bytes.Compare and etcd's compareInt64."""
+    return int(ours > theirs) - int(ours < theirs)
+
+
+class Applier:
+    """Runs requests against one transaction whose store revision was `begin` when it started.
+
+    `changes` collects the events of the one request being applied; the writer takes them with
+    `take_changes()` after each request, which also moves `begin` to that request's revision.
+    """
+
+    def __init__(self, tx: ReadTx, begin: int, compact_revision: int) -> None:
+        self.tx = tx
+        self.begin = begin
+        self.compact_revision = compact_revision
+        self.changes: list[kv_pb2.Event] = []
+
+    @property
+    def revision(self) -> int:
+        """The revision reads see: the request's own, once it has written something."""
+        return self.begin + 1 if self.changes else self.begin
+
+    def take_changes(self) -> list[kv_pb2.Event]:
+        changes = self.changes
+        if changes:
+            self.begin += 1
+            self.changes = []
+        return changes
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _check_revision(self, revision: int) -> None:
+        if revision > self.revision:
+            raise errors.FutureRevision()
+        if 0 < revision < self.compact_revision:
+            raise errors.Compacted()
+
+    async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+        current = self.revision
+        self._check_revision(req.revision)
+        at = req.revision if 0 < req.revision < current else None
+        end = range_end(req.range_end)
+
+        if req.count_only:
+            count = await self.tx.count(req.key, end, at)
+            return rpc_pb2.RangeResponse(header=header(current), count=count)
+
+        filtered = bool(
+            req.min_mod_revision
+            or req.max_mod_revision
+            or req.min_create_revision
+            or req.max_create_revision
+        )
+        # etcd reads everything when it must sort or filter, else one more than the limit.
+        fetch = 0 if (req.sort_order != RangeRequest.NONE or filtered) else req.limit
+        if fetch > 0:
+            fetch += 1
+        with_values = not req.keys_only or req.sort_target == RangeRequest.VALUE
+        rows = await self.tx.range(req.key, end, at, fetch, with_values)
+        count = len(rows)
+        if fetch > 0 and len(rows) == fetch:
+            count = await self.tx.count(req.key, end, at)
+
+        if filtered:
+            rows = [r for r in rows if _passes(req, r)]
+        order = req.sort_order
+        if req.sort_target != RangeRequest.KEY and order == RangeRequest.NONE:
+            order = RangeRequest.ASCEND
+        if order != RangeRequest.NONE and not (
+            req.sort_target == RangeRequest.KEY and order == RangeRequest.ASCEND
+        ):
+            rows.sort(key=_SORT_KEYS[req.sort_target], reverse=order == RangeRequest.DESCEND)
+        more = False
+        if req.limit > 0 and len(rows) > req.limit:
+            rows = rows[: req.limit]
+            more = True
+        kvs = [to_kv(r._replace(value=b"")) if req.keys_only else to_kv(r) for r in rows]
+        return rpc_pb2.RangeResponse(header=header(current), kvs=kvs, more=more, count=count)
+
+    async def compare(self, compare: rpc_pb2.Compare) -> bool:
+        rows = await self.tx.range(compare.key, range_end(compare.range_end), None, 0)
+        if not rows:
+            # A value compare on a missing key always fails: gRPC cannot tell "" from absent.
+            return compare.target != Compare.VALUE and _compare_one(compare, None)
+        return all(_compare_one(compare, row) for row in rows)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    @property
+    def _writer(self) -> WriteTx:
+        assert isinstance(self.tx, WriteTx), "write request on a read-only transaction"
+        return self.tx
+
+    async def _live(self, key: bytes) -> tuple[Row | None, Row | None]:
+        """(newest row incl. tombstone, the live row or None)."""
+        newest = await self._writer.newest(key)
+        return newest, (newest if newest is not None and newest.version > 0 else None)
+
+    async def check_put(self, req: rpc_pb2.PutRequest) -> None:
+        if req.ignore_value or req.ignore_lease:
+            _, live = await self._live(req.key)
+            if live is None:
+                raise errors.KeyNotFound()
+        self.check_lease(req.lease)
+
+    def check_lease(self, lease: int) -> None:
+        if lease:
+            # Leases are not granted by this server yet, so no lease id can exist.
+            raise errors.LeaseNotFound()
+
+    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        self.check_lease(req.lease)  # etcd looks the lease up before the key
+        newest, live = await self._live(req.key)
+        if (req.ignore_value or req.ignore_lease) and live is None:
+            raise errors.KeyNotFound()
+        value = live.value if (req.ignore_value and live) else req.value
+        lease = live.lease if (req.ignore_lease and live) else req.lease
+        revision = self.begin + 1
+        row = ChangeRow(
+            key=req.key,
+            create_revision=live.create_revision if live else revision,
+            mod_revision=revision,
+            version=live.version + 1 if live else 1,
+            value=value,
+            lease=lease,
+            sub=len(self.changes),
+        )
+        superseded = [(req.key, newest.mod_revision)] if newest else []
+        await self._writer.append([row], superseded)
+        kv = to_kv(Row(*row[:6]))
+        prev = to_kv(live) if live else None
+        self.changes.append(Event(type=Event.PUT, kv=kv, prev_kv=prev))
+        response = rpc_pb2.PutResponse(header=header(revision))
+        if req.prev_kv and prev is not None:
+            response.prev_kv.CopyFrom(prev)
+        return response
+
+    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        rows = await self.tx.range(req.key, range_end(req.range_end), None, 0)
+        if not rows:
+            return rpc_pb2.DeleteRangeResponse(header=header(self.revision), deleted=0)
+        revision = self.begin + 1
+        first = len(self.changes)
+        tombstones = [
+            ChangeRow(r.key, 0, revision, 0, b"", 0, first + i) for i, r in enumerate(rows)
+        ]
+        await self._writer.append(tombstones, [(r.key, r.mod_revision) for r in rows])
+        prev = [to_kv(r) for r in rows]
+        self.changes.extend(
+            Event(type=Event.DELETE, kv=KeyValue(key=r.key, mod_revision=revision), prev_kv=p)
+            for r, p in zip(rows, prev, strict=True)
+        )
+        response = rpc_pb2.DeleteRangeResponse(header=header(revision), deleted=len(rows))
+        if req.prev_kv:
+            response.prev_kvs.extend(prev)
+        return response
+
+    # -- transactions --------------------------------------------------------------------------
+
+    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        path = await self._path(req)
+        await self._check(req, path)
+        response = await self._run(req, path)
+        response.header.revision = self.revision
+        return response
+
+    async def _path(self, req: rpc_pb2.TxnRequest) -> _Path:
+        """Evaluate every compare, nested ones too, before anything is written (etcd's txnPath)."""
+        succeeded = True
+        for compare in req.compare:
+            if not await self.compare(compare):
+                succeeded = False
+                break
+        nested = [
+            await self._path(op.request_txn)
+            for op in (req.success if succeeded else req.failure)
+            if op.WhichOneof("request") == "request_txn"
+        ]
+        return _Path(succeeded, nested)
+
+    async def _check(self, req: rpc_pb2.TxnRequest, path: _Path) -> None:
+        """etcd's checkRequests: every error a branch can raise, raised before it writes."""
+        nested = iter(path.nested)
+        for op in req.success if path.succeeded else req.failure:
+            kind = op.WhichOneof("request")
+            if kind == "request_range":
+                self._check_revision(op.request_range.revision)
+            elif kind == "request_put":
+                await self.check_put(op.request_put)
+            elif kind == "request_txn":
+                await self._check(op.request_txn, next(nested))
+
+    async def _run(self, req: rpc_pb2.TxnRequest, path: _Path) -> rpc_pb2.TxnResponse:
+        # Nested responses carry an empty header, as in etcd; the caller fills the outer one.
+        response = rpc_pb2.TxnResponse(header=header(0), succeeded=path.succeeded)
+        nested = iter(path.nested)
+        for op in req.success if path.succeeded else req.failure:
+            kind = op.WhichOneof("request")
+            if kind == "request_range":
+                response.responses.add(response_range=await self.range(op.request_range))
+            elif kind == "request_put":
+                response.responses.add(response_put=await self.put(op.request_put))
+            elif kind == "request_delete_range":
+                deleted = await self.delete_range(op.request_delete_range)
+                response.responses.add(response_delete_range=deleted)
+            elif kind == "request_txn":
+                inner = await self._run(op.request_txn, next(nested))
+                response.responses.add(response_txn=inner)
+        return response
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    """Which branch a Txn takes, and the paths of the nested Txns in that branch."""
+
+    succeeded: bool
+    nested: list[_Path]
+
+
+def _passes(req: rpc_pb2.RangeRequest, row: Row) -> bool:
+    if req.max_mod_revision and row.mod_revision > req.max_mod_revision:
+        return False
+    if req.min_mod_revision and row.mod_revision < req.min_mod_revision:
+        return False
+    if req.max_create_revision and row.create_revision > req.max_create_revision:
+        return False
+    return not (req.min_create_revision and row.create_revision < req.min_create_revision)

@@ -1,0 +1,92 @@
+"""The store: the one entry point the gRPC services use for data.
+
+Reads run on a snapshot from the driver's reader pool; writes go through the single writer;
+compaction is marked through the writer and carried out by the compactor task.
+"""
+
+from __future__ import annotations
+
+from kine_server import errors
+from kine_server.drivers.base import Counters, Driver, DriverError, WriteTx
+from kine_server.pb import rpc_pb2
+from kine_server.store.applier import Applier, is_read_only
+from kine_server.store.compactor import Compactor
+from kine_server.store.hub import EventHub
+from kine_server.store.writer import Writer
+
+
+def unavailable(exc: DriverError) -> errors.Unavailable:
+    return errors.Unavailable(f"kine-server: database unavailable: {exc}")
+
+
+class Store:
+    def __init__(self, driver: Driver, compactor: Compactor | None = None) -> None:
+        self.driver = driver
+        self.hub = EventHub()
+        self.writer = Writer(driver, self.hub)
+        self.compactor = compactor or Compactor(driver)
+
+    async def start(self) -> None:
+        self.writer.start()
+        self.compactor.start()
+        self.compactor.wake()  # finish any compaction a previous run left half done
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.compactor.stop()
+
+    async def counters(self) -> Counters:
+        try:
+            async with self.driver.read() as tx:
+                return await tx.counters()
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+
+    async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+        try:
+            async with self.driver.read() as tx:
+                counters = await tx.counters()
+                return await Applier(tx, counters.revision, counters.compact_revision).range(req)
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+
+    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))
+        return response
+
+    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        response: rpc_pb2.DeleteRangeResponse = await self.writer.submit(
+            lambda a: a.delete_range(req)
+        )
+        return response
+
+    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        if is_read_only(req):
+            try:
+                async with self.driver.read() as tx:
+                    counters = await tx.counters()
+                    applier = Applier(tx, counters.revision, counters.compact_revision)
+                    return await applier.txn(req)
+            except DriverError as exc:
+                raise unavailable(exc) from exc
+        response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
+        return response
+
+    async def compact(self, revision: int, physical: bool) -> int:
+        """Mark `revision` compacted (as etcd, reads below it now fail); returns the store revision."""
+
+        async def mark(applier: Applier) -> int:
+            if revision <= applier.compact_revision:
+                raise errors.Compacted()
+            if revision > applier.revision:
+                raise errors.FutureRevision()
+            assert isinstance(applier.tx, WriteTx)
+            await applier.tx.set_compact_revision(revision)
+            applier.compact_revision = revision
+            return applier.revision
+
+        current: int = await self.writer.submit(mark)
+        self.compactor.wake()
+        if physical:
+            await self.compactor.wait_compacted(revision)
+        return current

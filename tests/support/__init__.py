@@ -1,0 +1,1 @@
+"""Helpers that start real external servers (PostgreSQL, etcd) for the test suite."""
