@@ -1,0 +1,1 @@
+"""kine-server's test suite."""

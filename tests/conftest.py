@@ -1,0 +1,75 @@
+"""Fixtures: real databases (a SQLite file, a throwaway PostgreSQL), kine-servers and a real etcd."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from kine_server.config import Config
+from kine_server.drivers.postgres import with_database
+from kine_server.server import Server
+from tests.support.client import Client, connect
+from tests.support.etcd import RealEtcd
+from tests.support.postgres import ThrowawayPostgres
+
+DATABASES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[ThrowawayPostgres]:
+    with ThrowawayPostgres() as pg:
+        yield pg
+
+
+def fresh_dsn(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A DSN naming a database that does not exist yet; kine-server creates it."""
+    if kind == "sqlite":
+        return f"sqlite://{tmp_path}/db/state.db"
+    pg: ThrowawayPostgres = request.getfixturevalue("postgres")
+    return with_database(pg.dsn, f"kine_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=DATABASES)
+def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_dsn(request.param, tmp_path, request)
+
+
+def test_config(dsn: str, **overrides: object) -> Config:
+    config = Config(endpoint=dsn, listen_address="127.0.0.1:0", shutdown_grace=2.0)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def server(dsn: str) -> AsyncIterator[Server]:
+    srv = Server(test_config(dsn))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def kine(server: Server) -> AsyncIterator[Client]:
+    client = connect(f"127.0.0.1:{server.port}")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def real_etcd() -> Iterator[RealEtcd]:
+    with RealEtcd() as etcd:
+        yield etcd
+
+
+@pytest.fixture
+async def etcd(real_etcd: RealEtcd) -> AsyncIterator[Client]:
+    client = connect(real_etcd.endpoint)
+    yield client
+    await client.close()
