@@ -42,6 +42,24 @@ def grpc_address(listen_address: str) -> str:
     return listen_address
 
 
+def check_port_free(listen_address: str) -> None:
+    """Fail with one clear line before gRPC would log its own multi-line bind error."""
+    if listen_address.startswith("unix://"):
+        return
+    host, _, port = listen_address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {listen_address}: {exc}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
+
+
 def client_url(listen_address: str, port: int) -> str:
     if listen_address.startswith("unix://"):
         return listen_address
@@ -75,6 +93,7 @@ class Server:
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
+        check_port_free(self.config.listen_address)
         try:
             await self.driver.open()
         except DriverError as exc:

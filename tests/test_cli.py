@@ -1,0 +1,151 @@
+"""The command line: kine's flags and KINE_* variables, Go durations, and clean start-up failures."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kine_server.cli import FLAGS, load_config
+from kine_server.durations import format_duration, parse_duration
+from tests.support.ports import free_port
+from tests.support.process import KineProcess
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("10m0s", 600.0),
+        ("1h2m3.5s", 3723.5),
+        ("0", 0.0),
+        ("1.5h", 5400.0),
+        ("300us", 0.0003),
+        ("250µs", 0.00025),
+        ("-2s", -2.0),
+        ("1m30s", 90.0),
+    ],
+)
+def test_go_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "s", "5x", "1h-2m", "ms5", "five seconds"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (0.5, "500ms"), (5, "5s"), (600, "10m0s"), (3600, "1h0m0s"), (90.25, "1m30.25s")],
+)
+def test_go_durations_format(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_defaults_are_etcd_and_kine_defaults() -> None:
+    config = load_config([], {})
+    assert config.endpoint == "sqlite://./db/state.db"
+    assert config.listen_address == "127.0.0.1:2379"
+    assert config.max_request_bytes == 1536 * 1024
+    assert config.max_txn_ops == 128
+    assert config.compact_timeout == 5.0
+
+
+def test_environment_sets_and_flags_override() -> None:
+    env = {
+        "KINE_ENDPOINT": "postgres://u@h/db",
+        "KINE_LISTEN_ADDRESS": "unix:///tmp/kine.sock",
+        "KINE_COMPACT_TIMEOUT": "1m30s",
+        "KINE_DEBUG": "true",
+    }
+    config = load_config(["--listen-address", "0.0.0.0:2379"], env)
+    assert config.endpoint == "postgres://u@h/db"
+    assert config.listen_address == "0.0.0.0:2379"
+    assert config.compact_timeout == 90.0
+    assert config.debug is True
+
+
+def test_bad_values_name_their_source() -> None:
+    with pytest.raises(ValueError, match="KINE_COMPACT_TIMEOUT"):
+        load_config([], {"KINE_COMPACT_TIMEOUT": "soon"})
+    with pytest.raises(ValueError, match="--max-txn-ops"):
+        load_config(["--max-txn-ops", "-1"], {})
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kine_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_help_documents_every_flag_and_its_env() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in FLAGS:
+        assert f"--{flag.name}" in result.stdout
+        assert flag.env in result.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kine-server: error: ")
+    assert text in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "text"),
+    [
+        ("mysql://root@localhost/db", "unsupported scheme 'mysql'"),
+        ("state.db", "expected sqlite://PATH"),
+        ("sqlite://", "no SQLite file path"),
+        ("postgres:///db", "no PostgreSQL host"),
+    ],
+)
+def test_malformed_dsn_ends_with_one_line(endpoint: str, text: str) -> None:
+    assert_one_line_error(run_cli("--endpoint", endpoint, "--listen-address", "127.0.0.1:0"), text)
+
+
+def test_unreachable_database_ends_with_one_line() -> None:
+    port = free_port()  # nothing listens there
+    result = run_cli(
+        "--endpoint", f"postgres://kine@127.0.0.1:{port}/db", "--listen-address", "127.0.0.1:0"
+    )
+    assert_one_line_error(result, "cannot open PostgreSQL database")
+
+
+def test_busy_port_ends_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run_cli(
+            "--endpoint", f"sqlite://{tmp_path}/s.db", "--listen-address", f"127.0.0.1:{port}"
+        )
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_bad_listen_address_ends_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("--endpoint", f"sqlite://{tmp_path}/s.db", "--listen-address", "localhost")
+    assert_one_line_error(result, "invalid --listen-address")
+
+
+def test_sigterm_stops_cleanly_and_releases_the_database(tmp_path: Path) -> None:
+    endpoint = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(endpoint, tmp_path) as first:
+        assert first.stop() == 0
+    assert "Traceback" not in first.log()
+    with KineProcess(endpoint, tmp_path) as second:  # the file lock was released
+        assert second.stop() == 0
