@@ -8,7 +8,7 @@ import random
 import pytest
 
 from kine_server.drivers import make_driver
-from kine_server.drivers.base import DriverError
+from kine_server.drivers.base import OPEN_END, DriverError
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
 from tests.conftest import test_config
@@ -21,8 +21,8 @@ async def all_rows(server: Server) -> list[tuple[bytes, int, int]]:
     """Every row of the key table as (key, mod_revision, version), tombstones included."""
     async with server.driver.read() as tx:
         counters = await tx.counters()
-        rows = await tx.changes(0, counters.revision, 1_000_000)
-    return [(r.key, r.mod_revision, r.version) for r in rows]
+        changes = await tx.changes(0, counters.revision, b"\0", OPEN_END, 1_000_000)
+    return [(c.row.key, c.row.mod_revision, c.row.version) for c in changes]
 
 
 async def cas_increment(kv: object, key: bytes, rng: random.Random) -> int:

@@ -76,6 +76,13 @@ FLAGS = [
         "etcd version reported by Maintenance.Status",
     ),
     Flag(
+        "watch-progress-notify-interval",
+        "watch_progress_notify_interval",
+        "Interval of progress notifications to idle watches that asked for them (Go duration)",
+        parse_duration,
+        format_duration,
+    ),
+    Flag(
         "compact-batch-size",
         "compact_batch_size",
         "Revisions removed per compaction transaction",

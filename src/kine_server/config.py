@@ -21,6 +21,7 @@ class Config:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_txn_ops: int = 128
     emulated_etcd_version: str = DEFAULT_ETCD_VERSION
+    watch_progress_notify_interval: float = 5.0
     compact_batch_size: int = 1000
     compact_timeout: float = 5.0
     shutdown_grace: float = 10.0

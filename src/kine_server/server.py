@@ -16,7 +16,8 @@ from kine_server.api.common import Member
 from kine_server.api.health import HealthService
 from kine_server.api.kv import KVService
 from kine_server.api.maintenance import MaintenanceService
-from kine_server.api.unserved import AuthService, LeaseService, WatchService
+from kine_server.api.unserved import AuthService, LeaseService
+from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
@@ -90,6 +91,7 @@ class Server:
         )
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.watch: WatchService | None = None
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
@@ -142,7 +144,16 @@ class Server:
             MaintenanceService(store, member, self.config.emulated_etcd_version), server
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(store, member), server)
-        rpc_pb2_grpc.add_WatchServicer_to_server(WatchService(), server)
+        self.watch = WatchService(
+            store,
+            member,
+            WatchSettings(
+                progress_interval=self.config.watch_progress_notify_interval,
+                # etcd fragments above the same limit its gRPC layer accepts.
+                max_response_bytes=self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
+            ),
+        )
+        rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
         rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(), server)
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), server)

@@ -8,10 +8,6 @@ from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 _SERVICES = rpc_pb2.DESCRIPTOR.services_by_name
 
 
-class WatchService(rpc_pb2_grpc.WatchServicer):
-    pass
-
-
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
     pass
 
@@ -20,6 +16,5 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
     pass
 
 
-answer_unsupported(WatchService, _SERVICES["Watch"])
 answer_unsupported(LeaseService, _SERVICES["Lease"])
 answer_unsupported(AuthService, _SERVICES["Auth"])

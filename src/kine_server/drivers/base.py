@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import AbstractAsyncContextManager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SCHEMA_VERSION = 1
 
@@ -47,6 +47,22 @@ class ChangeRow(NamedTuple):
     value: bytes
     lease: int
     sub: int
+
+
+class Change(NamedTuple):
+    """One row of history and the live row it replaced (None for a create)."""
+
+    row: ChangeRow
+    prev: Row | None
+
+
+def change(record: tuple[Any, ...]) -> Change:
+    """A Change from the 12 columns of sql.changes_query (bytes already converted)."""
+    key = record[0]
+    row = ChangeRow(key, *record[1:7])
+    if record[8] is None:
+        return Change(row, None)
+    return Change(row, Row(key, record[7], record[8], record[9], record[10], record[11]))
 
 
 class Counters(NamedTuple):
@@ -86,8 +102,11 @@ class ReadTx(abc.ABC):
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int: ...
 
     @abc.abstractmethod
-    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
-        """Rows with after < mod_revision <= through in (revision, sub) order, tombstones included."""
+    async def changes(
+        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        """History of a key range with after < mod_revision <= through, in (revision, sub) order,
+        tombstones included; at most `limit` rows."""
 
 
 class WriteTx(ReadTx):

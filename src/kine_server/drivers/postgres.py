@@ -18,6 +18,7 @@ import asyncpg
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
     SCHEMA_VERSION,
+    Change,
     ChangeRow,
     CompactTx,
     Counters,
@@ -26,6 +27,7 @@ from kine_server.drivers.base import (
     ReadTx,
     Row,
     WriteTx,
+    change,
 )
 
 SCHEMA = [
@@ -65,7 +67,6 @@ _SET_META = sql.numbered(sql.SET_META)
 _NEWEST = sql.numbered(sql.NEWEST)
 _INSERT = sql.numbered(sql.INSERT)
 _SUPERSEDE = sql.numbered(sql.SUPERSEDE)
-_CHANGES = sql.numbered(sql.CHANGES)
 _DELETE_SUPERSEDED = sql.numbered(sql.DELETE_SUPERSEDED)
 _DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
 _CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
@@ -99,9 +100,14 @@ class _Read(ReadTx):
         query, params = sql.count_query(key, end, at)
         return int(await self._conn.fetchval(sql.numbered(query), *params))
 
-    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
-        rows = await self._conn.fetch(_CHANGES, after, through, limit)
-        return [ChangeRow(*_row(r[:6]), r[6]) for r in rows]
+    async def changes(
+        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        query, params = sql.changes_query(after, through, key, end, limit)
+        records = await self._conn.fetch(sql.numbered(query), *params)
+        return [
+            change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)) for r in records
+        ]
 
 
 class _Write(_Read, WriteTx):

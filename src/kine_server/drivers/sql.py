@@ -28,10 +28,6 @@ INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 SUPERSEDE = "UPDATE kine_kv SET next_revision = ? WHERE key = ? AND mod_revision = ?"
-CHANGES = (
-    f"SELECT {ROW_COLUMNS}, sub FROM kine_kv WHERE mod_revision > ? AND mod_revision <= ? "
-    "ORDER BY mod_revision, sub LIMIT ?"
-)
 
 DELETE_SUPERSEDED = "DELETE FROM kine_kv WHERE next_revision > ? AND next_revision <= ?"
 DELETE_TOMBSTONES = (
@@ -52,12 +48,12 @@ def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
     return "INSERT INTO kine_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", rows
 
 
-def _key_filter(end: bytes | None) -> str:
+def _key_filter(end: bytes | None, column: str = "key") -> str:
     if end is None:
-        return "key = ?"
+        return f"{column} = ?"
     if end == OPEN_END:
-        return "key >= ?"
-    return "key >= ? AND key < ?"
+        return f"{column} >= ?"
+    return f"{column} >= ? AND {column} < ?"
 
 
 def _visible(at: int | None) -> str:
@@ -85,6 +81,29 @@ def range_query(
     if limit > 0:
         sql += " LIMIT ?"
         params.append(limit)
+    return sql, params
+
+
+def changes_query(
+    after: int, through: int, key: bytes, end: bytes | None, limit: int
+) -> tuple[str, list[Any]]:
+    """History in (after, through] for a key range, each row with the live row it replaced.
+
+    The replaced row is the one whose next_revision is this row's revision; a tombstone replaced
+    nothing live, so a re-created key has no previous value, as in etcd.
+    """
+    sql = (
+        "SELECT c.key, c.create_revision, c.mod_revision, c.version, c.value, c.lease, c.sub, "
+        "p.create_revision, p.mod_revision, p.version, p.value, p.lease "
+        "FROM kine_kv c LEFT JOIN kine_kv p "
+        "ON p.key = c.key AND p.next_revision = c.mod_revision AND p.version > 0 "
+        f"WHERE c.mod_revision > ? AND c.mod_revision <= ? AND {_key_filter(end, 'c.key')} "
+        "ORDER BY c.mod_revision, c.sub LIMIT ?"
+    )
+    params: list[Any] = [after, through, key]
+    if end:
+        params.append(end)
+    params.append(limit)
     return sql, params
 
 

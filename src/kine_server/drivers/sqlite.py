@@ -21,6 +21,7 @@ import aiosqlite
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
     SCHEMA_VERSION,
+    Change,
     ChangeRow,
     CompactTx,
     Counters,
@@ -29,6 +30,7 @@ from kine_server.drivers.base import (
     ReadTx,
     Row,
     WriteTx,
+    change,
 )
 
 SCHEMA = """
@@ -82,9 +84,11 @@ class _Read(ReadTx):
         rows = await self._all(query, params)
         return int(rows[0][0])
 
-    async def changes(self, after: int, through: int, limit: int) -> list[ChangeRow]:
-        rows = await self._all(sql.CHANGES, (after, through, limit))
-        return [ChangeRow(*r) for r in rows]
+    async def changes(
+        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        query, params = sql.changes_query(after, through, key, end, limit)
+        return [change(tuple(r)) for r in await self._all(query, params)]
 
 
 class _Write(_Read, WriteTx):

@@ -39,7 +39,7 @@ def range_end(end: bytes) -> bytes | None:
     return end
 
 
-def to_kv(row: Row) -> kv_pb2.KeyValue:
+def to_kv(row: Row | ChangeRow) -> kv_pb2.KeyValue:
     return KeyValue(
         key=row.key,
         create_revision=row.create_revision,

@@ -1,7 +1,8 @@
-"""Fan-out of committed events to in-process subscribers.
+"""Fan-out of committed events to in-process subscribers, one revision group at a time.
 
-The writer publishes each committed batch here, in revision order, right after the commit. Watchers
-subscribe; so will a database poller that brings in other instances' writes.
+The writer publishes each committed batch here in revision order, right after the commit; a
+database poller (other instances' writes) can publish the same way. `revision` is the newest
+revision published: everything at or below it has been handed to every subscriber.
 """
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ from collections.abc import Callable
 
 from kine_server.pb import kv_pb2
 
-Subscriber = Callable[[list[kv_pb2.Event]], None]
+#: The events of one revision, in the order the request made them.
+Group = tuple[int, list[kv_pb2.Event]]
+Subscriber = Callable[[list[Group]], None]
+
+
+def by_revision(events: list[kv_pb2.Event]) -> list[Group]:
+    groups: list[Group] = []
+    for event in events:
+        revision = event.kv.mod_revision
+        if groups and groups[-1][0] == revision:
+            groups[-1][1].append(event)
+        else:
+            groups.append((revision, [event]))
+    return groups
 
 
 class EventHub:
-    """Synchronous fan-out: a subscriber must only queue the events, never block or await."""
+    """Synchronous fan-out: a subscriber must only queue what it is given, never block or await."""
 
-    def __init__(self) -> None:
+    def __init__(self, revision: int = 0) -> None:
+        self.revision = revision
         self._subscribers: dict[int, Subscriber] = {}
         self._next_id = 0
 
@@ -25,13 +40,19 @@ class EventHub:
         token = self._next_id
         self._next_id += 1
         self._subscribers[token] = subscriber
-        return lambda: self._subscribers.pop(token, None) and None
+
+        def unsubscribe() -> None:
+            self._subscribers.pop(token, None)
+
+        return unsubscribe
 
     def publish(self, events: list[kv_pb2.Event]) -> None:
         if not events:
             return
+        groups = by_revision(events)
+        self.revision = groups[-1][0]
         for subscriber in list(self._subscribers.values()):
-            subscriber(events)
+            subscriber(groups)
 
     @property
     def subscriber_count(self) -> int:

@@ -7,11 +7,12 @@ compaction is marked through the writer and carried out by the compactor task.
 from __future__ import annotations
 
 from kine_server import errors
-from kine_server.drivers.base import Counters, Driver, DriverError, WriteTx
+from kine_server.drivers.base import Change, Counters, Driver, DriverError, WriteTx
 from kine_server.pb import rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
 from kine_server.store.hub import EventHub
+from kine_server.store.watch import whole_revisions
 from kine_server.store.writer import Writer
 
 
@@ -27,6 +28,7 @@ class Store:
         self.compactor = compactor or Compactor(driver)
 
     async def start(self) -> None:
+        self.hub.revision = (await self.counters()).revision
         self.writer.start()
         self.compactor.start()
         self.compactor.wake()  # finish any compaction a previous run left half done
@@ -49,6 +51,25 @@ class Store:
                 return await Applier(tx, counters.revision, counters.compact_revision).range(req)
         except DriverError as exc:
             raise unavailable(exc) from exc
+
+    async def history(
+        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
+    ) -> tuple[int, list[Change]]:
+        """(compact revision, up to `limit` changes of a key range in (after, through]), whole
+        revisions only, read from one snapshot."""
+        try:
+            async with self.driver.read() as tx:
+                counters = await tx.counters()
+                if after + 1 < counters.compact_revision:
+                    return counters.compact_revision, []
+                changes = await tx.changes(after, through, key, end, limit)
+                changes = whole_revisions(changes, limit)
+                if len(changes) >= limit:  # one revision bigger than a page: read all of it
+                    revision = changes[0].row.mod_revision
+                    changes = await tx.changes(after, revision, key, end, 2**62)
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+        return counters.compact_revision, changes
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
         response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))

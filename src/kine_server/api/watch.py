@@ -1,0 +1,305 @@
+"""etcdserverpb.Watch: many watches on one bidirectional stream, as etcd's serverWatchStream.
+
+Requests (create, cancel, progress) are handled as they arrive; one sender task per stream writes
+responses: control responses first (created/canceled/progress), then each ready watcher's events.
+The hub only queues into watchers; it never waits for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import grpc
+
+from kine_server import errors
+from kine_server.api.common import Member
+from kine_server.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from kine_server.store.applier import range_end
+from kine_server.store.hub import Group
+from kine_server.store.store import Store
+from kine_server.store.watch import Watcher, WatchSpec, change_event
+
+Context: TypeAlias = grpc.aio.ServicerContext
+Create = rpc_pb2.WatchCreateRequest
+
+#: etcd's error texts for a create it refuses (sent as cancel_reason).
+DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+EMPTY_RANGE = "mvcc: watcher range is empty"
+
+
+@dataclass
+class WatchSettings:
+    progress_interval: float = 5.0
+    max_response_bytes: int = 1536 * 1024
+    #: Events a watcher may hold for a slow client before it falls back to reading the database.
+    max_pending_events: int = 1024
+    #: Rows read from the database per catch-up step.
+    page_size: int = 1000
+
+
+@dataclass
+class WatchStats:
+    """Shared by every stream: what metrics and tests read."""
+
+    streams: int = 0
+    watchers: int = 0
+    peak_pending_events: int = 0
+    fallbacks: int = 0
+
+
+class WatchService(rpc_pb2_grpc.WatchServicer):
+    def __init__(self, store: Store, member: Member, settings: WatchSettings) -> None:
+        self._store = store
+        self._member = member
+        self._settings = settings
+        self.stats = WatchStats()
+
+    async def Watch(
+        self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
+    ) -> None:
+        stream = WatchStream(self._store, self._member, self._settings, self.stats, context)
+        try:
+            await stream.serve(request_iterator)
+        except errors.EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+
+
+class WatchStream:
+    def __init__(
+        self,
+        store: Store,
+        member: Member,
+        settings: WatchSettings,
+        stats: WatchStats,
+        context: Context,
+    ) -> None:
+        self._store = store
+        self._hub = store.hub
+        self._member = member
+        self._settings = settings
+        self._stats = stats
+        self._context = context
+        self._watchers: dict[int, Watcher] = {}
+        self._ready: dict[int, Watcher] = {}
+        self._control: collections.deque[rpc_pb2.WatchResponse] = collections.deque()
+        self._wake = asyncio.Event()
+        self._progress_requested = False
+        self._next_id = 0
+
+    async def serve(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
+        self._stats.streams += 1
+        unsubscribe = self._hub.subscribe(self._on_publish)
+        tasks = [
+            asyncio.create_task(self._receive(requests)),
+            asyncio.create_task(self._send_loop()),
+            asyncio.create_task(self._progress_loop()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # an EtcdError from the sender ends the stream with its status
+        finally:
+            unsubscribe()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._stats.streams -= 1
+            self._stats.watchers -= len(self._watchers)
+            self._watchers.clear()
+            self._ready.clear()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def _receive(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
+        async for request in requests:
+            kind = request.WhichOneof("request_union")
+            if kind == "create_request":
+                self._create(request.create_request)
+            elif kind == "cancel_request":
+                self._cancel(request.cancel_request.watch_id)
+            elif kind == "progress_request":
+                self._progress_requested = True
+            self._wake.set()
+
+    def _create(self, create: rpc_pb2.WatchCreateRequest) -> None:
+        key = create.key or b"\x00"  # etcd: an empty key is the smallest key
+        end = range_end(create.range_end)
+        current = self._hub.revision
+        error = ""
+        if end and key >= end:
+            error = EMPTY_RANGE
+        elif create.watch_id and create.watch_id in self._watchers:
+            error = DUPLICATE_ID
+        if error:
+            self._control.append(
+                self._response(
+                    current, watch_id=-1, created=True, canceled=True, cancel_reason=error
+                )
+            )
+            return
+        watch_id = create.watch_id or self._auto_id()
+        spec = WatchSpec(
+            key=key,
+            end=end,
+            no_put=Create.NOPUT in create.filters,
+            no_delete=Create.NODELETE in create.filters,
+            prev_kv=create.prev_kv,
+            progress_notify=create.progress_notify,
+            fragment=create.fragment,
+        )
+        start = create.start_revision or current + 1
+        watcher = Watcher(watch_id, spec, next_revision=start, synced=start > current)
+        self._control.append(self._response(current, watch_id=watch_id, created=True))
+        self._watchers[watch_id] = watcher
+        self._stats.watchers += 1
+        if not watcher.synced:
+            self._ready[watch_id] = watcher
+
+    def _auto_id(self) -> int:
+        while self._next_id in self._watchers:
+            self._next_id += 1
+        watch_id = self._next_id
+        self._next_id += 1
+        return watch_id
+
+    def _cancel(self, watch_id: int) -> None:
+        if self._remove(watch_id):
+            self._control.append(
+                self._response(self._hub.revision, watch_id=watch_id, canceled=True)
+            )
+
+    def _remove(self, watch_id: int) -> bool:
+        self._ready.pop(watch_id, None)
+        if self._watchers.pop(watch_id, None) is None:
+            return False
+        self._stats.watchers -= 1
+        return True
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _on_publish(self, groups: list[Group]) -> None:
+        limit = self._settings.max_pending_events
+        stats = self._stats
+        for watcher in self._watchers.values():
+            if watcher.offer(groups, limit):
+                self._ready[watcher.watch_id] = watcher
+                peak = max(stats.peak_pending_events, watcher.peak_pending_events)
+                stats.peak_pending_events = peak
+                if not watcher.synced:
+                    stats.fallbacks += 1
+        if self._ready:
+            self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._control:
+                await self._write(self._control.popleft())
+            for watcher in list(self._ready.values()):
+                if watcher.watch_id not in self._watchers:
+                    self._ready.pop(watcher.watch_id, None)
+                elif watcher.synced:
+                    await self._drain(watcher)
+                else:
+                    await self._catch_up(watcher)
+                while self._control:
+                    await self._write(self._control.popleft())
+            if self._ready:
+                self._wake.set()
+            elif self._progress_requested:
+                self._progress_requested = False
+                await self._write(self._response(self._hub.revision, watch_id=-1))
+
+    async def _drain(self, watcher: Watcher) -> None:
+        while watcher.synced and (group := watcher.take()) is not None:
+            revision, events = group
+            await self._send_events(watcher, revision, events)
+            watcher.sent(revision)
+        if watcher.synced and not watcher.pending:
+            self._ready.pop(watcher.watch_id, None)
+
+    async def _catch_up(self, watcher: Watcher) -> None:
+        """Send the next page of history a lagging watcher has not seen, from the database."""
+        current = through = self._hub.revision
+        after = watcher.next_revision - 1
+        if after < through:
+            spec = watcher.spec
+            page = self._settings.page_size
+            compacted, changes = await self._store.history(after, through, spec.key, spec.end, page)
+            if watcher.watch_id not in self._watchers:
+                return
+            if watcher.next_revision < compacted:
+                self._remove(watcher.watch_id)
+                await self._write(
+                    self._response(
+                        0, watch_id=watcher.watch_id, compact_revision=compacted, canceled=True
+                    )
+                )
+                return
+            if len(changes) >= page:
+                through = changes[-1].row.mod_revision
+            events = watcher.select([change_event(c) for c in changes])
+            if events:
+                await self._send_events(watcher, current, events)
+            watcher.sent(through)
+        # Rejoin the live feed only when nothing was published while we read and sent.
+        if watcher.next_revision > self._hub.revision:
+            watcher.synced = True
+            if not watcher.pending:
+                self._ready.pop(watcher.watch_id, None)
+
+    async def _send_events(
+        self, watcher: Watcher, revision: int, events: list[kv_pb2.Event]
+    ) -> None:
+        response = self._response(revision, watch_id=watcher.watch_id)
+        response.events.extend(events)
+        limit = self._settings.max_response_bytes
+        if not watcher.spec.fragment or len(events) < 2 or response.ByteSize() < limit:
+            await self._write(response)
+            return
+        # etcd's sendFragments: fill each fragment up to the limit; the last one is not a fragment.
+        index = 0
+        while index < len(events):
+            part = self._response(revision, watch_id=watcher.watch_id, fragment=True)
+            while index < len(events):
+                part.events.append(events[index])
+                if len(part.events) > 1 and part.ByteSize() >= limit:
+                    del part.events[-1]
+                    break
+                index += 1
+            part.fragment = index < len(events)
+            await self._write(part)
+
+    # -- progress ------------------------------------------------------------------------------
+
+    async def _progress_loop(self) -> None:
+        interval = self._settings.progress_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            for watcher in self._watchers.values():
+                if watcher.spec.progress_notify and watcher.synced and not watcher.pending:
+                    self._control.append(
+                        self._response(self._hub.revision, watch_id=watcher.watch_id)
+                    )
+            if self._control:
+                self._wake.set()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _response(self, revision: int, **fields: object) -> rpc_pb2.WatchResponse:
+        response = rpc_pb2.WatchResponse(**fields)  # type: ignore[arg-type]
+        response.header.revision = revision
+        self._member.stamp(response.header)
+        return response
+
+    async def _write(self, response: rpc_pb2.WatchResponse) -> None:
+        with contextlib.suppress(asyncio.InvalidStateError):
+            await self._context.write(response)

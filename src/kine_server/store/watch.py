@@ -1,0 +1,122 @@
+"""Watchers: which events a watch wants, what it still has to send, and how it catches up.
+
+A watcher is *synced* while the hub hands it every new revision; its pending groups are bounded.
+When a slow client lets them pass the bound, the watcher drops them and becomes *unsynced*: it then
+reads the same events back from the database, page by page, from the first revision it has not
+sent, and becomes synced again once it has sent everything the hub has published. Nothing is lost,
+repeated or reordered, and memory stays bounded however far behind a client falls.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from kine_server.drivers.base import OPEN_END, Change
+from kine_server.pb import kv_pb2
+from kine_server.store.applier import to_kv
+from kine_server.store.hub import Group
+
+Event = kv_pb2.Event
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """What a WatchCreateRequest asks for; `end` uses the driver's encoding (None, OPEN_END, bytes)."""
+
+    key: bytes
+    end: bytes | None
+    no_put: bool = False
+    no_delete: bool = False
+    prev_kv: bool = False
+    progress_notify: bool = False
+    fragment: bool = False
+
+    def matches(self, key: bytes) -> bool:
+        if self.end is None:
+            return key == self.key
+        if self.end == OPEN_END:
+            return key >= self.key
+        return self.key <= key < self.end
+
+    def wants(self, event: kv_pb2.Event) -> bool:
+        if event.type == Event.PUT:
+            return not self.no_put
+        return not self.no_delete
+
+
+class Watcher:
+    """One watch of one stream: its position, and the groups waiting to be sent."""
+
+    def __init__(self, watch_id: int, spec: WatchSpec, next_revision: int, synced: bool) -> None:
+        self.watch_id = watch_id
+        self.spec = spec
+        #: The lowest revision not yet sent to the client.
+        self.next_revision = next_revision
+        self.synced = synced
+        self.pending: collections.deque[Group] = collections.deque()
+        self.pending_events = 0
+        self.peak_pending_events = 0
+
+    def select(self, events: list[kv_pb2.Event]) -> list[kv_pb2.Event]:
+        spec = self.spec
+        chosen = [e for e in events if spec.matches(e.kv.key) and spec.wants(e)]
+        if not spec.prev_kv:
+            chosen = [Event(type=e.type, kv=e.kv) if e.HasField("prev_kv") else e for e in chosen]
+        return chosen
+
+    def offer(self, groups: list[Group], max_pending: int) -> bool:
+        """Queue what this watch wants from newly published groups. True if it now has work for
+        the sender: groups to send, or it fell behind and must read from the database."""
+        if not self.synced:
+            return False
+        queued = False
+        for revision, events in groups:
+            if revision < self.next_revision:
+                continue
+            chosen = self.select(events)
+            if not chosen:
+                continue
+            if self.pending_events + len(chosen) > max_pending:
+                # Too slow to keep in memory: forget the queue, read it back from the database.
+                self.pending.clear()
+                self.pending_events = 0
+                self.synced = False
+                return True
+            self.pending.append((revision, chosen))
+            self.pending_events += len(chosen)
+            queued = True
+        self.peak_pending_events = max(self.peak_pending_events, self.pending_events)
+        return queued
+
+    def take(self) -> Group | None:
+        if not self.pending:
+            return None
+        group = self.pending.popleft()
+        self.pending_events -= len(group[1])
+        return group
+
+    def sent(self, revision: int) -> None:
+        self.next_revision = max(self.next_revision, revision + 1)
+
+
+def change_event(change: Change) -> kv_pb2.Event:
+    row, prev = change
+    if row.version == 0:
+        kv = kv_pb2.KeyValue(key=row.key, mod_revision=row.mod_revision)
+        event = Event(type=Event.DELETE, kv=kv)
+    else:
+        event = Event(type=Event.PUT, kv=to_kv(row))
+    if prev is not None:
+        event.prev_kv.CopyFrom(to_kv(prev))
+    return event
+
+
+def whole_revisions(changes: list[Change], limit: int) -> list[Change]:
+    """Drop a page's trailing partial revision, so that one revision never spans two responses."""
+    if len(changes) < limit or not changes:
+        return changes
+    last = changes[-1].row.mod_revision
+    if changes[0].row.mod_revision == last:
+        return changes  # one revision larger than a page: the caller reads it whole
+    return [c for c in changes if c.row.mod_revision != last]
