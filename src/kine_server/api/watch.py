@@ -231,23 +231,24 @@ class WatchStream:
         if after < through:
             spec = watcher.spec
             page = self._settings.page_size
-            compacted, changes = await self._store.history(after, through, spec.key, spec.end, page)
+            history = await self._store.history(after, through, spec.key, spec.end, page)
             if watcher.watch_id not in self._watchers:
                 return
-            if watcher.next_revision < compacted:
+            if watcher.next_revision < history.compact_revision:
                 self._remove(watcher.watch_id)
                 await self._write(
                     self._response(
-                        0, watch_id=watcher.watch_id, compact_revision=compacted, canceled=True
+                        0,
+                        watch_id=watcher.watch_id,
+                        compact_revision=history.compact_revision,
+                        canceled=True,
                     )
                 )
                 return
-            if len(changes) >= page:
-                through = changes[-1].row.mod_revision
-            events = watcher.select([change_event(c) for c in changes])
+            events = watcher.select([change_event(c) for c in history.changes])
             if events:
                 await self._send_events(watcher, current, events)
-            watcher.sent(through)
+            watcher.sent(history.through)
         # Rejoin the live feed only when nothing was published while we read and sent.
         if watcher.next_revision > self._hub.revision:
             watcher.synced = True

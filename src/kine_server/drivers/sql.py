@@ -89,14 +89,15 @@ def changes_query(
 ) -> tuple[str, list[Any]]:
     """History in (after, through] for a key range, each row with the live row it replaced.
 
-    The replaced row is the one whose next_revision is this row's revision; a tombstone replaced
-    nothing live, so a re-created key has no previous value, as in etcd.
+    The replaced row is the key's row just before this one (one seek on kine_kv_key_rev); a
+    tombstone replaced nothing live, so a re-created key has no previous value, as in etcd.
     """
     sql = (
         "SELECT c.key, c.create_revision, c.mod_revision, c.version, c.value, c.lease, c.sub, "
         "p.create_revision, p.mod_revision, p.version, p.value, p.lease "
-        "FROM kine_kv c LEFT JOIN kine_kv p "
-        "ON p.key = c.key AND p.next_revision = c.mod_revision AND p.version > 0 "
+        "FROM kine_kv c LEFT JOIN kine_kv p ON p.key = c.key AND p.version > 0 AND "
+        "p.mod_revision = (SELECT max(q.mod_revision) FROM kine_kv q "
+        "WHERE q.key = c.key AND q.mod_revision < c.mod_revision) "
         f"WHERE c.mod_revision > ? AND c.mod_revision <= ? AND {_key_filter(end, 'c.key')} "
         "ORDER BY c.mod_revision, c.sub LIMIT ?"
     )

@@ -12,7 +12,7 @@ from kine_server.pb import rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
 from kine_server.store.hub import EventHub
-from kine_server.store.watch import whole_revisions
+from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
 
@@ -54,22 +54,26 @@ class Store:
 
     async def history(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
-    ) -> tuple[int, list[Change]]:
-        """(compact revision, up to `limit` changes of a key range in (after, through]), whole
-        revisions only, read from one snapshot."""
+    ) -> HistoryPage:
+        """The changes of a key range after `after`, at most about `limit` of them, whole
+        revisions only, read from one snapshot; `page.through` says how far the page reaches."""
         try:
             async with self.driver.read() as tx:
                 counters = await tx.counters()
                 if after + 1 < counters.compact_revision:
-                    return counters.compact_revision, []
+                    return HistoryPage(counters.compact_revision, [], after)
                 changes = await tx.changes(after, through, key, end, limit)
-                changes = whole_revisions(changes, limit)
-                if len(changes) >= limit:  # one revision bigger than a page: read all of it
-                    revision = changes[0].row.mod_revision
-                    changes = await tx.changes(after, revision, key, end, 2**62)
+                if len(changes) < limit:
+                    return HistoryPage(counters.compact_revision, changes, through)
+                whole = whole_revisions(changes)
+                if not whole:  # one revision bigger than a page: read all of it
+                    through = changes[0].row.mod_revision
+                    whole = await tx.changes(after, through, key, end, 2**62)
+                else:
+                    through = whole[-1].row.mod_revision
         except DriverError as exc:
             raise unavailable(exc) from exc
-        return counters.compact_revision, changes
+        return HistoryPage(counters.compact_revision, whole, through)
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
         response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))

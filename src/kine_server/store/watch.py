@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kine_server.drivers.base import OPEN_END, Change
 from kine_server.pb import kv_pb2
@@ -112,11 +113,16 @@ def change_event(change: Change) -> kv_pb2.Event:
     return event
 
 
-def whole_revisions(changes: list[Change], limit: int) -> list[Change]:
-    """Drop a page's trailing partial revision, so that one revision never spans two responses."""
-    if len(changes) < limit or not changes:
-        return changes
+class HistoryPage(NamedTuple):
+    """A page of history for a catching-up watcher: complete for every revision up to `through`."""
+
+    compact_revision: int
+    changes: list[Change]
+    through: int
+
+
+def whole_revisions(changes: list[Change]) -> list[Change]:
+    """Drop a full page's last revision, which may continue past the page: one revision must
+    never be split over two responses. Empty if the page holds part of a single revision."""
     last = changes[-1].row.mod_revision
-    if changes[0].row.mod_revision == last:
-        return changes  # one revision larger than a page: the caller reads it whole
     return [c for c in changes if c.row.mod_revision != last]
