@@ -18,13 +18,15 @@ def key_range(low: int, high: int) -> tuple[bytes, bytes]:
     return b"/s/%03d" % low, b"/s/%03d" % high
 
 
-async def collect(stream: WatchStream, watch_ids: set[int], until: int) -> dict[int, list]:
+async def collect(
+    stream: WatchStream, watch_ids: set[int], until: int
+) -> dict[int, list[tuple[int, int, bytes]]]:
     """Events per watch id up to the stream's progress response for revision `until` or later.
 
     A progress response (watch_id -1) comes only once every watch of the stream has been sent
     everything up to its header revision, so it is the end marker etcd's own clients rely on.
     """
-    received: dict[int, list] = {w: [] for w in watch_ids}
+    received: dict[int, list[tuple[int, int, bytes]]] = {w: [] for w in watch_ids}
     await stream.progress()
     while True:
         response = await stream.read(timeout=30)
@@ -104,7 +106,7 @@ async def test_stuck_watcher_catches_up_from_the_database_with_bounded_memory(ds
         # The client now reads nothing while 50 000 events are written.
         per_txn, txns = 50, 1000
         value = b"v" * 64
-        for t in range(txns):
+        for _t in range(txns):
             ops = [
                 pb.RequestOp(request_put=pb.PutRequest(key=b"/f/%02d" % i, value=value))
                 for i in range(per_txn)
@@ -203,7 +205,7 @@ async def test_compaction_below_a_watcher_does_not_disturb_it(server: Server, ki
         revisions.append(
             (await kine.kv.Put(pb.PutRequest(key=b"c", value=b"%d" % i))).header.revision
         )
-    got = []
+    got: list[int] = []
     while len(got) < 20:
         response = await stream.read()
         assert response is not None

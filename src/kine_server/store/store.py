@@ -7,7 +7,7 @@ compaction is marked through the writer and carried out by the compactor task.
 from __future__ import annotations
 
 from kine_server import errors
-from kine_server.drivers.base import Change, Counters, Driver, DriverError, WriteTx
+from kine_server.drivers.base import Counters, Driver, DriverError, WriteTx
 from kine_server.pb import rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
