@@ -51,6 +51,9 @@ LeaseNotFound = _error(
 LeaseExists = _error(
     "LeaseExists", grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: lease already exists"
 )
+LeaseTTLTooLarge = _error(
+    "LeaseTTLTooLarge", grpc.StatusCode.OUT_OF_RANGE, "etcdserver: too large lease TTL"
+)
 NoSpace = _error(
     "NoSpace", grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"
 )

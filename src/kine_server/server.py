@@ -11,12 +11,13 @@ import socket
 
 import grpc
 
+from kine_server.api.auth import AuthService
 from kine_server.api.cluster import ClusterService
 from kine_server.api.common import Member
 from kine_server.api.health import HealthService
 from kine_server.api.kv import KVService
+from kine_server.api.lease import LeaseService
 from kine_server.api.maintenance import MaintenanceService
-from kine_server.api.unserved import AuthService, LeaseService
 from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
@@ -154,7 +155,7 @@ class Server:
             ),
         )
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(), server)
+        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(store, member), server)
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), server)
         await store.start()
@@ -177,13 +178,13 @@ class Server:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    server = Server(config)
-    await server.start()
+    """Run until SIGTERM or SIGINT (handled from before the port opens, so none is missed)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server = Server(config)
+    await server.start()
     await stop.wait()
     log.info("kine-server shutting down")
     await server.stop()

@@ -102,6 +102,20 @@ class ReadTx(abc.ABC):
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int: ...
 
     @abc.abstractmethod
+    async def lease(self, lease_id: int) -> tuple[int, int] | None:
+        """(granted TTL in seconds, deadline in wall-clock milliseconds), or None."""
+
+    @abc.abstractmethod
+    async def leases(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def expired_leases(self, now_ms: int, limit: int) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def leased(self, lease_id: int) -> list[Row]:
+        """The live keys attached to a lease, in key order."""
+
+    @abc.abstractmethod
     async def changes(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
     ) -> list[Change]:
@@ -123,6 +137,22 @@ class WriteTx(ReadTx):
     @abc.abstractmethod
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
         """Insert `rows` (all of one revision) and mark each (key, old mod_revision) superseded by it."""
+
+    @abc.abstractmethod
+    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
+        """False if the id is taken."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
+        """Move the deadline to now + TTL; the TTL, or None if there is no such lease."""
+
+    @abc.abstractmethod
+    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
+        """Delete the lease if its deadline is at or before `expired_by_ms`; False if not."""
+
+    @abc.abstractmethod
+    async def extend_leases(self, now_ms: int) -> None:
+        """Give every lease at least its TTL from now, as etcd does when a new leader takes over."""
 
     @abc.abstractmethod
     async def set_revision(self, revision: int) -> None: ...

@@ -45,6 +45,14 @@ SCHEMA = [
         sub INTEGER NOT NULL,
         next_revision BIGINT
     )""",
+    """CREATE TABLE IF NOT EXISTS kine_lease (
+        id BIGINT PRIMARY KEY,
+        ttl BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at)",
+    """CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
+        WHERE next_revision IS NULL AND version > 0""",
     "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision)",
     "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub)",
     """CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
@@ -70,6 +78,14 @@ _SUPERSEDE = sql.numbered(sql.SUPERSEDE)
 _DELETE_SUPERSEDED = sql.numbered(sql.DELETE_SUPERSEDED)
 _DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
 _CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
+_LEASE = sql.numbered(sql.LEASE)
+_LEASES = sql.numbered(sql.LEASES)
+_EXPIRED_LEASES = sql.numbered(sql.EXPIRED_LEASES)
+_INSERT_LEASE = sql.numbered(sql.INSERT_LEASE)
+_RENEW_LEASE = sql.numbered(sql.RENEW_LEASE)
+_DELETE_LEASE = sql.numbered(sql.DELETE_LEASE)
+_EXTEND_LEASES = sql.numbered(sql.EXTEND_LEASES)
+_LEASED = sql.numbered(sql.LEASED)
 
 
 def _row(record: Sequence[Any]) -> Row:
@@ -109,6 +125,19 @@ class _Read(ReadTx):
             change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)) for r in records
         ]
 
+    async def lease(self, lease_id: int) -> tuple[int, int] | None:
+        record = await self._conn.fetchrow(_LEASE, lease_id)
+        return (record[0], record[1]) if record is not None else None
+
+    async def leases(self) -> list[int]:
+        return [r[0] for r in await self._conn.fetch(_LEASES)]
+
+    async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
+        return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, now_ms, limit)]
+
+    async def leased(self, lease_id: int) -> list[Row]:
+        return [_row(r) for r in await self._conn.fetch(_LEASED, lease_id)]
+
 
 class _Write(_Read, WriteTx):
     async def lock(self) -> Counters:
@@ -124,6 +153,19 @@ class _Write(_Read, WriteTx):
         if superseded:
             revision = rows[0].mod_revision
             await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
+        return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, expires_ms)) == 1
+
+    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
+        ttl = await self._conn.fetchval(_RENEW_LEASE, now_ms, lease_id)
+        return int(ttl) if ttl is not None else None
+
+    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
+        return _affected(await self._conn.execute(_DELETE_LEASE, lease_id, expired_by_ms)) == 1
+
+    async def extend_leases(self, now_ms: int) -> None:
+        await self._conn.execute(_EXTEND_LEASES, now_ms, now_ms)
 
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(_SET_META, revision, "revision")

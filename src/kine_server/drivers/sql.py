@@ -29,6 +29,23 @@ INSERT = (
 )
 SUPERSEDE = "UPDATE kine_kv SET next_revision = ? WHERE key = ? AND mod_revision = ?"
 
+# Leases: deadlines are wall-clock milliseconds, shared by every instance on one database.
+LEASE = "SELECT ttl, expires_at FROM kine_lease WHERE id = ?"
+LEASES = "SELECT id FROM kine_lease ORDER BY id"
+EXPIRED_LEASES = "SELECT id FROM kine_lease WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+INSERT_LEASE = (
+    "INSERT INTO kine_lease (id, ttl, expires_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING"
+)
+RENEW_LEASE = "UPDATE kine_lease SET expires_at = ? + ttl * 1000 WHERE id = ? RETURNING ttl"
+DELETE_LEASE = "DELETE FROM kine_lease WHERE id = ? AND expires_at <= ?"
+EXTEND_LEASES = (
+    "UPDATE kine_lease SET expires_at = ? + ttl * 1000 WHERE expires_at < ? + ttl * 1000"
+)
+LEASED = (
+    f"SELECT {ROW_COLUMNS} FROM kine_kv "
+    "WHERE lease = ? AND next_revision IS NULL AND version > 0 ORDER BY key"
+)
+
 DELETE_SUPERSEDED = "DELETE FROM kine_kv WHERE next_revision > ? AND next_revision <= ?"
 DELETE_TOMBSTONES = (
     "DELETE FROM kine_kv WHERE version = 0 AND mod_revision > ? AND mod_revision <= ?"

@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS kine_kv (
     sub INTEGER NOT NULL,
     next_revision INTEGER
 );
+CREATE TABLE IF NOT EXISTS kine_lease (
+    id INTEGER PRIMARY KEY,
+    ttl INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at);
+CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
+    WHERE next_revision IS NULL AND version > 0;
 CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision);
 CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub);
 CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
@@ -90,6 +98,19 @@ class _Read(ReadTx):
         query, params = sql.changes_query(after, through, key, end, limit)
         return [change(tuple(r)) for r in await self._all(query, params)]
 
+    async def lease(self, lease_id: int) -> tuple[int, int] | None:
+        rows = await self._all(sql.LEASE, (lease_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def leases(self) -> list[int]:
+        return [r[0] for r in await self._all(sql.LEASES, ())]
+
+    async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
+        return [r[0] for r in await self._all(sql.EXPIRED_LEASES, (now_ms, limit))]
+
+    async def leased(self, lease_id: int) -> list[Row]:
+        return [_row(r) for r in await self._all(sql.LEASED, (lease_id,))]
+
 
 class _Write(_Read, WriteTx):
     async def lock(self) -> Counters:
@@ -105,6 +126,21 @@ class _Write(_Read, WriteTx):
         if superseded:
             revision = rows[0].mod_revision
             await self._conn.executemany(sql.SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
+        cursor = await self._conn.execute(sql.INSERT_LEASE, (lease_id, ttl, expires_ms))
+        return cursor.rowcount == 1
+
+    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
+        rows = await self._all(sql.RENEW_LEASE, (now_ms, lease_id))
+        return int(rows[0][0]) if rows else None
+
+    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
+        cursor = await self._conn.execute(sql.DELETE_LEASE, (lease_id, expired_by_ms))
+        return cursor.rowcount == 1
+
+    async def extend_leases(self, now_ms: int) -> None:
+        await self._conn.execute(sql.EXTEND_LEASES, (now_ms, now_ms))
 
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(sql.SET_META, (revision, "revision"))

@@ -184,13 +184,13 @@ class Applier:
     # -- writes --------------------------------------------------------------------------------
 
     @property
-    def _writer(self) -> WriteTx:
+    def write_tx(self) -> WriteTx:
         assert isinstance(self.tx, WriteTx), "write request on a read-only transaction"
         return self.tx
 
     async def _live(self, key: bytes) -> tuple[Row | None, Row | None]:
         """(newest row incl. tombstone, the live row or None)."""
-        newest = await self._writer.newest(key)
+        newest = await self.write_tx.newest(key)
         return newest, (newest if newest is not None and newest.version > 0 else None)
 
     async def check_put(self, req: rpc_pb2.PutRequest) -> None:
@@ -198,15 +198,14 @@ class Applier:
             _, live = await self._live(req.key)
             if live is None:
                 raise errors.KeyNotFound()
-        self.check_lease(req.lease)
+        await self.check_lease(req.lease)
 
-    def check_lease(self, lease: int) -> None:
-        if lease:
-            # Leases are not granted by this server yet, so no lease id can exist.
+    async def check_lease(self, lease: int) -> None:
+        if lease and await self.tx.lease(lease) is None:
             raise errors.LeaseNotFound()
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
-        self.check_lease(req.lease)  # etcd looks the lease up before the key
+        await self.check_lease(req.lease)  # etcd looks the lease up before the key
         newest, live = await self._live(req.key)
         if (req.ignore_value or req.ignore_lease) and live is None:
             raise errors.KeyNotFound()
@@ -223,7 +222,7 @@ class Applier:
             sub=len(self.changes),
         )
         superseded = [(req.key, newest.mod_revision)] if newest else []
-        await self._writer.append([row], superseded)
+        await self.write_tx.append([row], superseded)
         kv = to_kv(Row(*row[:6]))
         prev = to_kv(live) if live else None
         self.changes.append(Event(type=Event.PUT, kv=kv, prev_kv=prev))
@@ -234,23 +233,39 @@ class Applier:
 
     async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
         rows = await self.tx.range(req.key, range_end(req.range_end), None, 0)
+        prev = await self._delete(rows)
+        response = rpc_pb2.DeleteRangeResponse(header=header(self.revision), deleted=len(rows))
+        if req.prev_kv:
+            response.prev_kvs.extend(prev)
+        return response
+
+    async def _delete(self, rows: list[Row]) -> list[kv_pb2.KeyValue]:
+        """Delete live rows at this request's revision; returns them as the prev_kvs."""
         if not rows:
-            return rpc_pb2.DeleteRangeResponse(header=header(self.revision), deleted=0)
+            return []
         revision = self.begin + 1
         first = len(self.changes)
         tombstones = [
             ChangeRow(r.key, 0, revision, 0, b"", 0, first + i) for i, r in enumerate(rows)
         ]
-        await self._writer.append(tombstones, [(r.key, r.mod_revision) for r in rows])
+        await self.write_tx.append(tombstones, [(r.key, r.mod_revision) for r in rows])
         prev = [to_kv(r) for r in rows]
         self.changes.extend(
             Event(type=Event.DELETE, kv=KeyValue(key=r.key, mod_revision=revision), prev_kv=p)
             for r, p in zip(rows, prev, strict=True)
         )
-        response = rpc_pb2.DeleteRangeResponse(header=header(revision), deleted=len(rows))
-        if req.prev_kv:
-            response.prev_kvs.extend(prev)
-        return response
+        return prev
+
+    async def revoke(self, lease: int, expired_by_ms: int) -> bool:
+        """Delete a lease and, in this one revision, every key attached to it.
+
+        Only if its deadline is at or before `expired_by_ms` (the database decides, so of several
+        instances racing to expire it exactly one succeeds). False if there was nothing to revoke.
+        """
+        if not await self.write_tx.delete_lease(lease, expired_by_ms):
+            return False
+        await self._delete(await self.tx.leased(lease))
+        return True
 
     # -- transactions --------------------------------------------------------------------------
 

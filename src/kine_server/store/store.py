@@ -7,11 +7,12 @@ compaction is marked through the writer and carried out by the compactor task.
 from __future__ import annotations
 
 from kine_server import errors
-from kine_server.drivers.base import Counters, Driver, DriverError, WriteTx
+from kine_server.drivers.base import Counters, Driver, DriverError
 from kine_server.pb import rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
 from kine_server.store.hub import EventHub
+from kine_server.store.leases import Lessor
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
@@ -26,14 +27,17 @@ class Store:
         self.hub = EventHub()
         self.writer = Writer(driver, self.hub)
         self.compactor = compactor or Compactor(driver)
+        self.lessor = Lessor(driver, self.writer)
 
     async def start(self) -> None:
         self.hub.revision = (await self.counters()).revision
         self.writer.start()
+        await self.lessor.start()
         self.compactor.start()
         self.compactor.wake()  # finish any compaction a previous run left half done
 
     async def stop(self) -> None:
+        await self.lessor.stop()
         await self.writer.stop()
         await self.compactor.stop()
 
@@ -105,8 +109,7 @@ class Store:
                 raise errors.Compacted()
             if revision > applier.revision:
                 raise errors.FutureRevision()
-            assert isinstance(applier.tx, WriteTx)
-            await applier.tx.set_compact_revision(revision)
+            await applier.write_tx.set_compact_revision(revision)
             applier.compact_revision = revision
             return applier.revision
 

@@ -1,0 +1,83 @@
+"""etcdserverpb.Lease: grant, revoke, keep-alive stream, time-to-live, list."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from kine_server import errors
+from kine_server.api.common import Member, etcd_errors
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store.store import Store
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class LeaseService(rpc_pb2_grpc.LeaseServicer):
+    def __init__(self, store: Store, member: Member) -> None:
+        self._store = store
+        self._lessor = store.lessor
+        self._member = member
+
+    def _header(self, header: rpc_pb2.ResponseHeader) -> None:
+        # Lease responses carry the store revision as of the answer, as etcd's newHeader does.
+        header.revision = self._store.hub.revision
+        self._member.stamp(header)
+
+    @etcd_errors
+    async def LeaseGrant(
+        self, request: rpc_pb2.LeaseGrantRequest, context: Context
+    ) -> rpc_pb2.LeaseGrantResponse:
+        lease_id, ttl = await self._lessor.grant(request.ID, request.TTL)
+        response = rpc_pb2.LeaseGrantResponse(ID=lease_id, TTL=ttl)
+        self._header(response.header)
+        return response
+
+    @etcd_errors
+    async def LeaseRevoke(
+        self, request: rpc_pb2.LeaseRevokeRequest, context: Context
+    ) -> rpc_pb2.LeaseRevokeResponse:
+        await self._lessor.revoke(request.ID)
+        response = rpc_pb2.LeaseRevokeResponse()
+        self._header(response.header)
+        return response
+
+    async def LeaseKeepAlive(
+        self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest], context: Context
+    ) -> None:
+        try:
+            async for request in request_iterator:
+                ttl = await self._lessor.keep_alive(request.ID)
+                response = rpc_pb2.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
+                self._header(response.header)
+                await context.write(response)
+        except errors.EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+
+    @etcd_errors
+    async def LeaseTimeToLive(
+        self, request: rpc_pb2.LeaseTimeToLiveRequest, context: Context
+    ) -> rpc_pb2.LeaseTimeToLiveResponse:
+        status = await self._lessor.time_to_live(request.ID, request.keys)
+        if status is None:
+            response = rpc_pb2.LeaseTimeToLiveResponse(ID=request.ID, TTL=-1)
+        else:
+            response = rpc_pb2.LeaseTimeToLiveResponse(
+                ID=request.ID,
+                TTL=status.remaining_ttl,
+                grantedTTL=status.granted_ttl,
+                keys=status.keys,
+            )
+        self._header(response.header)
+        return response
+
+    @etcd_errors
+    async def LeaseLeases(
+        self, request: rpc_pb2.LeaseLeasesRequest, context: Context
+    ) -> rpc_pb2.LeaseLeasesResponse:
+        ids = await self._lessor.leases()
+        response = rpc_pb2.LeaseLeasesResponse(leases=[rpc_pb2.LeaseStatus(ID=i) for i in ids])
+        self._header(response.header)
+        return response
