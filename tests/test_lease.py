@@ -1,0 +1,205 @@
+"""Leases on both databases: compared with a real etcd, then expiry, revocation at scale,
+restarts and keep-alive streams."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from kine_server.pb import rpc_pb2 as pb
+from kine_server.server import Server
+from tests.conftest import test_config
+from tests.support.client import Client, Recorder, connect
+from tests.support.etcd import RealEtcd
+from tests.support.process import KineProcess
+from tests.support.watching import WatchStream
+from tests.test_etcdctl import etcdctl
+
+
+async def keep_alive(client: Client, ids: list[int]) -> list[tuple[int, int]]:
+    """One keep-alive stream: a request per id, the (ID, TTL) of each response."""
+    call = client.lease.LeaseKeepAlive()
+    answers = []
+    for lease_id in ids:
+        await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+        response = await call.read()
+        answers.append((response.ID, response.TTL))
+    await call.done_writing()
+    return answers
+
+
+async def lease_scenario(call: Recorder) -> None:
+    await call("lease.LeaseGrant", pb.LeaseGrantRequest(ID=100, TTL=60))
+    await call("lease.LeaseGrant", pb.LeaseGrantRequest(ID=100, TTL=30))
+    await call("lease.LeaseGrant", pb.LeaseGrantRequest(ID=101, TTL=1))
+    await call("lease.LeaseGrant", pb.LeaseGrantRequest(ID=102, TTL=9_000_000_001))
+    for key, lease in ((b"k1", 100), (b"k2", 100), (b"k3", 101), (b"k4", 0)):
+        await call("kv.Put", pb.PutRequest(key=key, value=b"v", lease=lease))
+    await call("kv.Put", pb.PutRequest(key=b"k5", value=b"v", lease=4242))
+    await call(
+        "kv.Txn",
+        pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=b"k6", lease=4242))]),
+    )
+    await call("kv.Put", pb.PutRequest(key=b"k4", ignore_value=True, lease=101))
+    await call("kv.Put", pb.PutRequest(key=b"k4", value=b"w", ignore_lease=True))
+    await call("kv.Range", pb.RangeRequest(key=b"k", range_end=b"l"))
+    status = await call.client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=100, keys=True))
+    call.note(
+        f"ttl 100: granted {status.grantedTTL}, keys {list(status.keys)}, "
+        f"remaining close to granted: {status.grantedTTL - 2 <= status.TTL <= status.grantedTTL}"
+    )
+    await call("lease.LeaseTimeToLive", pb.LeaseTimeToLiveRequest(ID=999, keys=True))
+    leases = await call.client.lease.LeaseLeases(pb.LeaseLeasesRequest())
+    call.note(f"leases {sorted(s.ID for s in leases.leases)}")
+    await call("kv.Put", pb.PutRequest(key=b"k1", value=b"detached"))
+    await call("kv.DeleteRange", pb.DeleteRangeRequest(key=b"k2"))
+    status = await call.client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=100, keys=True))
+    call.note(f"keys of 100 now {list(status.keys)}")
+    await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=100))
+    await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=100))
+    await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=101))
+    await call("kv.Range", pb.RangeRequest(key=b"k", range_end=b"l"))
+    call.note(f"keepalive {await keep_alive(call.client, [101, 103])}")
+
+
+async def test_lease_api_same_as_etcd(kine: Client, etcd: Client) -> None:
+    await etcd.lease.LeaseGrant(pb.LeaseGrantRequest(ID=103, TTL=100))
+    await kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=103, TTL=100))
+    ours, theirs = Recorder(kine), Recorder(etcd)
+    await lease_scenario(ours)
+    await lease_scenario(theirs)
+    assert ours.transcript == theirs.transcript
+
+
+def test_etcdctl_lease_commands_same_as_etcd(tmp_path: Path) -> None:
+    session = [
+        "lease grant 600",
+        "put /l/a 1 --lease=LEASE",
+        "put /l/b 2 --lease=LEASE",
+        "lease timetolive LEASE --keys",
+        "lease list",
+        "lease keep-alive --once LEASE",
+        "lease revoke LEASE",
+        "lease revoke LEASE",
+        "lease timetolive LEASE",
+        "get --prefix /l/",
+        "lease keep-alive --once LEASE",
+    ]
+
+    def run(endpoint: str) -> list[str]:
+        out = []
+        lease = ""
+        for command in session:
+            text = etcdctl(endpoint, command.replace("LEASE", lease or "0"))
+            if command == "lease grant 600":
+                found = re.search(r"lease ([0-9a-f]+) granted", text)
+                assert found is not None, text
+                lease = found.group(1)
+            out.append(text.replace(lease, "LEASE") if lease else text)
+        # TTLs still counting down: keep the granted ones, reduce remaining ones to a marker.
+        return [line.replace("remaining(599s)", "remaining(600s)") for line in out]
+
+    with RealEtcd() as etcd, KineProcess(f"sqlite://{tmp_path}/s.db", tmp_path) as kine:
+        assert run(kine.address) == run(etcd.endpoint)
+
+
+async def test_expiry_deletes_keys_in_one_revision_within_a_second(
+    server: Server, kine: Client
+) -> None:
+    grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
+    for i in range(5):
+        await kine.kv.Put(pb.PutRequest(key=b"/t/%d" % i, value=b"x", lease=grant.ID))
+    await kine.kv.Put(pb.PutRequest(key=b"/t/keep", value=b"x"))
+    stream = WatchStream(kine)
+    await stream.create(b"/t/", b"/t0")
+    assert (await stream.read()).created  # type: ignore[union-attr]
+    deadline = time.monotonic() + 2
+    response = await stream.read(timeout=5)
+    assert response is not None
+    expired_at = time.monotonic()
+    assert deadline - 0.1 <= expired_at <= deadline + 1.0
+    assert [(e.type, e.kv.key) for e in response.events] == [(1, b"/t/%d" % i) for i in range(5)]
+    assert {e.kv.mod_revision for e in response.events} == {response.header.revision}
+    left = await kine.kv.Range(pb.RangeRequest(key=b"/t/", range_end=b"/t0"))
+    assert [kv.key for kv in left.kvs] == [b"/t/keep"]
+    ttl = await kine.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=grant.ID))
+    assert ttl.TTL == -1
+    assert server.store.lessor.expired_total == 1
+    await stream.close()
+
+
+async def test_revoke_1000_keys_is_one_revision_with_1000_delete_events(kine: Client) -> None:
+    grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=7, TTL=600))
+    for n in range(10):
+        ops = [
+            pb.RequestOp(
+                request_put=pb.PutRequest(key=b"/r/%04d" % (n * 100 + i), value=b"v", lease=7)
+            )
+            for i in range(100)
+        ]
+        await kine.kv.Txn(pb.TxnRequest(success=ops))
+    before = await kine.kv.Range(pb.RangeRequest(key=b"/r/", range_end=b"/r0", count_only=True))
+    assert before.count == 1000
+    stream = WatchStream(kine)
+    await stream.create(b"/r/", b"/r0", prev_kv=True)
+    assert (await stream.read()).created  # type: ignore[union-attr]
+    revoke = await kine.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=grant.ID))
+    events = []
+    while len(events) < 1000:
+        response = await stream.read()
+        assert response is not None
+        events += list(response.events)
+    assert len(events) == 1000
+    assert {e.kv.mod_revision for e in events} == {revoke.header.revision}
+    assert revoke.header.revision == before.header.revision + 1
+    assert sorted(e.kv.key for e in events) == [b"/r/%04d" % i for i in range(1000)]
+    assert all(e.type == 1 and e.prev_kv.lease == 7 for e in events)
+    assert await stream.read(timeout=0.3) is None
+    after = await kine.kv.Range(pb.RangeRequest(key=b"/r/", range_end=b"/r0", count_only=True))
+    assert after.count == 0
+    await stream.close()
+
+
+async def test_leases_survive_restart_with_their_keys_and_a_fresh_ttl(dsn: str) -> None:
+    first = Server(test_config(dsn))
+    await first.start()
+    client = connect(f"127.0.0.1:{first.port}")
+    await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=55, TTL=3))
+    await client.kv.Put(pb.PutRequest(key=b"held", value=b"x", lease=55))
+    await client.close()
+    await first.stop()
+    await asyncio.sleep(3.5)  # longer than the TTL while no server runs
+
+    second = Server(test_config(dsn))
+    await second.start()
+    client = connect(f"127.0.0.1:{second.port}")
+    try:
+        status = await client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=55, keys=True))
+        assert status.grantedTTL == 3 and 1 <= status.TTL <= 3
+        assert list(status.keys) == [b"held"]
+        assert (await keep_alive(client, [55])) == [(55, 3)]
+        await asyncio.sleep(4.5)  # no more keep-alives: now it expires
+        gone = await client.kv.Range(pb.RangeRequest(key=b"held"))
+        assert gone.count == 0
+    finally:
+        await client.close()
+        await second.stop()
+
+
+async def test_keep_alive_stream_with_many_leases(kine: Client) -> None:
+    ids = list(range(1000, 1300))
+    await asyncio.gather(*(kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=i, TTL=30)) for i in ids))
+    answers = await keep_alive(kine, [*ids, 77])
+    assert answers == [(i, 30) for i in ids] + [(77, 0)]
+    listed = await kine.lease.LeaseLeases(pb.LeaseLeasesRequest())
+    assert sorted(s.ID for s in listed.leases) == ids
+
+
+@pytest.mark.parametrize("ttl", [0, 1, 2])
+async def test_short_ttls_are_raised_to_etcds_minimum(kine: Client, ttl: int) -> None:
+    grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=ttl))
+    assert grant.TTL == 2 and grant.ID > 0
