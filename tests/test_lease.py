@@ -7,6 +7,7 @@ import asyncio
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,7 +149,7 @@ async def test_revoke_1000_keys_is_one_revision_with_1000_delete_events(kine: Cl
     await stream.create(b"/r/", b"/r0", prev_kv=True)
     assert (await stream.read()).created  # type: ignore[union-attr]
     revoke = await kine.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=grant.ID))
-    events = []
+    events: list[Any] = []
     while len(events) < 1000:
         response = await stream.read()
         assert response is not None
