@@ -145,13 +145,13 @@ async def test_physical_compaction_keeps_only_what_later_revisions_need(
 async def test_compaction_resumes_from_the_database_after_a_failed_batch(dsn: str) -> None:
     failures = {"left": 1}
 
-    async def flaky(tx: object, after: int, through: int) -> None:
-        if after >= 10 and failures["left"]:
+    async def flaky(stage: str, after: int, through: int) -> None:
+        if stage == "begin" and after >= 10 and failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected batch failure")
 
     server = Server(test_config(dsn, compact_batch_size=5))
-    server.store.compactor._hook = flaky
+    server.store.compactor.hook = flaky
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     try:
@@ -166,7 +166,7 @@ async def test_compaction_resumes_from_the_database_after_a_failed_batch(dsn: st
         assert compactor.status.consecutive_failures == 1
         assert "injected batch failure" in compactor.status.last_error
         # ... and the next pass continues from the database's compacted_through.
-        assert await compactor.run() is True
+        assert await compactor.tick(advance=False) is True
         assert compactor.status.compacted_through == 25
         assert compactor.status.consecutive_failures == 0
         rows = await all_rows(server)

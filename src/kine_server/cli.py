@@ -39,6 +39,20 @@ def _bool(text: str) -> bool:
     raise ValueError(f"invalid boolean {text!r}")
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _percent(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 100:
+        raise ValueError(f"must be a percentage from 0 to 100, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -81,6 +95,26 @@ FLAGS = [
         "Interval of progress notifications to idle watches that asked for them (Go duration)",
         parse_duration,
         format_duration,
+    ),
+    Flag(
+        "compact-interval",
+        "compact_interval",
+        "Time between compactions of old history (Go duration; 0 disables; the Compact RPC "
+        "works either way)",
+        parse_duration,
+        format_duration,
+    ),
+    Flag(
+        "compact-interval-jitter",
+        "compact_interval_jitter",
+        "Randomise each compaction interval by up to this many percent either way",
+        _percent,
+    ),
+    Flag(
+        "compact-min-retain",
+        "compact_min_retain",
+        "Newest revisions periodic compaction never removes",
+        _non_negative_int,
     ),
     Flag(
         "compact-batch-size",

@@ -22,7 +22,7 @@ from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
-from kine_server.store.compactor import Compactor
+from kine_server.store.compactor import CompactionSettings, Compactor
 from kine_server.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,16 @@ class Server:
             raise StartupError(str(exc)) from exc
         self.store = Store(
             self.driver,
-            Compactor(self.driver, config.compact_batch_size, config.compact_timeout),
+            Compactor(
+                self.driver,
+                CompactionSettings(
+                    interval=config.compact_interval,
+                    jitter_percent=config.compact_interval_jitter,
+                    min_retain=config.compact_min_retain,
+                    batch_size=config.compact_batch_size,
+                    timeout=config.compact_timeout,
+                ),
+            ),
         )
         self._server: grpc.aio.Server | None = None
         self.port = 0

@@ -30,7 +30,15 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         except Exception as exc:
             raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
         # One member, always the leader; the store revision stands in for the raft index.
+        compaction = self._store.compactor.status
+        problems = []
+        if compaction.consecutive_failures:
+            problems.append(
+                f"compaction failing: {compaction.consecutive_failures} batches in a row, "
+                f"last error: {compaction.last_error}"
+            )
         response = rpc_pb2.StatusResponse(
+            errors=problems,
             version=self._version,
             dbSize=size,
             dbSizeInUse=in_use,

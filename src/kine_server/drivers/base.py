@@ -175,6 +175,9 @@ class CompactTx(abc.ABC):
     async def claim(self, expected: int, through: int) -> bool:
         """Advance compacted_through from `expected` to `through`; False if someone else moved it."""
 
+    @abc.abstractmethod
+    async def set_compact_revision(self, revision: int) -> None: ...
+
 
 class Driver(abc.ABC):
     """A database holding one kine-server store."""
@@ -197,7 +200,13 @@ class Driver(abc.ABC):
         """A write transaction; committed when the block exits normally, rolled back otherwise."""
 
     @abc.abstractmethod
-    def compact(self) -> AbstractAsyncContextManager[CompactTx]: ...
+    def compact(self, timeout: float) -> AbstractAsyncContextManager[CompactTx]:
+        """A compaction transaction; waiting for locks and running statements give up after
+        `timeout` seconds, so a batch never holds on for longer."""
+
+    @abc.abstractmethod
+    async def checkpoint(self) -> None:
+        """Return space freed by compaction to the database file's reuse (SQLite: WAL checkpoint)."""
 
     @abc.abstractmethod
     async def meta(self, name: str) -> int | None:

@@ -183,6 +183,9 @@ class _Compact(_Read, CompactTx):
     async def claim(self, expected: int, through: int) -> bool:
         return _affected(await self._conn.execute(_CLAIM_COMPACTED, through, expected)) == 1
 
+    async def set_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(_SET_META, revision, "compact_revision")
+
 
 def database_name(dsn: str) -> str:
     """The database a DSN names; kine's default is `kubernetes`."""
@@ -210,7 +213,7 @@ class PostgresDriver(Driver):
     async def open(self) -> None:
         try:
             await self._create_database()
-            self._writers = await self._pool(2)
+            self._writers = await self._pool(3)
             self._readers = await self._pool(self._pool_size)
             async with self._writers.acquire() as conn, conn.transaction():
                 await self._create_schema(conn)
@@ -283,13 +286,20 @@ class PostgresDriver(Driver):
             raise DriverError(str(exc)) from exc
 
     @contextlib.asynccontextmanager
-    async def compact(self) -> AsyncIterator[CompactTx]:
+    async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
         assert self._writers is not None, "driver not open"
+        millis = max(1, int(timeout * 1000))
         try:
             async with self._writers.acquire() as conn, conn.transaction():
+                # A batch gives up rather than wait on row locks or run long: writers first.
+                await conn.execute(f"SET LOCAL lock_timeout = {millis}")
+                await conn.execute(f"SET LOCAL statement_timeout = {millis}")
                 yield _Compact(conn)
         except DATABASE_ERRORS as exc:
             raise DriverError(str(exc)) from exc
+
+    async def checkpoint(self) -> None:
+        """Nothing to do: autovacuum reclaims the deleted rows' space for reuse."""
 
     async def meta(self, name: str) -> int | None:
         assert self._readers is not None, "driver not open"

@@ -159,6 +159,9 @@ class _Compact(_Read, CompactTx):
         cursor = await self._conn.execute(sql.CLAIM_COMPACTED, (through, expected))
         return cursor.rowcount == 1
 
+    async def set_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(sql.SET_META, (revision, "compact_revision"))
+
 
 class SQLiteDriver(Driver):
     """A store in one SQLite file, used by exactly one kine-server process."""
@@ -258,10 +261,28 @@ class SQLiteDriver(Driver):
             yield _Write(conn)
 
     @contextlib.asynccontextmanager
-    async def compact(self) -> AsyncIterator[CompactTx]:
-        assert self._compactor is not None, "driver not open"
-        async with self._transaction(self._compactor) as conn:
-            yield _Compact(conn)
+    async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
+        conn = self._compactor
+        assert conn is not None, "driver not open"
+        # Waiting for the write lock gives up at the deadline, and a statement still running
+        # then is interrupted: SQLite has one write lock, and the writer must get it back.
+        await conn.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
+        interrupt = asyncio.get_running_loop().call_later(
+            timeout, lambda: asyncio.ensure_future(conn.interrupt())
+        )
+        try:
+            async with self._transaction(conn) as tx_conn:
+                yield _Compact(tx_conn)
+        finally:
+            interrupt.cancel()
+
+    async def checkpoint(self) -> None:
+        conn = self._compactor
+        assert conn is not None, "driver not open"
+        try:
+            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise DriverError(str(exc)) from exc
 
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
