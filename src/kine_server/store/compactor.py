@@ -77,7 +77,7 @@ class Compactor:
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        self._batch_range = (0, 0)
+        self._batch_range: tuple[int, int] | None = None
         self.status = CompactionStatus()
 
     def start(self) -> None:
@@ -126,8 +126,13 @@ class Compactor:
         self.status.ticks_total += 1
         progressed = False
         while True:
+            # The database enforces --compact-timeout itself (and says why); this is a backstop.
+            backstop = self.settings.timeout + max(1.0, self.settings.timeout)
             try:
-                outcome = await asyncio.wait_for(self._batch(advance), self.settings.timeout)
+                outcome = await asyncio.wait_for(self._batch(advance), backstop)
+            except TimeoutError:
+                self._failed(TimeoutError(f"batch still running after {backstop:g}s"))
+                return False
             except Exception as exc:  # every failure is reported, none is fatal
                 self._failed(exc)
                 return False
@@ -145,6 +150,7 @@ class Compactor:
         """Compact one batch: True if it deleted history, False if another instance took the
         range first, None when nothing is left to do."""
         settings = self.settings
+        self._batch_range = None
         async with self._driver.compact(settings.timeout) as tx:
             counters = await tx.counters()
             target = counters.compact_revision
@@ -190,12 +196,14 @@ class Compactor:
         status.consecutive_failures += 1
         status.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         status.last_error_time = time.time()
-        after, through = self._batch_range
+        where = (
+            "compaction batch (%d, %d]" % self._batch_range
+            if self._batch_range
+            else f"compaction batch after revision {status.compacted_through} (not yet planned)"
+        )
         log.error(
-            "compaction batch (%d, %d] failed, %d in a row; retrying from the database's state "
-            "on the next tick: %s",
-            after,
-            through,
+            "%s failed, %d in a row; retrying from the database's state on the next tick: %s",
+            where,
             status.consecutive_failures,
             status.last_error,
         )
