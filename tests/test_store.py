@@ -160,7 +160,7 @@ async def test_compaction_resumes_from_the_database_after_a_failed_batch(dsn: st
         await client.kv.Compact(pb.CompactionRequest(revision=25))
         compactor = server.store.compactor
         # The pass stops at the failed batch and keeps what earlier batches committed ...
-        while compactor.status.failures_total == 0:  # noqa: ASYNC110 - status has no event
+        while compactor.status.failures_total == 0:
             await asyncio.sleep(0.01)
         assert compactor.status.compacted_through == 10
         assert compactor.status.consecutive_failures == 1

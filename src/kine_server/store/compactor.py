@@ -197,7 +197,7 @@ class Compactor:
         status.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         status.last_error_time = time.time()
         where = (
-            "compaction batch (%d, %d]" % self._batch_range
+            f"compaction batch ({self._batch_range[0]}, {self._batch_range[1]}]"
             if self._batch_range
             else f"compaction batch after revision {status.compacted_through} (not yet planned)"
         )
