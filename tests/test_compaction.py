@@ -15,6 +15,7 @@ import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from kine_server.drivers import make_driver
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
 from kine_server.store.compactor import CompactionSettings, Compactor
-from tests.conftest import test_config
+from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.watching import WatchStream
 from tests.test_store import all_rows
@@ -213,9 +214,11 @@ async def test_compaction_waits_out_a_held_lock_then_succeeds(dsn: str) -> None:
         await server.stop()
 
 
-async def test_concurrent_compactors_share_the_work_without_errors(dsn: str) -> None:
-    if dsn.startswith("sqlite"):
-        pytest.skip("one SQLite file has one server; concurrent compactors are a PostgreSQL case")
+async def test_concurrent_compactors_share_the_work_without_errors(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two instances' compactors on one PostgreSQL (one SQLite file has only one server)."""
+    dsn = fresh_dsn("postgres", tmp_path, request)
     server, client, faults = await start(dsn, interval=0, min_retain=10, batch_size=10, timeout=5)
     other_driver = make_driver(dsn)
     await other_driver.open()
