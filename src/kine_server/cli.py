@@ -97,6 +97,19 @@ FLAGS = [
         format_duration,
     ),
     Flag(
+        "poll-interval",
+        "poll_interval",
+        "How often to look for other instances' writes when no notification came (Go duration)",
+        parse_duration,
+        format_duration,
+    ),
+    Flag(
+        "poll-batch-size",
+        "poll_batch_size",
+        "Most rows read per poll of other instances' writes",
+        _positive_int,
+    ),
+    Flag(
         "compact-interval",
         "compact_interval",
         "Time between compactions of old history (Go duration; 0 disables; the Compact RPC "

@@ -22,6 +22,8 @@ class Config:
     max_txn_ops: int = 128
     emulated_etcd_version: str = DEFAULT_ETCD_VERSION
     watch_progress_notify_interval: float = 5.0
+    poll_interval: float = 1.0
+    poll_batch_size: int = 500
     compact_interval: float = 300.0
     compact_interval_jitter: int = 0
     compact_min_retain: int = 1000

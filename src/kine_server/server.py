@@ -98,6 +98,8 @@ class Server:
                     timeout=config.compact_timeout,
                 ),
             ),
+            poll_interval=config.poll_interval,
+            poll_batch_size=config.poll_batch_size,
         )
         self._server: grpc.aio.Server | None = None
         self.port = 0

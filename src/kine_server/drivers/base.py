@@ -17,6 +17,7 @@ every row whose `next_revision <= R` and every tombstone at or below R.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple
 
@@ -207,6 +208,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def checkpoint(self) -> None:
         """Return space freed by compaction to the database file's reuse (SQLite: WAL checkpoint)."""
+
+    async def listen(self, on_commit: Callable[[int], None]) -> None:  # noqa: B027 - optional
+        """Call `on_commit(revision)` when any process commits a write, if the database can
+        tell; by default it cannot, and the poller's interval is all there is."""
 
     @abc.abstractmethod
     async def meta(self, name: str) -> int | None:

@@ -8,9 +8,10 @@ from. Reads run in REPEATABLE READ so the counters and the rows they read come f
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -29,6 +30,8 @@ from kine_server.drivers.base import (
     WriteTx,
     change,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS kine_meta (
@@ -65,6 +68,8 @@ SCHEMA = [
 SCHEMA_LOCK_ID = 0x6B696E65
 
 LOCK_REVISION = "SELECT value FROM kine_meta WHERE name = 'revision' FOR UPDATE"
+CHANNEL = "kine_kv"
+NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 #: What asyncpg and the network raise when the database is unreachable or a statement fails.
 DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ConnectionError)
@@ -169,6 +174,8 @@ class _Write(_Read, WriteTx):
 
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(_SET_META, revision, "revision")
+        # Delivered at commit: other instances' pollers wake at once instead of at their interval.
+        await self._conn.execute(NOTIFY, str(revision))
 
     async def set_compact_revision(self, revision: int) -> None:
         await self._conn.execute(_SET_META, revision, "compact_revision")
@@ -209,6 +216,9 @@ class PostgresDriver(Driver):
         self._timeout = connect_timeout
         self._readers: asyncpg.Pool | None = None
         self._writers: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        #: Tests turn this off to prove the periodic poll alone converges.
+        self.listen_enabled = True
 
     async def open(self) -> None:
         try:
@@ -257,7 +267,25 @@ class PostgresDriver(Driver):
                 f"schema version {found} is newer than this kine-server ({SCHEMA_VERSION})"
             )
 
+    async def listen(self, on_commit: Callable[[int], None]) -> None:
+        if not self.listen_enabled:
+            return
+
+        def notified(conn: object, pid: int, channel: str, payload: str) -> None:
+            on_commit(int(payload))
+
+        try:
+            self._listener = await asyncpg.connect(self.dsn, timeout=self._timeout)
+            await self._listener.add_listener(CHANNEL, notified)
+        except DATABASE_ERRORS as exc:
+            # Not fatal: the poller's interval still brings every commit, only later.
+            log.warning("cannot LISTEN for commits, relying on the poll interval: %s", exc)
+
     async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
         for pool in (self._readers, self._writers):
             if pool is not None:
                 with contextlib.suppress(Exception):

@@ -46,13 +46,22 @@ class EventHub:
 
         return unsubscribe
 
-    def publish(self, events: list[kv_pb2.Event]) -> None:
-        if not events:
-            return
-        groups = by_revision(events)
+    def publish(self, events: list[kv_pb2.Event]) -> bool:
+        """Hand on the events of revisions after `revision`, which must follow on from it.
+
+        Revisions already published are skipped (the writer and the poller may both bring the
+        same batch). Returns False, publishing nothing, if the events do not start right after
+        `revision`: then someone else's revisions are missing, and the poller must fetch them.
+        """
+        groups = [g for g in by_revision(events) if g[0] > self.revision]
+        if not groups:
+            return True
+        if groups[0][0] != self.revision + 1:
+            return False
         self.revision = groups[-1][0]
         for subscriber in list(self._subscribers.values()):
             subscriber(groups)
+        return True
 
     @property
     def subscriber_count(self) -> int:

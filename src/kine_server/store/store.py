@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from kine_server import errors
 from kine_server.drivers.base import Counters, Driver, DriverError
-from kine_server.pb import rpc_pb2
+from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
 from kine_server.store.hub import EventHub
 from kine_server.store.leases import Lessor
+from kine_server.store.poller import Poller
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
@@ -22,15 +23,23 @@ def unavailable(exc: DriverError) -> errors.Unavailable:
 
 
 class Store:
-    def __init__(self, driver: Driver, compactor: Compactor | None = None) -> None:
+    def __init__(
+        self,
+        driver: Driver,
+        compactor: Compactor | None = None,
+        poll_interval: float = 1.0,
+        poll_batch_size: int = 500,
+    ) -> None:
         self.driver = driver
         self.hub = EventHub()
-        self.writer = Writer(driver, self.hub)
+        self.writer = Writer(driver, self._committed)
+        self.poller = Poller(driver, self.hub, poll_interval, poll_batch_size)
         self.compactor = compactor or Compactor(driver)
         self.lessor = Lessor(driver, self.writer)
 
     async def start(self) -> None:
         self.hub.revision = (await self.counters()).revision
+        await self.poller.start()
         self.writer.start()
         await self.lessor.start()
         self.compactor.start()
@@ -39,7 +48,15 @@ class Store:
     async def stop(self) -> None:
         await self.lessor.stop()
         await self.writer.stop()
+        await self.poller.stop()
         await self.compactor.stop()
+
+    def _committed(self, begin: int, events: list[kv_pb2.Event]) -> None:
+        """The writer committed a batch that started from revision `begin`."""
+        if not self.hub.publish(events):
+            # Revisions before ours (another instance's) have not reached the hub yet: the
+            # poller brings them, and ours after them, in order.
+            self.poller.wake()
 
     async def counters(self) -> Counters:
         try:

@@ -16,12 +16,14 @@ from typing import Any
 
 from kine_server import errors
 from kine_server.drivers.base import Driver, DriverError
+from kine_server.pb import kv_pb2
 from kine_server.store.applier import Applier
-from kine_server.store.hub import EventHub
 
 log = logging.getLogger(__name__)
 
 WriteOp = Callable[[Applier], Awaitable[Any]]
+#: Told of every committed batch: the revision the batch started from, and its events.
+OnCommit = Callable[[int, list[kv_pb2.Event]], None]
 
 
 @dataclass(slots=True)
@@ -33,9 +35,9 @@ class _Job:
 class Writer:
     """Applies write requests in batches on the driver's write transaction."""
 
-    def __init__(self, driver: Driver, hub: EventHub, max_batch: int = 256) -> None:
+    def __init__(self, driver: Driver, on_commit: OnCommit, max_batch: int = 256) -> None:
         self._driver = driver
-        self._hub = hub
+        self._on_commit = on_commit
         self._max_batch = max_batch
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
@@ -77,7 +79,7 @@ class Writer:
 
     async def _commit(self, batch: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        events = []
+        events: list[kv_pb2.Event] = []
         try:
             async with self._driver.write() as tx:
                 counters = await tx.lock()
@@ -113,7 +115,8 @@ class Writer:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(result)
-        self._hub.publish(events)
+        if events:
+            self._on_commit(counters.revision, events)
 
     @staticmethod
     def _fail(batch: list[_Job], error: errors.EtcdError) -> None:

@@ -1,0 +1,87 @@
+"""Brings revisions the hub has not seen from the database into the hub, in revision order.
+
+On a single instance every revision reaches the hub straight from the writer and this finds
+nothing to do. When several instances share one PostgreSQL, the others' writes come in here:
+woken at once by the database's notification of a commit (LISTEN/NOTIFY), or by the writer when
+its own batch did not follow on from the hub's revision, and every `interval` in case a
+notification was lost. Revisions are dense and commit-ordered in the table, so reading everything
+after the hub's revision up to the current one never leaves a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from kine_server.drivers.base import OPEN_END, Driver, DriverError
+from kine_server.store.hub import EventHub
+from kine_server.store.watch import change_event, whole_revisions
+
+log = logging.getLogger(__name__)
+
+ALL_KEYS = b"\x00"
+
+
+class Poller:
+    def __init__(
+        self, driver: Driver, hub: EventHub, interval: float = 1.0, batch_size: int = 500
+    ) -> None:
+        self._driver = driver
+        self._hub = hub
+        self._interval = interval
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.polls = 0
+        self.published_revisions = 0
+
+    async def start(self) -> None:
+        await self._driver.listen(self.notified)
+        self._task = asyncio.create_task(self._loop(), name="kine-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def notified(self, revision: int) -> None:
+        """A commit of `revision` somewhere; most are this instance's own, already published."""
+        if revision > self._hub.revision:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            try:
+                await self.poll()
+            except DriverError as exc:
+                log.warning("polling for new revisions failed, retrying: %s", exc)
+
+    async def poll(self) -> None:
+        """Publish every committed revision after the hub's, a page at a time."""
+        self.polls += 1
+        while True:
+            after = self._hub.revision
+            async with self._driver.read() as tx:
+                current = (await tx.counters()).revision
+                if current <= after:
+                    return
+                changes = await tx.changes(after, current, ALL_KEYS, OPEN_END, self._batch_size)
+                if len(changes) >= self._batch_size:
+                    whole = whole_revisions(changes)
+                    if not whole:  # one revision larger than a page
+                        through = changes[0].row.mod_revision
+                        whole = await tx.changes(after, through, ALL_KEYS, OPEN_END, 2**62)
+                    changes = whole
+            before = self._hub.revision
+            if not self._hub.publish([change_event(c) for c in changes]):
+                # The hub moved on meanwhile (the writer published); read again from there.
+                continue
+            self.published_revisions += self._hub.revision - before
