@@ -1,0 +1,224 @@
+"""Several kine-server instances on one PostgreSQL behave as one etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kine_server.pb import rpc_pb2 as pb
+from kine_server.server import Server
+from tests.conftest import fresh_dsn, test_config
+from tests.support.client import Client, connect
+from tests.support.process import KineProcess
+from tests.support.watching import WatchStream
+from tests.test_store import cas_increment
+from tests.test_watch import collect, key_range
+
+C = pb.Compare
+
+
+@pytest.fixture
+def shared_dsn(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return fresh_dsn("postgres", tmp_path, request)
+
+
+async def cluster(dsn: str, count: int = 3, **overrides: object) -> list[Server]:
+    servers = []
+    for _ in range(count):
+        server = Server(test_config(dsn, **overrides))
+        await server.start()
+        servers.append(server)
+    return servers
+
+
+@pytest.fixture
+async def three(shared_dsn: str) -> AsyncIterator[tuple[list[Server], list[Client]]]:
+    servers = await cluster(shared_dsn)
+    clients = [connect(f"127.0.0.1:{s.port}") for s in servers]
+    yield servers, clients
+    for client in clients:
+        await client.close()
+    for server in servers:
+        await server.stop()
+
+
+async def test_creates_and_cas_over_three_instances_reach_every_watcher_in_order(
+    three: tuple[list[Server], list[Client]],
+) -> None:
+    servers, clients = three
+    rng = random.Random(3)
+    ranges = [key_range(low, low + rng.randrange(5, 40)) for low in rng.sample(range(60), 30)]
+    streams = []
+    for i, client in enumerate(clients):  # ten watchers on every instance
+        stream = WatchStream(client)
+        for w in range(10):
+            await stream.create(*ranges[i * 10 + w], watch_id=w + 1)
+        for _ in range(10):
+            assert (await stream.read()) is not None
+        streams.append(stream)
+
+    committed: list[tuple[int, int, bytes]] = []
+
+    async def worker(n: int) -> None:
+        wrng = random.Random(n)
+        kv = clients[n % 3].kv
+        for _ in range(6):
+            key = b"/s/%03d" % wrng.randrange(0, 100)
+            if wrng.random() < 0.5:
+                create = await kv.Txn(
+                    pb.TxnRequest(
+                        compare=[C(key=key, target=C.MOD, result=C.EQUAL, mod_revision=0)],
+                        success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"0"))],
+                    )
+                )
+                if create.succeeded:
+                    committed.append((create.header.revision, 0, key))
+            else:
+                await cas_increment(kv, key, wrng)
+
+    await asyncio.gather(*(worker(n) for n in range(64)))
+    final = (await clients[0].kv.Range(pb.RangeRequest(key=b"/s/"))).header.revision
+    # Every revision's events, read back from instance 0's history, as the reference.
+    history = WatchStream(clients[0])
+    await history.create(b"/s/", b"/s0", start_revision=2, watch_id=99)
+    reference = (await collect(history, {99}, final))[99]
+    await history.close()
+    assert sorted({r for r, _, _ in reference}) == list(range(2, final + 1))  # dense
+    assert set(committed) <= set(reference)
+    for i, stream in enumerate(streams):
+        got = await collect(stream, set(range(1, 11)), final)
+        for w in range(10):
+            key, end = ranges[i * 10 + w]
+            assert got[w + 1] == [e for e in reference if key <= e[2] < end], (i, w)
+        await stream.close()
+    assert sum(s.store.poller.published_revisions for s in servers) > 0
+
+
+async def test_a_write_acknowledged_by_one_instance_is_read_by_the_others(
+    three: tuple[list[Server], list[Client]],
+) -> None:
+    _, clients = three
+    for n in range(100):
+        writer, reader = clients[n % 3], clients[(n + 1) % 3]
+        put = await writer.kv.Put(pb.PutRequest(key=b"raw", value=b"%d" % n))
+        got = await reader.kv.Range(pb.RangeRequest(key=b"raw"))
+        assert got.kvs[0].value == b"%d" % n
+        assert got.header.revision >= put.header.revision
+
+
+async def test_without_notifications_the_poll_still_delivers(shared_dsn: str) -> None:
+    servers = []
+    for _ in range(2):
+        server = Server(test_config(shared_dsn, poll_interval=0.2))
+        server.driver.listen_enabled = False  # type: ignore[attr-defined]
+        await server.start()
+        servers.append(server)
+    a, b = (connect(f"127.0.0.1:{s.port}") for s in servers)
+    try:
+        stream = WatchStream(b)
+        await stream.create(b"n/", b"n0")
+        assert (await stream.read()) is not None
+        puts = [await a.kv.Put(pb.PutRequest(key=b"n/%d" % i, value=b"x")) for i in range(20)]
+        got = await collect(stream, {0}, puts[-1].header.revision)
+        assert [r for r, _, _ in got[0]] == [p.header.revision for p in puts]
+        assert servers[1].store.poller.published_revisions >= 20
+        await stream.close()
+    finally:
+        await a.close()
+        await b.close()
+        for server in servers:
+            await server.stop()
+
+
+async def test_lease_expires_exactly_once_with_three_instances(
+    three: tuple[list[Server], list[Client]],
+) -> None:
+    servers, clients = three
+    grant = await clients[0].lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
+    for i in range(3):
+        put = await clients[i].kv.Put(pb.PutRequest(key=b"/l/%d" % i, value=b"x", lease=grant.ID))
+    streams = []
+    for client in clients:
+        stream = WatchStream(client)
+        await stream.create(b"/l/", b"/l0", start_revision=put.header.revision + 1)
+        assert (await stream.read()) is not None
+        streams.append(stream)
+    # Keep-alives through another instance count: 3 s of them keep the 2 s lease alive.
+    for _ in range(6):
+        call = clients[1].lease.LeaseKeepAlive()
+        await call.write(pb.LeaseKeepAliveRequest(ID=grant.ID))
+        assert (await call.read()).TTL == 2
+        await call.done_writing()
+        await asyncio.sleep(0.5)
+    assert (await clients[2].kv.Range(pb.RangeRequest(key=b"/l/", range_end=b"/l0"))).count == 3
+    for stream in streams:
+        response = await stream.read(timeout=5)
+        assert response is not None
+        assert len(response.events) == 3 and {e.type for e in response.events} == {1}
+        assert await stream.read(timeout=1.5) is None  # exactly one expiry
+        await stream.close()
+    assert sum(s.store.lessor.expired_total for s in servers) == 1
+
+
+async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
+    shared_dsn: str, tmp_path: Path
+) -> None:
+    procs = [KineProcess(shared_dsn, tmp_path) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    clients = [connect(p.address) for p in procs]
+    acked: list[bytes] = []
+    try:
+
+        async def writer(n: int) -> None:
+            for i in range(40):
+                target = clients[(n + i) % 3]
+                key = b"/k9/%d/%d" % (n, i)
+                try:
+                    await target.kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
+                except Exception:  # the killed instance's clients fail over
+                    target = clients[(n + i + 1) % 3] if target is clients[0] else target
+                    await target.kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
+                acked.append(key)
+
+        async def killer() -> None:
+            await asyncio.sleep(0.5)
+            assert procs[0].proc is not None
+            procs[0].proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(procs[0].proc.wait)
+
+        await asyncio.gather(*(writer(n) for n in range(16)), killer())
+        listing = await clients[1].kv.Range(
+            pb.RangeRequest(key=b"/k9/", range_end=b"/k90", keys_only=True)
+        )
+        assert {kv.key for kv in listing.kvs} == set(acked)
+        assert len(acked) == 16 * 40
+        # The killed instance, restarted, catches up from the table.
+        procs[0].proc = None
+        procs[0].start()
+        restarted = connect(procs[0].address)
+        again = await restarted.kv.Range(
+            pb.RangeRequest(key=b"/k9/", range_end=b"/k90", count_only=True),
+            wait_for_ready=True,
+            timeout=10,
+        )
+        assert again.count == len(acked)
+        stream = WatchStream(restarted)
+        await stream.create(b"/k9/", b"/k90", start_revision=2)
+        assert (await stream.read()) is not None
+        got = await collect(stream, {0}, again.header.revision)
+        assert {k for _, _, k in got[0]} == set(acked)
+        await stream.close()
+        await restarted.close()
+    finally:
+        for client in clients:
+            await client.close()
+        for proc in procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait()
