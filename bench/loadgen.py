@@ -8,8 +8,8 @@ cap, whichever comes first. Each measured job reports the CPU its own process us
 measured window (`time.process_time`, all threads, gRPC's included), so the orchestrator can say
 how busy the client was.
 
-Messages a worker sends back: ("progress", obj) any number of times, then ("ok", result) or
-("error", traceback text).
+Messages a worker sends back: ("ready", info) once a measured job is ready (the orchestrator then
+sends the start instant), then ("ok", result) or ("error", traceback text).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,6 +33,10 @@ CHANNEL_OPTIONS = [
 ]
 
 RPC_TIMEOUT = 30.0
+
+#: A measured job calls `await sync(info)` once it is ready to start; the orchestrator answers
+#: with the CLOCK_MONOTONIC instant at which all jobs of the step start.
+Sync = Callable[[Any], Awaitable[float]]
 
 Compare = rpc_pb2.Compare
 
@@ -58,9 +62,7 @@ class Channels:
         self.watch = [rpc_pb2_grpc.WatchStub(c) for c in self.channels]
 
     async def ready(self, timeout: float = 15.0) -> None:
-        await asyncio.wait_for(
-            asyncio.gather(*(c.channel_ready() for c in self.channels)), timeout
-        )
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.channels)), timeout)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
@@ -206,7 +208,7 @@ async def put_sequential(
     warmup: int,
     value_size: int,
     time_cap: float,
-    start_at: float,
+    sync: Sync,
 ) -> dict[str, Any]:
     value = value_of(value_size)
     chans = Channels(endpoint, 1)
@@ -221,7 +223,7 @@ async def put_sequential(
                 rpc_pb2.PutRequest(key=prefix + b"warmup/%06d" % i, value=value),
                 timeout=RPC_TIMEOUT,
             )
-        await sleep_until(start_at)
+        await sleep_until(await sync(None))
         window.start()
         deadline = window.t0 + time_cap
         perf = time.perf_counter
@@ -253,7 +255,7 @@ async def create_txns(
     quota: int,
     value_size: int,
     time_cap: float,
-    start_at: float,
+    sync: Sync,
     namespaces: int = 20,
 ) -> dict[str, Any]:
     """`clients` concurrent creators; this process stops after `quota` ops or at the time cap."""
@@ -273,7 +275,7 @@ async def create_txns(
                 create_txn(b"/registry/pods/warmup/%s-%d" % (tag.encode(), i), value),
                 timeout=RPC_TIMEOUT,
             )
-        await sleep_until(start_at)
+        await sleep_until(await sync(None))
         window.start()
         deadline = window.t0 + time_cap
 
@@ -329,7 +331,7 @@ async def churn(
     channels: int,
     value_size: int,
     time_cap: float,
-    start_at: float,
+    sync: Sync,
 ) -> dict[str, Any]:
     """Each key gets `versions` updates, each conditional on the mod_revision the previous
     response reported. Keys are split between `clients`; one key's updates are sequential."""
@@ -345,7 +347,7 @@ async def churn(
     ops = 0
     try:
         await chans.ready()
-        await sleep_until(start_at)
+        await sleep_until(await sync(None))
         window.start()
         deadline = window.t0 + time_cap
 
@@ -446,7 +448,7 @@ async def list_runs(
     runs: int,
     expected: int,
     time_cap: float,
-    start_at: float,
+    sync: Sync,
 ) -> dict[str, Any]:
     chans = Channels(endpoint, 1)
     errors = Errors()
@@ -457,7 +459,7 @@ async def list_runs(
         await chans.ready()
         stub = chans.kv[0]
         await _list_once(stub, prefix, page)  # unmeasured: warms the server's caches
-        await sleep_until(start_at)
+        await sleep_until(await sync(None))
         window.start()
         deadline = window.t0 + time_cap
         for _ in range(runs):
@@ -555,7 +557,7 @@ async def watchers(
     channels: int,
     start_revision: int,
     max_duration: float,
-    progress: Callable[[Any], None],
+    sync: Sync,
 ) -> dict[str, Any]:
     """`count` watch streams (one watch each) on `prefix` from `start_revision`. Reports progress
     once all are created, then records (mod_revision, key, time received) of every event until
@@ -611,7 +613,7 @@ async def watchers(
         tasks = [asyncio.create_task(watch(i)) for i in range(count)]
         times = await asyncio.wait_for(asyncio.gather(*created), 60)
         failed = sum(1 for t in times if t < 0)
-        progress({"created": count - failed, "failed": failed})
+        await sleep_until(await sync({"created": count - failed, "failed": failed}))
         window.start()
         _, late = await asyncio.wait(tasks, timeout=max_duration)
         window.stop()
@@ -638,7 +640,7 @@ async def watch_writer(
     max_inflight: int,
     value_size: int,
     time_cap: float,
-    start_at: float,
+    sync: Sync,
     channels: int = 2,
 ) -> dict[str, Any]:
     """Open-loop writer: Put number i is sent at start_at + i/rate (no later than that unless
@@ -651,7 +653,7 @@ async def watch_writer(
     try:
         await chans.ready()
         slots = asyncio.Semaphore(max_inflight)
-        await sleep_until(start_at)
+        await sleep_until(await sync(None))
         window.start()
         deadline = window.t0 + time_cap
 
@@ -694,13 +696,19 @@ JOBS: dict[str, Callable[..., Any]] = {
     "watch_writer": watch_writer,
 }
 
-PROGRESS_JOBS = {"watchers"}
+MEASURED_JOBS = {"put_sequential", "create_txns", "churn", "list_runs", "watchers", "watch_writer"}
 
 
 def serve(conn: Any) -> None:
     """Worker process main loop: run the jobs the orchestrator sends until it sends None."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+
+    async def sync(info: Any) -> float:
+        conn.send(("ready", info))
+        start_at: float = await loop.run_in_executor(None, conn.recv)
+        return start_at
+
     try:
         while True:
             message = conn.recv()
@@ -708,8 +716,8 @@ def serve(conn: Any) -> None:
                 return
             name, kwargs = message
             try:
-                if name in PROGRESS_JOBS:
-                    kwargs = {**kwargs, "progress": lambda obj: conn.send(("progress", obj))}
+                if name in MEASURED_JOBS:
+                    kwargs = {**kwargs, "sync": sync}
                 result = loop.run_until_complete(JOBS[name](**kwargs))
                 conn.send(("ok", result))
             except Exception:

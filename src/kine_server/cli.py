@@ -72,6 +72,13 @@ FLAGS = [
         "listen_address",
         "Address to serve etcd's gRPC API on: HOST:PORT or unix://PATH",
     ),
+    Flag("server-cert-file", "server_cert_file", "Serve TLS with this certificate (PEM)"),
+    Flag("server-key-file", "server_key_file", "Private key of --server-cert-file (PEM)"),
+    Flag(
+        "trusted-ca-file",
+        "trusted_ca_file",
+        "Require client certificates signed by this CA (mutual TLS; needs --server-cert-file)",
+    ),
     Flag(
         "max-request-bytes",
         "max_request_bytes",

@@ -22,6 +22,9 @@ class Config:
     max_txn_ops: int = 128
     emulated_etcd_version: str = DEFAULT_ETCD_VERSION
     watch_progress_notify_interval: float = 5.0
+    server_cert_file: str = ""
+    server_key_file: str = ""
+    trusted_ca_file: str = ""
     poll_interval: float = 1.0
     poll_batch_size: int = 500
     compact_interval: float = 300.0

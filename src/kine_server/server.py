@@ -62,13 +62,34 @@ def check_port_free(listen_address: str) -> None:
             raise StartupError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
 
 
-def client_url(listen_address: str, port: int) -> str:
+def client_url(listen_address: str, port: int, tls: bool) -> str:
     if listen_address.startswith("unix://"):
         return listen_address
     host = listen_address.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS from --server-cert-file/--server-key-file; with --trusted-ca-file, clients must
+    present a certificate signed by that CA or the handshake fails."""
+    if not (config.server_cert_file or config.server_key_file or config.trusted_ca_file):
+        return None
+    if not (config.server_cert_file and config.server_key_file):
+        raise StartupError("TLS needs both --server-cert-file and --server-key-file")
+    try:
+        with open(config.server_key_file, "rb") as key, open(config.server_cert_file, "rb") as cert:
+            pair = (key.read(), cert.read())
+        ca = None
+        if config.trusted_ca_file:
+            with open(config.trusted_ca_file, "rb") as file:
+                ca = file.read()
+    except OSError as exc:
+        raise StartupError(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def member_id(cluster_id: int, name: str) -> int:
@@ -103,10 +124,12 @@ class Server:
         )
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self._credentials: grpc.ServerCredentials | None = None
         self.watch: WatchService | None = None
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
+        self._credentials = server_credentials(self.config)
         check_port_free(self.config.listen_address)
         try:
             await self.driver.open()
@@ -137,7 +160,10 @@ class Server:
             ]
         )
         try:
-            self.port = server.add_insecure_port(address)
+            if self._credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self._credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {self.config.listen_address}: {exc}") from exc
         if self.port == 0:
@@ -146,7 +172,9 @@ class Server:
             cluster_id=cluster_id,
             member_id=member_id(cluster_id, name),
             name=name,
-            client_urls=[client_url(self.config.listen_address, self.port)],
+            client_urls=[
+                client_url(self.config.listen_address, self.port, self._credentials is not None)
+            ],
         )
         store = self.store
         rpc_pb2_grpc.add_KVServicer_to_server(
