@@ -123,10 +123,14 @@ class Server:
 class KineServer:
     """`python -m kine_server` as a subprocess in its own session (Ctrl-C is ours to handle)."""
 
-    def __init__(self, dsn: str, workdir: Path, name: str, python_args: list[str]) -> None:
+    def __init__(
+        self, dsn: str, workdir: Path, name: str, entry: list[str], env: dict[str, str]
+    ) -> None:
         self.dsn = dsn
         self.name = name
-        self.python_args = python_args
+        self.entry = entry
+        """What follows the interpreter: ["-m", "kine_server"], or a profiler wrapping it."""
+        self.extra_env = env
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
@@ -137,6 +141,7 @@ class KineServer:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
         )
+        env.update(self.extra_env)
         for _attempt in range(3):
             port = free_port()
             self.endpoint = f"127.0.0.1:{port}"
@@ -144,9 +149,7 @@ class KineServer:
                 self.proc = subprocess.Popen(
                     [
                         sys.executable,
-                        *self.python_args,
-                        "-m",
-                        "kine_server",
+                        *self.entry,
                         "--endpoint",
                         self.dsn,
                         "--listen-address",
@@ -300,12 +303,14 @@ class Window:
     server_cpu: float
     db_cpu: float
     machine_cpu: float
+    ours_cpu: float
+    """CPU of every process the benchmark started (all servers, clients) and its own."""
     client_cpu: float = 0.0
 
     @property
     def other_cpu(self) -> float:
         """Busy CPU not ours: other programs on the machine (noise if high)."""
-        return max(0.0, self.machine_cpu - self.server_cpu - self.db_cpu - self.client_cpu)
+        return max(0.0, self.machine_cpu - self.ours_cpu)
 
     def cores(self, seconds: float) -> float:
         return seconds / self.wall if self.wall > 0 else 0.0
@@ -323,10 +328,15 @@ class Window:
         }
 
 
+def ours_cpu(pids: list[int]) -> float:
+    return sum(proc_cpu(p) for p in pids)
+
+
 def measured(
     server: Server,
     jobs: list[tuple[Worker, str, dict[str, Any]]],
     timeout: float,
+    all_pids: Callable[[], list[int]],
     on_ready: Callable[[], None] | None = None,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[Any], Window]:
@@ -343,6 +353,8 @@ def measured(
     while time.monotonic() < start_at:
         time.sleep(0.001)
     cpu0, db0 = server.cpu()
+    pids = all_pids()
+    ours0 = ours_cpu(pids)
     machine0 = machine_busy()
     t0 = time.monotonic()
     try:
@@ -351,8 +363,9 @@ def measured(
         if on_done is not None:
             on_done()
     wall = time.monotonic() - t0
+    machine1 = machine_busy()
     cpu1, db1 = server.cpu()
-    window = Window(wall, cpu1 - cpu0, db1 - db0, machine_busy() - machine0)
+    window = Window(wall, cpu1 - cpu0, db1 - db0, machine1 - machine0, ours_cpu(pids) - ours0)
     window.client_cpu = sum(r.get("client_cpu", 0.0) for r in results)
     return results, window
 
@@ -390,6 +403,7 @@ class Results:
         self.metrics: dict[str, Metric] = {}
         self.details: dict[str, dict[str, Any]] = {}
         self.problems: list[str] = []
+        self.notes: list[str] = []
 
     def put(self, mid: str, label: str, unit: str, server: str, value: float, ratio: bool = True):
         metric = self.metrics.setdefault(mid, Metric(mid, label, unit, ratio=ratio))
@@ -502,8 +516,32 @@ class Bench:
         self.rotation += 1
         return self.servers[start:] + self.servers[:start]
 
+    def all_pids(self) -> list[int]:
+        pids = [os.getpid(), *(w.proc.pid for w in self.workers if w.proc.pid)]
+        for s in self.servers:
+            pids += [s.pid, *s.db_pids()]
+        return pids
+
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def measure(
+        self,
+        what: str,
+        server: Server,
+        jobs: list[tuple[Worker, str, dict[str, Any]]],
+        timeout: float,
+        on_ready: Callable[[], None] | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> tuple[list[Any], Window]:
+        results, window = measured(server, jobs, timeout, self.all_pids, on_ready, on_done)
+        other = window.cores(window.other_cpu)
+        if other > self.args.noise_warn:
+            self.results.notes.append(
+                f"{what} on {server.name}: other programs used {other:.2f} cores meanwhile "
+                f"(machine busy {window.cores(window.machine_cpu):.2f} of {os.cpu_count()})"
+            )
+        return results, window
 
     def split(self, total: int, parts: int) -> list[int]:
         return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -513,7 +551,8 @@ class Bench:
         a = self.args
         for s in self.order():
             self.log(f"1 sequential Put on {s.name}")
-            [r], win = measured(
+            [r], win = self.measure(
+                "1 put",
                 s,
                 [
                     (
@@ -570,7 +609,7 @@ class Bench:
                     for i in range(procs)
                 ]
                 hooks = self.profile_hook(s.name, level) or (None, None)
-                rs, win = measured(s, jobs, a.level_time + 120, *hooks)
+                rs, win = self.measure(f"2 create x{level}", s, jobs, a.level_time + 120, *hooks)
                 lat = [x for r in rs for x in r["latencies"]]
                 wall = max(r["wall"] for r in rs)
                 writes = sum(r["writes"] for r in rs)
@@ -666,7 +705,7 @@ class Bench:
                 )
                 for i in range(procs)
             ]
-            rs, win = measured(s, jobs, a.time_cap + 300)
+            rs, win = self.measure("3 churn", s, jobs, a.time_cap + 300)
             lat = [x for r in rs for x in r["latencies"]]
             wall = max(r["wall"] for r in rs)
             updates = sum(r["updates"] for r in rs)
@@ -715,7 +754,8 @@ class Bench:
             )
             self.results.errors("4 list set-up", s.name, [loaded["errors"]])
             self.log(f"4 LIST on {s.name}: {a.list_runs} paginated LISTs")
-            [r], win = measured(
+            [r], win = self.measure(
+                "4 list",
                 s,
                 [
                     (
@@ -736,7 +776,11 @@ class Bench:
             self.results.errors("4 list", s.name, [r["errors"]])
             totals = r["totals"]
             self.results.put(
-                "w4.median", "4 LIST 10k/500 median", "ms", s.name, median(totals) * 1e3
+                "w4.median",
+                f"4 LIST {a.list_keys}/{a.list_page} median",
+                "ms",
+                s.name,
+                median(totals) * 1e3,
             )
             self.results.put(
                 "w4.page", "4 LIST page p50", "ms", s.name, percentile(r["pages"], 50) * 1e3
@@ -799,7 +843,7 @@ class Bench:
                     ),
                 )
             )
-            rs, win = measured(s, jobs, duration + 60)
+            rs, win = self.measure("5 watch", s, jobs, duration + 60)
             writer = rs[-1]
             self.results.errors("5 watch", s.name, [r["errors"] for r in rs])
             written = {rev: (key, sent, acked) for rev, key, sent, acked in writer["writes"]}
@@ -928,6 +972,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--watch-writes", type=int, default=2000)
     p.add_argument("--watch-rate", type=float, default=200.0, help="writes/s offered (200)")
+    p.add_argument(
+        "--noise-warn",
+        type=float,
+        default=0.25,
+        help="note a measurement during which other programs used more cores than this",
+    )
     p.add_argument("--compare", metavar="OLD.json", help="also print this run against OLD.json")
     p.add_argument("--show", metavar="RUN.json", help="print a saved run instead of running")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
@@ -941,6 +991,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "PATH gets collapsed stacks (see bench/profile_summary.py)",
     )
     p.add_argument("--py-spy-args", default="", help="extra py-spy record flags, e.g. '--gil'")
+    p.add_argument(
+        "--instrument",
+        metavar="PATH",
+        help="run kine-server (SQLite) through bench/kine_instrumented.py; writer and SQL "
+        "counters go to PATH (JSON) when it stops",
+    )
     args = p.parse_args(argv)
     args.workload_set = {int(w) for w in args.workloads.split(",") if w}
     args.levels = [int(x) for x in args.levels.split(",") if x]
@@ -980,6 +1036,10 @@ def print_run(data: dict[str, Any]) -> None:
             print("  - " + line)
     else:
         print("\nProblems seen: none")
+    if data.get("notes"):
+        print("\nNoise (other programs on the machine during a measurement):")
+        for line in data["notes"]:
+            print("  - " + line)
 
 
 def main(argv: list[str]) -> int:
@@ -1009,9 +1069,15 @@ def main(argv: list[str]) -> int:
         try:
             stack.callback(shutil.rmtree, workdir, True)
             if not args.no_sqlite:
-                extra = ["-m", "cProfile", "-o", args.cprofile] if args.cprofile else []
+                entry = ["-m", "kine_server"]
+                env = {}
+                if args.instrument:
+                    entry = [str(BENCH / "kine_instrumented.py")]
+                    env["BENCH_KINE_STATS"] = str(Path(args.instrument).resolve())
+                if args.cprofile:
+                    entry = ["-m", "cProfile", "-o", args.cprofile, *entry]
                 kine = KineServer(
-                    f"sqlite://{workdir}/sqlite/state.db", workdir, "kine-sqlite", extra
+                    f"sqlite://{workdir}/sqlite/state.db", workdir, "kine-sqlite", entry, env
                 )
                 kines.append(kine)
                 stack.callback(kine.stop)
@@ -1023,7 +1089,7 @@ def main(argv: list[str]) -> int:
                 stack.callback(pg.stop)
                 pg.start()
                 dsn = pg.dsn.rsplit("/", 1)[0] + "/kinebench"
-                kine = KineServer(dsn, workdir, "kine-pg", [])
+                kine = KineServer(dsn, workdir, "kine-pg", ["-m", "kine_server"], {})
                 kines.append(kine)
                 stack.callback(kine.stop)
                 kine.start()
@@ -1132,6 +1198,7 @@ def main(argv: list[str]) -> int:
                 "metrics": [vars(m) for m in results.metrics.values()],
                 "details": results.details,
                 "problems": results.problems,
+                "notes": results.notes,
             }
     assert data is not None
     print_run(data)

@@ -50,7 +50,7 @@ async def lease_scenario(call: Recorder) -> None:
     await call("kv.Range", pb.RangeRequest(key=b"k", range_end=b"l"))
     status = await call.client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=100, keys=True))
     call.note(
-        f"ttl 100: granted {status.grantedTTL}, keys {list(status.keys)}, "
+        f"ttl 100: granted {status.grantedTTL}, keys {sorted(status.keys)}, "
         f"remaining close to granted: {status.grantedTTL - 2 <= status.TTL <= status.grantedTTL}"
     )
     await call("lease.LeaseTimeToLive", pb.LeaseTimeToLiveRequest(ID=999, keys=True))
@@ -59,7 +59,7 @@ async def lease_scenario(call: Recorder) -> None:
     await call("kv.Put", pb.PutRequest(key=b"k1", value=b"detached"))
     await call("kv.DeleteRange", pb.DeleteRangeRequest(key=b"k2"))
     status = await call.client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=100, keys=True))
-    call.note(f"keys of 100 now {list(status.keys)}")
+    call.note(f"keys of 100 now {sorted(status.keys)}")
     await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=100))
     await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=100))
     await call("lease.LeaseRevoke", pb.LeaseRevokeRequest(ID=101))

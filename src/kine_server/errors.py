@@ -59,6 +59,15 @@ NoSpace = _error(
 )
 
 
+class KeyTooLong(EtcdError):
+    """Longer than the database can index (etcd itself has no such limit)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"kine-server: key is too long for this database (at most {limit} bytes)")
+
+
 class Unavailable(EtcdError):
     """The database cannot be reached; the client should retry (clientv3 retries UNAVAILABLE)."""
 

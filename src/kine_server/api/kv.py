@@ -10,6 +10,7 @@ from kine_server import errors
 from kine_server.api import validation
 from kine_server.api.common import Member, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store.applier import is_read_only
 from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -57,7 +58,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
     @etcd_errors
     async def Txn(self, request: rpc_pb2.TxnRequest, context: Context) -> rpc_pb2.TxnResponse:
         validation.check_txn(request, self._max_txn_ops)
-        self._check_size(request)
+        if not is_read_only(request):  # etcd serves read-only Txns without a proposal
+            self._check_size(request)
         response = await self._store.txn(request)
         self._member.stamp(response.header)
         return response

@@ -55,7 +55,7 @@ def _check_txn_shape(req: rpc_pb2.TxnRequest, max_ops: int) -> None:
         elif kind == "request_delete_range":
             check_delete(op.request_delete_range)
         elif kind == "request_txn":
-            _check_txn_shape(op.request_txn, max_ops)
+            _check_txn_shape(op.request_txn, max_ops - ops)  # nested ops share the limit
         else:
             raise errors.KeyNotFound()  # an empty RequestOp, as etcd answers it
 

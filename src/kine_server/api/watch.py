@@ -100,9 +100,14 @@ class WatchStream:
             asyncio.create_task(self._progress_loop()),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # an EtcdError from the sender ends the stream with its status
+            running = set(tasks)
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    # An EtcdError from the sender ends the stream with its status. The client
+                    # closing its side only ends the requests: as in etcd, watches go on until
+                    # the call itself ends.
+                    task.result()
         finally:
             unsubscribe()
             for task in tasks:
@@ -180,6 +185,14 @@ class WatchStream:
         self._stats.watchers -= 1
         return True
 
+    def _current(self, watcher: Watcher) -> bool:
+        """Still registered? A cancelled watch's id may already belong to a new watch."""
+        return self._watchers.get(watcher.watch_id) is watcher
+
+    def _unready(self, watcher: Watcher) -> None:
+        if self._ready.get(watcher.watch_id) is watcher:
+            del self._ready[watcher.watch_id]
+
     # -- events --------------------------------------------------------------------------------
 
     def _on_publish(self, groups: list[Group]) -> None:
@@ -202,8 +215,8 @@ class WatchStream:
             while self._control:
                 await self._write(self._control.popleft())
             for watcher in list(self._ready.values()):
-                if watcher.watch_id not in self._watchers:
-                    self._ready.pop(watcher.watch_id, None)
+                if not self._current(watcher):
+                    self._unready(watcher)
                 elif watcher.synced:
                     await self._drain(watcher)
                 else:
@@ -217,12 +230,12 @@ class WatchStream:
                 await self._write(self._response(self._hub.revision, watch_id=-1))
 
     async def _drain(self, watcher: Watcher) -> None:
-        while watcher.synced and (group := watcher.take()) is not None:
+        while self._current(watcher) and watcher.synced and (group := watcher.take()) is not None:
             revision, events = group
             await self._send_events(watcher, revision, events)
             watcher.sent(revision)
         if watcher.synced and not watcher.pending:
-            self._ready.pop(watcher.watch_id, None)
+            self._unready(watcher)
 
     async def _catch_up(self, watcher: Watcher) -> None:
         """Send the next page of history a lagging watcher has not seen, from the database."""
@@ -232,7 +245,7 @@ class WatchStream:
             spec = watcher.spec
             page = self._settings.page_size
             history = await self._store.history(after, through, spec.key, spec.end, page)
-            if watcher.watch_id not in self._watchers:
+            if not self._current(watcher):
                 return
             if watcher.next_revision < history.compact_revision:
                 self._remove(watcher.watch_id)
@@ -253,7 +266,7 @@ class WatchStream:
         if watcher.next_revision > self._hub.revision:
             watcher.synced = True
             if not watcher.pending:
-                self._ready.pop(watcher.watch_id, None)
+                self._unready(watcher)
 
     async def _send_events(
         self, watcher: Watcher, revision: int, events: list[kv_pb2.Event]

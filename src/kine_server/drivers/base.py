@@ -90,6 +90,9 @@ class ReadTx(abc.ABC):
     revision. `end=None` is a single key, `end == OPEN_END` every key from `key` on, otherwise [key, end).
     """
 
+    #: The longest key the database can index, if it has a limit.
+    max_key_bytes: int | None = None
+
     @abc.abstractmethod
     async def counters(self) -> Counters: ...
 
@@ -159,7 +162,12 @@ class WriteTx(ReadTx):
     async def set_revision(self, revision: int) -> None: ...
 
     @abc.abstractmethod
-    async def set_compact_revision(self, revision: int) -> None: ...
+    async def lock_compact_revision(self) -> int:
+        """The compact revision, locked until commit: a compactor raising it meanwhile waits."""
+
+    @abc.abstractmethod
+    async def advance_compact_revision(self, revision: int) -> None:
+        """Raise the compact revision to `revision`; it never moves backwards."""
 
 
 class CompactTx(abc.ABC):
@@ -177,7 +185,8 @@ class CompactTx(abc.ABC):
         """Advance compacted_through from `expected` to `through`; False if someone else moved it."""
 
     @abc.abstractmethod
-    async def set_compact_revision(self, revision: int) -> None: ...
+    async def advance_compact_revision(self, revision: int) -> None:
+        """Raise the compact revision to `revision`; it never moves backwards."""
 
 
 class Driver(abc.ABC):

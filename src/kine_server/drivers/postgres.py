@@ -83,6 +83,8 @@ _SUPERSEDE = sql.numbered(sql.SUPERSEDE)
 _DELETE_SUPERSEDED = sql.numbered(sql.DELETE_SUPERSEDED)
 _DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
 _CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
+_LOCK_COMPACT_REVISION = sql.LOCK_COMPACT_REVISION + " FOR UPDATE"
+_ADVANCE_COMPACT_REVISION = sql.numbered(sql.ADVANCE_COMPACT_REVISION.format(greatest="GREATEST"))
 _LEASE = sql.numbered(sql.LEASE)
 _LEASES = sql.numbered(sql.LEASES)
 _EXPIRED_LEASES = sql.numbered(sql.EXPIRED_LEASES)
@@ -104,6 +106,9 @@ def _affected(status: str) -> int:
 
 
 class _Read(ReadTx):
+    # A btree entry may take a third of an 8 kB page (2704 bytes), the key and revision included.
+    max_key_bytes = 2600
+
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
@@ -163,7 +168,7 @@ class _Write(_Read, WriteTx):
         return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, expires_ms)) == 1
 
     async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
-        ttl = await self._conn.fetchval(_RENEW_LEASE, now_ms, lease_id)
+        ttl = await self._conn.fetchval(_RENEW_LEASE, now_ms, lease_id, now_ms)
         return int(ttl) if ttl is not None else None
 
     async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
@@ -177,8 +182,11 @@ class _Write(_Read, WriteTx):
         # Delivered at commit: other instances' pollers wake at once instead of at their interval.
         await self._conn.execute(NOTIFY, str(revision))
 
-    async def set_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(_SET_META, revision, "compact_revision")
+    async def lock_compact_revision(self) -> int:
+        return int(await self._conn.fetchval(_LOCK_COMPACT_REVISION))
+
+    async def advance_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision)
 
 
 class _Compact(_Read, CompactTx):
@@ -190,8 +198,8 @@ class _Compact(_Read, CompactTx):
     async def claim(self, expected: int, through: int) -> bool:
         return _affected(await self._conn.execute(_CLAIM_COMPACTED, through, expected)) == 1
 
-    async def set_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(_SET_META, revision, "compact_revision")
+    async def advance_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision)
 
 
 def database_name(dsn: str) -> str:

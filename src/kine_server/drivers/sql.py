@@ -21,6 +21,11 @@ COUNTERS = (
 )
 META = "SELECT value FROM kine_meta WHERE name = ?"
 SET_META = "UPDATE kine_meta SET value = ? WHERE name = ?"
+LOCK_COMPACT_REVISION = "SELECT value FROM kine_meta WHERE name = 'compact_revision'"
+#: {greatest} is the dialect's two-argument maximum (SQLite max, PostgreSQL GREATEST).
+ADVANCE_COMPACT_REVISION = (
+    "UPDATE kine_meta SET value = {greatest}(value, ?) WHERE name = 'compact_revision'"
+)
 
 NEWEST = f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE key = ? ORDER BY mod_revision DESC LIMIT 1"
 INSERT = (
@@ -36,7 +41,11 @@ EXPIRED_LEASES = "SELECT id FROM kine_lease WHERE expires_at <= ? ORDER BY expir
 INSERT_LEASE = (
     "INSERT INTO kine_lease (id, ttl, expires_at) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING"
 )
-RENEW_LEASE = "UPDATE kine_lease SET expires_at = ? + ttl * 1000 WHERE id = ? RETURNING ttl"
+# An expired lease is not renewed, even before the expiry pass has revoked it (as etcd's Renew).
+RENEW_LEASE = (
+    "UPDATE kine_lease SET expires_at = ? + ttl * 1000 "
+    "WHERE id = ? AND expires_at > ? RETURNING ttl"
+)
 DELETE_LEASE = "DELETE FROM kine_lease WHERE id = ? AND expires_at <= ?"
 EXTEND_LEASES = (
     "UPDATE kine_lease SET expires_at = ? + ttl * 1000 WHERE expires_at < ? + ttl * 1000"

@@ -65,6 +65,25 @@ CREATE INDEX IF NOT EXISTS kine_kv_next ON kine_kv (next_revision)
 """
 
 
+async def _settle(conn: aiosqlite.Connection) -> None:
+    """Roll back whatever transaction `conn` has open, even while the caller is being cancelled.
+
+    aiosqlite runs each call on the connection's own thread, in order, and still runs a call
+    whose caller was cancelled; this ROLLBACK is queued behind it, and is shielded so that a
+    cancellation cannot drop it. Without this, a connection could go back to the pool inside a
+    transaction, or keep SQLite's write lock.
+    """
+
+    async def rollback() -> None:
+        with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
+            await conn.execute("ROLLBACK")
+
+    await asyncio.shield(asyncio.ensure_future(rollback()))
+
+
+ADVANCE_COMPACT_REVISION = sql.ADVANCE_COMPACT_REVISION.format(greatest="max")
+
+
 def _row(record: Sequence[Any]) -> Row:
     key, create, mod, version, value, lease = record
     return Row(key, create, mod, version, value if value is not None else b"", lease)
@@ -132,7 +151,7 @@ class _Write(_Read, WriteTx):
         return cursor.rowcount == 1
 
     async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
-        rows = await self._all(sql.RENEW_LEASE, (now_ms, lease_id))
+        rows = await self._all(sql.RENEW_LEASE, (now_ms, lease_id, now_ms))
         return int(rows[0][0]) if rows else None
 
     async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
@@ -145,8 +164,12 @@ class _Write(_Read, WriteTx):
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(sql.SET_META, (revision, "revision"))
 
-    async def set_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(sql.SET_META, (revision, "compact_revision"))
+    async def lock_compact_revision(self) -> int:
+        # BEGIN IMMEDIATE already holds the write lock; nothing else can change it.
+        return int((await self._all(sql.LOCK_COMPACT_REVISION, ()))[0][0])
+
+    async def advance_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(ADVANCE_COMPACT_REVISION, (revision,))
 
 
 class _Compact(_Read, CompactTx):
@@ -159,8 +182,8 @@ class _Compact(_Read, CompactTx):
         cursor = await self._conn.execute(sql.CLAIM_COMPACTED, (through, expected))
         return cursor.rowcount == 1
 
-    async def set_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(sql.SET_META, (revision, "compact_revision"))
+    async def advance_compact_revision(self, revision: int) -> None:
+        await self._conn.execute(ADVANCE_COMPACT_REVISION, (revision,))
 
 
 class SQLiteDriver(Driver):
@@ -245,14 +268,16 @@ class SQLiteDriver(Driver):
         conn = await self._readers.get()
         try:
             await conn.execute("BEGIN")
-            try:
-                yield _Read(conn)
-            finally:
-                await conn.execute("COMMIT")
+            yield _Read(conn)
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
         finally:
-            self._readers.put_nowait(conn)
+            # A snapshot has nothing to commit. Ending it this way also holds when the caller was
+            # cancelled in the middle of BEGIN, which aiosqlite still runs.
+            try:
+                await _settle(conn)
+            finally:
+                self._readers.put_nowait(conn)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
@@ -284,19 +309,17 @@ class SQLiteDriver(Driver):
 
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+        committed = False
         try:
             await conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+            yield conn
             await conn.execute("COMMIT")
+            committed = True
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
             raise DriverError(str(exc)) from exc
+        finally:
+            if not committed:
+                await _settle(conn)
 
     async def meta(self, name: str) -> int | None:
         async with self.read() as tx:

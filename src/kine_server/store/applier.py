@@ -80,7 +80,7 @@ def _compare_one(compare: rpc_pb2.Compare, row: Row | None) -> bool:
     elif target == Compare.LEASE:
         ours, theirs = (row.lease if row else 0), compare.lease
     else:
-        return True
+        ours = theirs = 0  # etcd leaves an unknown target's result at "equal"
     sign = _sign(ours, theirs)
     result = compare.result
     if result == Compare.EQUAL:
@@ -193,7 +193,13 @@ class Applier:
         newest = await self.write_tx.newest(key)
         return newest, (newest if newest is not None and newest.version > 0 else None)
 
+    def check_key(self, key: bytes) -> None:
+        limit = self.tx.max_key_bytes
+        if limit is not None and len(key) > limit:
+            raise errors.KeyTooLong(limit)
+
     async def check_put(self, req: rpc_pb2.PutRequest) -> None:
+        self.check_key(req.key)
         if req.ignore_value or req.ignore_lease:
             _, live = await self._live(req.key)
             if live is None:
@@ -205,6 +211,7 @@ class Applier:
             raise errors.LeaseNotFound()
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        self.check_key(req.key)
         await self.check_lease(req.lease)  # etcd looks the lease up before the key
         newest, live = await self._live(req.key)
         if (req.ignore_value or req.ignore_lease) and live is None:

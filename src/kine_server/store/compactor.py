@@ -167,7 +167,7 @@ class Compactor:
             if not await tx.claim(after, through):
                 return False
             if target > counters.compact_revision:
-                await tx.set_compact_revision(target)
+                await tx.advance_compact_revision(target)
             await self._stage(tx, "begin", after, through)
             deleted = await tx.delete_history(after, through)
             await self._stage(tx, "commit", after, through)

@@ -122,11 +122,13 @@ class Store:
         """Mark `revision` compacted (as etcd, reads below it now fail); returns the store revision."""
 
         async def mark(applier: Applier) -> int:
-            if revision <= applier.compact_revision:
+            # Read under lock: a periodic compaction may have raised it since the batch began.
+            compacted = await applier.write_tx.lock_compact_revision()
+            if revision <= compacted:
                 raise errors.Compacted()
             if revision > applier.revision:
                 raise errors.FutureRevision()
-            await applier.write_tx.set_compact_revision(revision)
+            await applier.write_tx.advance_compact_revision(revision)
             applier.compact_revision = revision
             return applier.revision
 

@@ -80,6 +80,7 @@ class Writer:
     async def _commit(self, batch: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         events: list[kv_pb2.Event] = []
+        committing = False
         try:
             async with self._driver.write() as tx:
                 counters = await tx.lock()
@@ -98,8 +99,15 @@ class Writer:
                     outcomes.append((job, result, None))
                 if applier.begin != counters.revision:
                     await tx.set_revision(applier.begin)
+                committing = True
         except DriverError as exc:
-            log.warning("write batch of %d requests failed: %s", len(batch), exc)
+            if len(batch) > 1 and not committing:
+                # One request may be at fault: give each its own transaction, so that only it fails.
+                log.warning("write batch of %d failed, retrying one by one: %s", len(batch), exc)
+                for job in batch:
+                    await self._commit([job])
+                return
+            log.warning("write request failed: %s", exc)
             self._fail(batch, errors.Unavailable(f"kine-server: database unavailable: {exc}"))
             return
         except Exception as exc:

@@ -1,0 +1,121 @@
+"""kine-server with counters around its writer and aiosqlite, for profiling runs (run.py
+--instrument PATH). Nothing in src/ changes: this wraps two functions at start-up, then runs the
+normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BENCH_KINE_STATS:
+
+- writer: batches, requests per batch, time per batch (from the first statement to the commit)
+- sql: statements per connection role (writer / other), time each took on the aiosqlite thread
+  (`exec`) and the whole round trip as the event loop saw it (`round_trip`): the difference is the
+  cost of handing the call to the thread and the result back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import aiosqlite.core
+
+from kine_server.store import writer as writer_module
+
+_in_writer: contextvars.ContextVar[bool] = contextvars.ContextVar("in_writer", default=False)
+perf = time.perf_counter
+
+stats: dict[str, Any] = {
+    "batches": 0,
+    "requests": 0,
+    "batch_sizes": {},
+    "batch_seconds": 0.0,
+    "sql": {},
+}
+
+
+def _sql_bucket(role: str) -> dict[str, float]:
+    return stats["sql"].setdefault(role, {"statements": 0, "exec": 0.0, "round_trip": 0.0})
+
+
+_original_commit = writer_module.Writer._commit
+
+
+async def _commit(self: Any, batch: list[Any]) -> None:
+    token = _in_writer.set(True)
+    start = perf()
+    try:
+        await _original_commit(self, batch)
+    finally:
+        _in_writer.reset(token)
+        stats["batches"] += 1
+        stats["requests"] += len(batch)
+        stats["batch_seconds"] += perf() - start
+        sizes = stats["batch_sizes"]
+        sizes[len(batch)] = sizes.get(len(batch), 0) + 1
+
+
+_original_execute = aiosqlite.core.Connection._execute
+
+
+def _kind(fn: Any, args: tuple[Any, ...]) -> str:
+    """BEGIN / COMMIT / SELECT / INSERT / UPDATE ... from the statement, else the method name."""
+    if args and isinstance(args[0], str):
+        words = args[0].split(None, 2)
+        return " ".join(words[:2]).upper() if words[:1] == ["BEGIN"] else words[0].upper()
+    return getattr(fn, "__name__", "?")
+
+
+async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    role = "writer" if _in_writer.get() else "other"
+    bucket = _sql_bucket(role)
+    kind = _sql_bucket(f"{role} {_kind(fn, args)}")
+    spent = [0.0]
+
+    def timed() -> Any:
+        t = perf()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] = perf() - t
+
+    start = perf()
+    try:
+        return await _original_execute(self, timed)
+    finally:
+        elapsed = perf() - start
+        for b in (bucket, kind):
+            b["statements"] += 1
+            b["round_trip"] += elapsed
+            b["exec"] += spent[0]
+
+
+def _dump() -> None:
+    path = os.environ.get("BENCH_KINE_STATS")
+    if not path:
+        return
+    out = dict(stats)
+    if stats["batches"]:
+        out["requests_per_batch"] = stats["requests"] / stats["batches"]
+        out["ms_per_batch"] = stats["batch_seconds"] / stats["batches"] * 1e3
+    for bucket in stats["sql"].values():
+        n = bucket["statements"] or 1
+        bucket["exec_us_each"] = bucket["exec"] / n * 1e6
+        bucket["round_trip_us_each"] = bucket["round_trip"] / n * 1e6
+    if stats["requests"] and "writer" in stats["sql"]:
+        out["writer_statements_per_request"] = (
+            stats["sql"]["writer"]["statements"] / stats["requests"]
+        )
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+
+
+writer_module.Writer._commit = _commit  # type: ignore[method-assign]
+aiosqlite.core.Connection._execute = _execute  # type: ignore[method-assign]
+atexit.register(_dump)
+
+if __name__ == "__main__":
+    from kine_server.cli import main
+
+    sys.argv[0] = "kine-server"
+    sys.exit(main())

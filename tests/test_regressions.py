@@ -1,0 +1,132 @@
+"""Regression tests for defects found in review, each proven first against the old code."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kine_server.drivers.sqlite import SQLiteDriver
+from kine_server.pb import rpc_pb2 as pb
+from kine_server.server import Server
+from tests.support.client import Client, Recorder
+from tests.support.watching import WatchStream
+
+
+@pytest.mark.parametrize("cancel_after", [0, 1, 2, 3])
+async def test_a_cancelled_read_does_not_leave_its_connection_in_a_transaction(
+    tmp_path: Path, cancel_after: int
+) -> None:
+    driver = SQLiteDriver(str(tmp_path / "s.db"), readers=1)
+    await driver.open()
+    try:
+
+        async def read() -> int:
+            async with driver.read() as tx:
+                return (await tx.counters()).revision
+
+        task = asyncio.create_task(read())
+        for _ in range(cancel_after):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3):
+            assert await read() == 1
+    finally:
+        await driver.close()
+
+
+async def test_compact_revision_never_moves_backwards(server: Server, kine: Client) -> None:
+    for i in range(60):
+        await kine.kv.Put(pb.PutRequest(key=b"a", value=b"%d" % i))
+    compactor = server.store.compactor
+    compactor.settings = type(compactor.settings)(interval=0, min_retain=10, batch_size=1000)
+    assert await compactor.tick() is True  # a periodic tick compacts to 61 - 10 = 51
+    recorder = Recorder(kine)
+    await recorder("kv.Compact", pb.CompactionRequest(revision=40))
+    await recorder("kv.Range", pb.RangeRequest(key=b"a", revision=45))
+    assert recorder.transcript == [
+        "kv.Compact -> OUT_OF_RANGE: etcdserver: mvcc: required revision has been compacted",
+        "kv.Range -> OUT_OF_RANGE: etcdserver: mvcc: required revision has been compacted",
+    ]
+    assert (await server.store.counters()).compact_revision == 51
+
+
+async def test_a_reused_watch_id_gets_its_events(kine: Client) -> None:
+    for i in range(30):
+        await kine.kv.Put(pb.PutRequest(key=b"w", value=b"%d" % i))
+    stream = WatchStream(kine)
+    await stream.create(b"w", start_revision=2, watch_id=5)
+    await stream.cancel(5)
+    await stream.create(b"w", watch_id=5)
+    put = await kine.kv.Put(pb.PutRequest(key=b"w", value=b"after"))
+    seen: list[int] = []
+    while put.header.revision not in seen:
+        response = await stream.read(timeout=5)
+        assert response is not None, f"never received the put; saw revisions {seen}"
+        seen += [e.kv.mod_revision for e in response.events]
+    await stream.close()
+
+
+async def test_a_half_closed_watch_stream_keeps_sending(kine: Client) -> None:
+    await kine.kv.Put(pb.PutRequest(key=b"h", value=b"1"))
+    call = kine.watch.Watch()
+    create = pb.WatchCreateRequest(key=b"h", start_revision=2)
+    await call.write(pb.WatchRequest(create_request=create))
+    await call.done_writing()
+    assert (await call.read()).created
+    response = await asyncio.wait_for(call.read(), 5)
+    assert [e.kv.mod_revision for e in response.events] == [2]
+    put = await kine.kv.Put(pb.PutRequest(key=b"h", value=b"2"))
+    response = await asyncio.wait_for(call.read(), 5)
+    assert [e.kv.mod_revision for e in response.events] == [put.header.revision]
+    call.cancel()
+
+
+async def test_nested_txn_ops_count_against_the_outer_limit(kine: Client) -> None:
+    nested = pb.TxnRequest(
+        success=[pb.RequestOp(request_put=pb.PutRequest(key=b"n%d" % i)) for i in range(50)]
+    )
+    outer = [pb.RequestOp(request_range=pb.RangeRequest(key=b"r%d" % i)) for i in range(99)]
+    recorder = Recorder(kine)
+    await recorder("kv.Txn", pb.TxnRequest(success=[*outer, pb.RequestOp(request_txn=nested)]))
+    assert recorder.transcript == [
+        "kv.Txn -> INVALID_ARGUMENT: etcdserver: too many operations in txn request"
+    ]
+
+
+async def test_one_bad_request_does_not_fail_its_batch(kine: Client) -> None:
+    good = [kine.kv.Put(pb.PutRequest(key=b"g%02d" % i, value=b"v")) for i in range(20)]
+    bad = kine.kv.Put(pb.PutRequest(key=b"k" * 4000, value=b"v"))
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    assert all(isinstance(r, pb.PutResponse) for r in results[:20])
+    revisions = sorted(r.header.revision for r in results if isinstance(r, pb.PutResponse))
+    assert revisions == list(range(2, 2 + len(revisions)))
+    if not isinstance(results[20], pb.PutResponse):  # PostgreSQL cannot index such a key
+        assert isinstance(results[20], grpc.aio.AioRpcError)
+        assert results[20].code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "key is too long" in (results[20].details() or "")
+
+
+async def test_keep_alive_does_not_revive_an_expired_lease(server: Server, kine: Client) -> None:
+    server.store.lessor._interval = 3600  # expiry pass stopped: expired, not yet revoked
+    grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
+    await asyncio.sleep(2.2)
+    call = kine.lease.LeaseKeepAlive()
+    await call.write(pb.LeaseKeepAliveRequest(ID=grant.ID))
+    assert (await call.read()).TTL == 0
+    await call.done_writing()
+
+
+async def test_read_only_txn_is_not_size_checked_and_unknown_targets_compare_as_equal(
+    kine: Client,
+) -> None:
+    await kine.kv.Put(pb.PutRequest(key=b"a", value=b"x"))
+    big = pb.Compare(key=b"a", target=pb.Compare.VALUE, value=b"x" * (1600 * 1024))
+    response = await kine.kv.Txn(pb.TxnRequest(compare=[big]))
+    assert response.succeeded is False
+    odd = pb.Compare(key=b"a", target=7, result=pb.Compare.NOT_EQUAL)  # type: ignore[arg-type]
+    assert (await kine.kv.Txn(pb.TxnRequest(compare=[odd]))).succeeded is False
