@@ -38,7 +38,12 @@ def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_config(dsn: str, **overrides: object) -> Config:
-    config = Config(endpoint=dsn, listen_address="127.0.0.1:0", shutdown_grace=2.0)
+    config = Config(
+        endpoint=dsn,
+        listen_address="127.0.0.1:0",
+        metrics_bind_address="127.0.0.1:0",
+        shutdown_grace=2.0,
+    )
     for name, value in overrides.items():
         setattr(config, name, value)
     return config

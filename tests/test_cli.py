@@ -149,3 +149,15 @@ def test_sigterm_stops_cleanly_and_releases_the_database(tmp_path: Path) -> None
     assert "Traceback" not in first.log()
     with KineProcess(endpoint, tmp_path) as second:  # the file lock was released
         assert second.stop() == 0
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    import json
+
+    endpoint = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(endpoint, tmp_path, "--log-format", "json", "--debug") as kine:
+        assert kine.stop() == 0
+    lines = [line for line in kine.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]
+    assert any("serving etcd v3" in e["msg"] for e in entries)
+    assert {"time", "level", "logger", "msg"} <= set(entries[0])

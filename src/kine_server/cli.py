@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,39 @@ def _percent(text: str) -> int:
     if value > 100:
         raise ValueError(f"must be a percentage from 0 to 100, got {value}")
     return value
+
+
+def _log_format(text: str) -> str:
+    if text not in ("plain", "json"):
+        raise ValueError("must be plain or json")
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the fields log collectors expect."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.Formatter.converter = time.gmtime
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if config.debug else logging.INFO)
 
 
 def _positive_int(text: str) -> int:
@@ -104,6 +139,12 @@ FLAGS = [
         format_duration,
     ),
     Flag(
+        "metrics-bind-address",
+        "metrics_bind_address",
+        "Serve Prometheus /metrics, /health and /readyz on HOST:PORT (0 disables; TLS as the "
+        "gRPC listener)",
+    ),
+    Flag(
         "poll-interval",
         "poll_interval",
         "How often to look for other instances' writes when no notification came (Go duration)",
@@ -150,6 +191,14 @@ FLAGS = [
         format_duration,
     ),
     Flag("debug", "debug", "Log at debug level", _bool),
+    Flag("log-format", "log_format", "Log line format: plain or json", _log_format),
+    Flag(
+        "slow-sql-threshold",
+        "slow_sql_threshold",
+        "Log database transactions slower than this (Go duration; 0 disables)",
+        parse_duration,
+        format_duration,
+    ),
 ]
 
 
@@ -207,10 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kine-server: error: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=logging.DEBUG if config.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config)
     try:
         asyncio.run(serve(config))
     except StartupError as exc:

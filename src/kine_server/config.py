@@ -25,6 +25,7 @@ class Config:
     server_cert_file: str = ""
     server_key_file: str = ""
     trusted_ca_file: str = ""
+    metrics_bind_address: str = "127.0.0.1:8080"
     poll_interval: float = 1.0
     poll_batch_size: int = 500
     compact_interval: float = 300.0
@@ -34,3 +35,5 @@ class Config:
     compact_timeout: float = 5.0
     shutdown_grace: float = 10.0
     debug: bool = False
+    log_format: str = "plain"
+    slow_sql_threshold: float = 1.0

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 
 import grpc
 
@@ -21,6 +22,7 @@ from kine_server.api.maintenance import MaintenanceService
 from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
+from kine_server.metrics import HttpEndpoint, Metrics
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
 from kine_server.store.compactor import CompactionSettings, Compactor
 from kine_server.store.store import Store
@@ -69,6 +71,18 @@ def client_url(listen_address: str, port: int, tls: bool) -> str:
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def metrics_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The metrics listener follows the gRPC listener's TLS settings."""
+    if not config.server_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.server_cert_file, config.server_key_file)
+    if config.trusted_ca_file:
+        context.load_verify_locations(config.trusted_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -126,6 +140,10 @@ class Server:
         self.port = 0
         self._credentials: grpc.ServerCredentials | None = None
         self.watch: WatchService | None = None
+        self.metrics = Metrics(self.store)
+        self.store.writer.observe = self.metrics.observe_batch
+        self.store.writer.slow_threshold = config.slow_sql_threshold
+        self.http: HttpEndpoint | None = None
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
@@ -148,6 +166,7 @@ class Server:
         cluster_id = await self.driver.meta("cluster_id") or 1
         name = socket.gethostname()
         server = grpc.aio.server(
+            interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared
                 (
@@ -157,7 +176,7 @@ class Server:
                 ("grpc.max_send_message_length", 2**31 - 1),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ]
+            ],
         )
         try:
             if self._credentials is None:
@@ -198,13 +217,35 @@ class Server:
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), server)
         await store.start()
+        await self._start_metrics()
         await server.start()
         if address.startswith("unix:"):
             os.chmod(address[len("unix:") :], 0o600)
         self._server = server
 
+    async def _start_metrics(self) -> None:
+        address = self.config.metrics_bind_address
+        if address in ("", "0"):
+            return
+        watch = self.watch
+        assert watch is not None
+
+        def watch_stats() -> tuple[int, int, int]:
+            return watch.stats.streams, watch.stats.watchers, watch.buffered_events()
+
+        self.http = HttpEndpoint(
+            self.metrics, self.store, address, metrics_ssl_context(self.config), watch_stats
+        )
+        try:
+            await self.http.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot serve metrics on {address}: {exc}") from exc
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then close the store and the database."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace)
             self._server = None

@@ -23,6 +23,8 @@ class KineProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.args = list(args)
+        if "--metrics-bind-address" not in self.args:
+            self.args += ["--metrics-bind-address", "0"]  # several may run at once
         self.log_path = log_dir / f"kine-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -58,15 +58,23 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._member = member
         self._settings = settings
         self.stats = WatchStats()
+        self._streams: set[WatchStream] = set()
+
+    def buffered_events(self) -> int:
+        """Events queued in every watcher of every stream (walked at scrape time)."""
+        return sum(w.pending_events for s in self._streams for w in s.watchers())
 
     async def Watch(
         self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
     ) -> None:
         stream = WatchStream(self._store, self._member, self._settings, self.stats, context)
+        self._streams.add(stream)
         try:
             await stream.serve(request_iterator)
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
+        finally:
+            self._streams.discard(stream)
 
 
 class WatchStream:
@@ -90,6 +98,9 @@ class WatchStream:
         self._wake = asyncio.Event()
         self._progress_requested = False
         self._next_id = 0
+
+    def watchers(self) -> list[Watcher]:
+        return list(self._watchers.values())
 
     async def serve(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
         self._stats.streams += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ class Writer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        #: Told the size and duration of every committed batch (metrics).
+        self.observe: Callable[[int, float], None] | None = None
+        #: Batches slower than this many seconds are logged (0 disables).
+        self.slow_threshold = 0.0
         self.batches = 0
         self.requests = 0
 
@@ -81,6 +86,7 @@ class Writer:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         events: list[kv_pb2.Event] = []
         committing = False
+        began = time.perf_counter()
         try:
             async with self._driver.write() as tx:
                 counters = await tx.lock()
@@ -116,6 +122,11 @@ class Writer:
             return
         self.batches += 1
         self.requests += len(outcomes)
+        took = time.perf_counter() - began
+        if self.observe is not None:
+            self.observe(len(outcomes), took)
+        if 0 < self.slow_threshold <= took:
+            log.warning("slow write transaction: %d requests took %.3fs", len(outcomes), took)
         for job, result, error in outcomes:
             if job.future.done():
                 continue
