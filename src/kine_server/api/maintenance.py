@@ -63,5 +63,34 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         self._member.stamp(response.header)
         return response
 
+    @etcd_errors
+    async def Defragment(
+        self, request: rpc_pb2.DefragmentRequest, context: Context
+    ) -> rpc_pb2.DefragmentResponse:
+        await self._store.defragment()
+        response = rpc_pb2.DefragmentResponse()
+        response.header.revision = (await self._store.counters()).revision
+        self._member.stamp(response.header)
+        return response
+
+    @etcd_errors
+    async def HashKV(
+        self, request: rpc_pb2.HashKVRequest, context: Context
+    ) -> rpc_pb2.HashKVResponse:
+        crc, _, compacted = await self._store.hash_kv(request.revision)
+        response = rpc_pb2.HashKVResponse(hash=crc, compact_revision=compacted)
+        response.header.revision = (await self._store.counters()).revision
+        self._member.stamp(response.header)
+        return response
+
+    @etcd_errors
+    async def Hash(self, request: rpc_pb2.HashRequest, context: Context) -> rpc_pb2.HashResponse:
+        # etcd hashes its whole backend file; the key space as of now is this server's analogue.
+        crc, revision, _ = await self._store.hash_kv(0)
+        response = rpc_pb2.HashResponse(hash=crc)
+        response.header.revision = revision
+        self._member.stamp(response.header)
+        return response
+
 
 answer_unsupported(MaintenanceService, rpc_pb2.DESCRIPTOR.services_by_name["Maintenance"])

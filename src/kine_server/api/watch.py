@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -52,6 +51,10 @@ class WatchStats:
     fallbacks: int = 0
 
 
+class _StreamClosed(Exception):
+    """The client's side of the call has finished; nothing more can be sent."""
+
+
 class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, store: Store, member: Member, settings: WatchSettings) -> None:
         self._store = store
@@ -71,6 +74,8 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._streams.add(stream)
         try:
             await stream.serve(request_iterator)
+        except _StreamClosed:
+            pass
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
         finally:
@@ -223,6 +228,9 @@ class WatchStream:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Event.wait() returns at once when already set: yield, so that a stream with work
+            # left over never starves the event loop.
+            await asyncio.sleep(0)
             while self._control:
                 await self._write(self._control.popleft())
             for watcher in list(self._ready.values()):
@@ -326,5 +334,8 @@ class WatchStream:
         return response
 
     async def _write(self, response: rpc_pb2.WatchResponse) -> None:
-        with contextlib.suppress(asyncio.InvalidStateError):
+        try:
             await self._context.write(response)
+        except asyncio.InvalidStateError:
+            # The call is over (the client went away): end the stream, do not spin on it.
+            raise _StreamClosed() from None

@@ -215,6 +215,10 @@ class Driver(abc.ABC):
         `timeout` seconds, so a batch never holds on for longer."""
 
     @abc.abstractmethod
+    async def defragment(self) -> None:
+        """Give the space of deleted rows back (SQLite VACUUM, PostgreSQL VACUUM of the tables)."""
+
+    @abc.abstractmethod
     async def checkpoint(self) -> None:
         """Return space freed by compaction to the database file's reuse (SQLite: WAL checkpoint)."""
 

@@ -337,6 +337,15 @@ class PostgresDriver(Driver):
     async def checkpoint(self) -> None:
         """Nothing to do: autovacuum reclaims the deleted rows' space for reuse."""
 
+    async def defragment(self) -> None:
+        assert self._writers is not None, "driver not open"
+        try:
+            async with self._writers.acquire() as conn:
+                # VACUUM (not FULL): returns space for reuse without locking writers out.
+                await conn.execute("VACUUM (ANALYZE) kine_kv, kine_meta, kine_lease")
+        except DATABASE_ERRORS as exc:
+            raise DriverError(str(exc)) from exc
+
     async def meta(self, name: str) -> int | None:
         assert self._readers is not None, "driver not open"
         try:

@@ -299,6 +299,15 @@ class SQLiteDriver(Driver):
         async with self._transaction(conn) as tx_conn:
             yield _Compact(tx_conn)
 
+    async def defragment(self) -> None:
+        conn = self._compactor
+        assert conn is not None, "driver not open"
+        try:
+            await conn.execute("VACUUM")
+            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise DriverError(str(exc)) from exc
+
     async def checkpoint(self) -> None:
         conn = self._compactor
         assert conn is not None, "driver not open"

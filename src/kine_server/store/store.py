@@ -6,8 +6,11 @@ compaction is marked through the writer and carried out by the compactor task.
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 from kine_server import errors
-from kine_server.drivers.base import Counters, Driver, DriverError
+from kine_server.drivers.base import OPEN_END, Counters, Driver, DriverError
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
@@ -95,6 +98,43 @@ class Store:
         except DriverError as exc:
             raise unavailable(exc) from exc
         return HistoryPage(counters.compact_revision, whole, through)
+
+    async def defragment(self) -> None:
+        try:
+            await self.driver.defragment()
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+
+    async def hash_kv(self, revision: int) -> tuple[int, int, int]:
+        """(crc32 of the key space as of `revision`, that revision, compact revision).
+
+        Every key's create/mod revision, version, lease and value, in key order: the same on
+        every instance and across restarts, since it is computed from the table alone.
+        """
+        crc = 0
+        try:
+            async with self.driver.read() as tx:
+                counters = await tx.counters()
+                at = revision or counters.revision
+                if at > counters.revision:
+                    raise errors.FutureRevision()
+                if at < counters.compact_revision:
+                    raise errors.Compacted()
+                key = b"\x00"
+                while True:
+                    rows = await tx.range(key, OPEN_END, at, 1000)
+                    for row in rows:
+                        crc = zlib.crc32(row.key, crc)
+                        header = struct.pack(
+                            ">qqqq", row.create_revision, row.mod_revision, row.version, row.lease
+                        )
+                        crc = zlib.crc32(row.value, zlib.crc32(header, crc))
+                    if len(rows) < 1000:
+                        break
+                    key = rows[-1].key + b"\x00"
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+        return crc, at, counters.compact_revision
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
         response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))
