@@ -72,7 +72,12 @@ CHANNEL = "kine_kv"
 NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 #: What asyncpg and the network raise when the database is unreachable or a statement fails.
-DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ConnectionError)
+DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,  # TimeoutError and ConnectionError included
+)
 
 _COUNTERS = sql.numbered(sql.COUNTERS)
 _META = sql.numbered(sql.META)
