@@ -47,7 +47,7 @@ def etcdctl(endpoint: str, command: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL")}
     env["ETCDCTL_API"] = "3"
     result = subprocess.run(
-        [binary, "--endpoints", endpoint, "--command-timeout=10s", *args],
+        [binary, "--endpoints", endpoint, "--dial-timeout=3s", "--command-timeout=10s", *args],
         input=stdin,
         capture_output=True,
         text=True,
