@@ -127,6 +127,12 @@ FLAGS = [
         _positive_int,
     ),
     Flag(
+        "quota-backend-bytes",
+        "quota_backend_bytes",
+        "Refuse writes (NOSPACE alarm) once the database would grow past this size (0: no quota)",
+        _non_negative_int,
+    ),
+    Flag(
         "emulated-etcd-version",
         "emulated_etcd_version",
         "etcd version reported by Maintenance.Status",

@@ -20,6 +20,8 @@ class Config:
     listen_address: str = "127.0.0.1:2379"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_txn_ops: int = 128
+    #: etcd's default quota: 2 GiB.
+    quota_backend_bytes: int = 2 * 1024**3
     emulated_etcd_version: str = DEFAULT_ETCD_VERSION
     watch_progress_notify_interval: float = 5.0
     server_cert_file: str = ""

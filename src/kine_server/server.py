@@ -135,6 +135,7 @@ class Server:
             ),
             poll_interval=config.poll_interval,
             poll_batch_size=config.poll_batch_size,
+            quota_bytes=config.quota_backend_bytes,
         )
         self._server: grpc.aio.Server | None = None
         self.port = 0

@@ -30,6 +30,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseGrant(
         self, request: rpc_pb2.LeaseGrantRequest, context: Context
     ) -> rpc_pb2.LeaseGrantResponse:
+        await self._store.quota.check(request.ByteSize())
         lease_id, ttl = await self._lessor.grant(request.ID, request.TTL)
         response = rpc_pb2.LeaseGrantResponse(ID=lease_id, TTL=ttl)
         self._header(response.header)

@@ -8,6 +8,7 @@ import grpc
 
 from kine_server import errors
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
+from kine_server.drivers.base import DriverError
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.store import Store
 
@@ -54,11 +55,24 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
 
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest, context: Context) -> rpc_pb2.AlarmResponse:
-        if request.action == rpc_pb2.AlarmRequest.ACTIVATE:
-            raise errors.Unsupported("etcdserverpb.Maintenance/Alarm ACTIVATE")
-        # No alarm is ever raised yet, so GET lists none and DEACTIVATE has nothing to clear.
+        quota = self._store.quota
+        nospace = request.alarm in (rpc_pb2.NOSPACE, rpc_pb2.NONE)
+        changed = False
+        try:
+            await quota.refresh()
+            if request.action == rpc_pb2.AlarmRequest.ACTIVATE and request.alarm == rpc_pb2.NOSPACE:
+                changed = not quota.nospace
+                await quota.set_alarm(True)
+            elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE and nospace and quota.nospace:
+                changed = True
+                await quota.set_alarm(False)
+        except DriverError as exc:
+            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
         counters = await self._store.counters()
         response = rpc_pb2.AlarmResponse()
+        # GET lists the raised alarms; ACTIVATE and DEACTIVATE list the ones they changed.
+        if (request.action == rpc_pb2.AlarmRequest.GET and quota.nospace) or changed:
+            response.alarms.add(memberID=self._member.member_id, alarm=rpc_pb2.NOSPACE)
         response.header.revision = counters.revision
         self._member.stamp(response.header)
         return response

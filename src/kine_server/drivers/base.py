@@ -162,6 +162,10 @@ class WriteTx(ReadTx):
     async def set_revision(self, revision: int) -> None: ...
 
     @abc.abstractmethod
+    async def set_meta(self, name: str, value: int) -> None:
+        """Set a named integer of the meta table (alarms and the like)."""
+
+    @abc.abstractmethod
     async def lock_compact_revision(self) -> int:
         """The compact revision, locked until commit: a compactor raising it meanwhile waits."""
 

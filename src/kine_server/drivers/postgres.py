@@ -187,6 +187,9 @@ class _Write(_Read, WriteTx):
         # Delivered at commit: other instances' pollers wake at once instead of at their interval.
         await self._conn.execute(NOTIFY, str(revision))
 
+    async def set_meta(self, name: str, value: int) -> None:
+        await self._conn.execute(_SET_META, value, name)
+
     async def lock_compact_revision(self) -> int:
         return int(await self._conn.fetchval(_LOCK_COMPACT_REVISION))
 

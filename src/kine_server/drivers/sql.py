@@ -69,6 +69,7 @@ def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
         ("revision", 1),
         ("compact_revision", 0),
         ("compacted_through", 0),
+        ("alarm_nospace", 0),
         ("cluster_id", cluster_id),
     ]
     return "INSERT INTO kine_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", rows

@@ -164,6 +164,9 @@ class _Write(_Read, WriteTx):
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(sql.SET_META, (revision, "revision"))
 
+    async def set_meta(self, name: str, value: int) -> None:
+        await self._conn.execute(sql.SET_META, (value, name))
+
     async def lock_compact_revision(self) -> int:
         # BEGIN IMMEDIATE already holds the write lock; nothing else can change it.
         return int((await self._all(sql.LOCK_COMPACT_REVISION, ()))[0][0])
@@ -205,7 +208,7 @@ class SQLiteDriver(Driver):
         try:
             self._prepare_files()
             self._writer = await self._connect()
-            await self._writer.execute("PRAGMA journal_mode=WAL")
+            await self._writer.execute_fetchall("PRAGMA journal_mode=WAL")
             await self._create_schema(self._writer)
             self._compactor = await self._connect()
             for _ in range(self._reader_count):
@@ -229,11 +232,11 @@ class SQLiteDriver(Driver):
     async def _connect(self, query_only: bool = False) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         self._all.append(conn)
-        await conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        await conn.execute_fetchall(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         # FULL: an acknowledged write is on disk before the client hears of it.
-        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.execute_fetchall("PRAGMA synchronous=FULL")
         if query_only:
-            await conn.execute("PRAGMA query_only=ON")
+            await conn.execute_fetchall("PRAGMA query_only=ON")
         return conn
 
     async def _create_schema(self, conn: aiosqlite.Connection) -> None:
@@ -293,7 +296,7 @@ class SQLiteDriver(Driver):
         # the batch size bounds its work. (sqlite3_interrupt is no help here: an interrupt that
         # lands between statements fails the connection's next, unrelated statement.)
         try:
-            await conn.execute(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
+            await conn.execute_fetchall(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
         async with self._transaction(conn) as tx_conn:
@@ -304,7 +307,7 @@ class SQLiteDriver(Driver):
         assert conn is not None, "driver not open"
         try:
             await conn.execute("VACUUM")
-            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
 
@@ -312,7 +315,7 @@ class SQLiteDriver(Driver):
         conn = self._compactor
         assert conn is not None, "driver not open"
         try:
-            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
 

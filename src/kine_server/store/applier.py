@@ -65,6 +65,15 @@ def is_read_only(txn: rpc_pb2.TxnRequest) -> bool:
     return True
 
 
+def has_puts(txn: rpc_pb2.TxnRequest) -> bool:
+    """True if either branch puts, at any depth (what etcd's NOSPACE alarm refuses)."""
+    for op in (*txn.success, *txn.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_put" or (kind == "request_txn" and has_puts(op.request_txn)):
+            return True
+    return False
+
+
 def _compare_one(compare: rpc_pb2.Compare, row: Row | None) -> bool:
     target = compare.target
     ours: bytes | int

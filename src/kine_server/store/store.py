@@ -17,6 +17,7 @@ from kine_server.store.compactor import Compactor
 from kine_server.store.hub import EventHub
 from kine_server.store.leases import Lessor
 from kine_server.store.poller import Poller
+from kine_server.store.quota import Quota
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
@@ -32,6 +33,7 @@ class Store:
         compactor: Compactor | None = None,
         poll_interval: float = 1.0,
         poll_batch_size: int = 500,
+        quota_bytes: int = 0,
     ) -> None:
         self.driver = driver
         self.hub = EventHub()
@@ -39,16 +41,19 @@ class Store:
         self.poller = Poller(driver, self.hub, poll_interval, poll_batch_size)
         self.compactor = compactor or Compactor(driver)
         self.lessor = Lessor(driver, self.writer)
+        self.quota = Quota(driver, self.writer, quota_bytes)
 
     async def start(self) -> None:
         self.hub.revision = (await self.counters()).revision
         await self.poller.start()
         self.writer.start()
         await self.lessor.start()
+        await self.quota.start()
         self.compactor.start()
         self.compactor.wake()  # finish any compaction a previous run left half done
 
     async def stop(self) -> None:
+        await self.quota.stop()
         await self.lessor.stop()
         await self.writer.stop()
         await self.poller.stop()
