@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,11 @@ from typing import Any
 
 from kine_server import __version__
 from kine_server.config import Config
+from kine_server.drivers import DriverError, EndpointError, make_driver
+from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.durations import format_duration, parse_duration
 from kine_server.server import StartupError, serve
+from kine_server.store.snapshot import SnapshotError, copy_store, strip_checksum
 
 
 @dataclass(frozen=True)
@@ -256,9 +260,52 @@ def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def restore(argv: Sequence[str], environ: dict[str, str]) -> int:
+    """`kine-server restore [--endpoint DSN] SNAPSHOT`: load a snapshot into an empty database."""
+    parser = argparse.ArgumentParser(
+        prog="kine-server restore",
+        description="Copy a snapshot (from `etcdctl snapshot save`) into an empty database.",
+    )
+    parser.add_argument("snapshot", help="the snapshot file")
+    parser.add_argument(
+        "--endpoint",
+        default=environ.get("KINE_ENDPOINT", Config().endpoint),
+        help="the database to restore into, as for the server [env KINE_ENDPOINT]",
+    )
+    args = parser.parse_args(argv)
+
+    if not os.path.isfile(args.snapshot):
+        print(f"kine-server restore: error: no snapshot file {args.snapshot}", file=sys.stderr)
+        return 1
+
+    async def run(database: str) -> int:
+        source = SQLiteDriver(database, readers=1)
+        target = make_driver(args.endpoint)
+        try:
+            await source.open()
+            await target.open()
+            counters = await copy_store(source, target)
+        finally:
+            await target.close()
+            await source.close()
+        print(f"restored revision {counters.revision} into {args.endpoint}")
+        return 0
+
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        with tempfile.TemporaryDirectory(prefix="kine-restore-") as directory:
+            database = strip_checksum(args.snapshot, os.path.join(directory, "snapshot.db"))
+            return asyncio.run(run(database))
+    except (SnapshotError, DriverError, EndpointError) as exc:
+        print(f"kine-server restore: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "restore":
+        return restore(argv[1:], dict(os.environ))
+    try:
+        config = load_config(argv, dict(os.environ))
     except ValueError as exc:
         print(f"kine-server: error: {exc}", file=sys.stderr)
         return 1

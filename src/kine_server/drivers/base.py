@@ -50,6 +50,19 @@ class ChangeRow(NamedTuple):
     sub: int
 
 
+class RawRow(NamedTuple):
+    """A row of the key table exactly as stored (snapshots copy these)."""
+
+    key: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    value: bytes
+    lease: int
+    sub: int
+    next_revision: int | None
+
+
 class Change(NamedTuple):
     """One row of history and the live row it replaced (None for a create)."""
 
@@ -116,6 +129,17 @@ class ReadTx(abc.ABC):
     async def expired_leases(self, now_ms: int, limit: int) -> list[int]: ...
 
     @abc.abstractmethod
+    async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
+        """Rows after (mod_revision, sub), in that order, exactly as stored."""
+
+    @abc.abstractmethod
+    async def all_leases(self) -> list[tuple[int, int, int]]:
+        """(id, ttl, deadline ms) of every lease."""
+
+    @abc.abstractmethod
+    async def all_meta(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
     async def leased(self, lease_id: int) -> list[Row]:
         """The live keys attached to a lease, in key order."""
 
@@ -141,6 +165,9 @@ class WriteTx(ReadTx):
     @abc.abstractmethod
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
         """Insert `rows` (all of one revision) and mark each (key, old mod_revision) superseded by it."""
+
+    @abc.abstractmethod
+    async def insert_raw(self, rows: list[RawRow]) -> None: ...
 
     @abc.abstractmethod
     async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:

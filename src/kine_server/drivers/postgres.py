@@ -25,6 +25,7 @@ from kine_server.drivers.base import (
     Counters,
     Driver,
     DriverError,
+    RawRow,
     ReadTx,
     Row,
     WriteTx,
@@ -90,6 +91,10 @@ _DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
 _CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
 _LOCK_COMPACT_REVISION = sql.LOCK_COMPACT_REVISION + " FOR UPDATE"
 _ADVANCE_COMPACT_REVISION = sql.numbered(sql.ADVANCE_COMPACT_REVISION.format(greatest="GREATEST"))
+_DUMP = sql.numbered(sql.DUMP)
+_INSERT_RAW = sql.numbered(sql.INSERT_RAW)
+_ALL_LEASES = sql.ALL_LEASES
+_ALL_META = sql.ALL_META
 _LEASE = sql.numbered(sql.LEASE)
 _LEASES = sql.numbered(sql.LEASES)
 _EXPIRED_LEASES = sql.numbered(sql.EXPIRED_LEASES)
@@ -150,6 +155,18 @@ class _Read(ReadTx):
     async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
         return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, now_ms, limit)]
 
+    async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
+        records = await self._conn.fetch(_DUMP, after[0], after[0], after[1], limit)
+        return [
+            RawRow(bytes(r[0]), r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7]) for r in records
+        ]
+
+    async def all_leases(self) -> list[tuple[int, int, int]]:
+        return [(r[0], r[1], r[2]) for r in await self._conn.fetch(_ALL_LEASES)]
+
+    async def all_meta(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in await self._conn.fetch(_ALL_META)}
+
     async def leased(self, lease_id: int) -> list[Row]:
         return [_row(r) for r in await self._conn.fetch(_LEASED, lease_id)]
 
@@ -168,6 +185,9 @@ class _Write(_Read, WriteTx):
         if superseded:
             revision = rows[0].mod_revision
             await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def insert_raw(self, rows: list[RawRow]) -> None:
+        await self._conn.executemany(_INSERT_RAW, rows)
 
     async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
         return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, expires_ms)) == 1

@@ -55,6 +55,16 @@ LEASED = (
     "WHERE lease = ? AND next_revision IS NULL AND version > 0 ORDER BY key"
 )
 
+# Snapshots copy the tables row for row, next_revision included.
+RAW_COLUMNS = f"{ROW_COLUMNS}, sub, next_revision"
+DUMP = (
+    f"SELECT {RAW_COLUMNS} FROM kine_kv WHERE mod_revision > ? OR (mod_revision = ? AND sub > ?) "
+    "ORDER BY mod_revision, sub LIMIT ?"
+)
+INSERT_RAW = f"INSERT INTO kine_kv ({RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+ALL_LEASES = "SELECT id, ttl, expires_at FROM kine_lease ORDER BY id"
+ALL_META = "SELECT name, value FROM kine_meta"
+
 DELETE_SUPERSEDED = "DELETE FROM kine_kv WHERE next_revision > ? AND next_revision <= ?"
 DELETE_TOMBSTONES = (
     "DELETE FROM kine_kv WHERE version = 0 AND mod_revision > ? AND mod_revision <= ?"

@@ -27,6 +27,7 @@ from kine_server.drivers.base import (
     Counters,
     Driver,
     DriverError,
+    RawRow,
     ReadTx,
     Row,
     WriteTx,
@@ -127,6 +128,16 @@ class _Read(ReadTx):
     async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
         return [r[0] for r in await self._all(sql.EXPIRED_LEASES, (now_ms, limit))]
 
+    async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
+        rows = await self._all(sql.DUMP, (after[0], after[0], after[1], limit))
+        return [RawRow(*r) for r in rows]
+
+    async def all_leases(self) -> list[tuple[int, int, int]]:
+        return [(r[0], r[1], r[2]) for r in await self._all(sql.ALL_LEASES, ())]
+
+    async def all_meta(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in await self._all(sql.ALL_META, ())}
+
     async def leased(self, lease_id: int) -> list[Row]:
         return [_row(r) for r in await self._all(sql.LEASED, (lease_id,))]
 
@@ -145,6 +156,9 @@ class _Write(_Read, WriteTx):
         if superseded:
             revision = rows[0].mod_revision
             await self._conn.executemany(sql.SUPERSEDE, [(revision, k, r) for k, r in superseded])
+
+    async def insert_raw(self, rows: list[RawRow]) -> None:
+        await self._conn.executemany(sql.INSERT_RAW, rows)
 
     async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
         cursor = await self._conn.execute(sql.INSERT_LEASE, (lease_id, ttl, expires_ms))

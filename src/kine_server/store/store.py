@@ -11,6 +11,7 @@ import zlib
 
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, DriverError
+from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
 from kine_server.store.compactor import Compactor
@@ -18,6 +19,7 @@ from kine_server.store.hub import EventHub
 from kine_server.store.leases import Lessor
 from kine_server.store.poller import Poller
 from kine_server.store.quota import Quota
+from kine_server.store.snapshot import copy_store
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
@@ -103,6 +105,17 @@ class Store:
         except DriverError as exc:
             raise unavailable(exc) from exc
         return HistoryPage(counters.compact_revision, whole, through)
+
+    async def snapshot(self, path: str) -> Counters:
+        """Write a consistent copy of the store to a new SQLite file at `path`."""
+        target = SQLiteDriver(path, readers=1)
+        try:
+            await target.open()
+            return await copy_store(self.driver, target)
+        except DriverError as exc:
+            raise unavailable(exc) from exc
+        finally:
+            await target.close()
 
     async def defragment(self) -> None:
         try:

@@ -1,0 +1,60 @@
+"""Snapshots: a consistent copy of a store as a SQLite file, and restoring one into any database.
+
+One format for both drivers: the snapshot is a kine-server SQLite database holding the same
+rows, counters and leases as the source, read from one consistent snapshot of it. `etcdctl
+snapshot save` receives the file over Maintenance.Snapshot; `kine-server restore` copies it into
+an empty database of either kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from kine_server.drivers.base import Counters, Driver
+
+PAGE = 1000
+
+#: The counters a restore carries over; the target keeps its own schema version and cluster id
+#: (a restored store is a new cluster, as with `etcdctl snapshot restore`).
+COPIED_META = ("revision", "compact_revision", "compacted_through")
+
+
+class SnapshotError(Exception):
+    """The copy cannot be made (e.g. the target is not empty)."""
+
+
+def strip_checksum(path: str, into: str) -> str:
+    """The database file of a saved snapshot: etcdctl keeps the SHA-256 that ends the stream
+    (database pages are multiples of 512 bytes, the hash 32 more). Checked and cut off into
+    `into`; a file without one is used as it is."""
+    with open(path, "rb") as file:
+        data = file.read()
+    if len(data) % 512 != hashlib.sha256().digest_size:
+        return path
+    body, checksum = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != checksum:
+        raise SnapshotError(f"{path}: the snapshot's SHA-256 does not match its contents")
+    with open(into, "wb") as file:
+        file.write(body)
+    return into
+
+
+async def copy_store(source: Driver, target: Driver) -> Counters:
+    """Copy every row, lease and counter of `source` into the empty store `target`."""
+    async with source.read() as reader, target.write() as writer:
+        existing = await writer.lock()
+        if existing.revision > 1 or await writer.dump((0, -1), 1):
+            raise SnapshotError(
+                "the target database already holds data; restore needs an empty one"
+            )
+        counters = await reader.counters()
+        after = (0, -1)
+        while rows := await reader.dump(after, PAGE):
+            await writer.insert_raw(rows)
+            after = (rows[-1].mod_revision, rows[-1].sub)
+        for lease_id, ttl, expires in await reader.all_leases():
+            await writer.insert_lease(lease_id, ttl, expires)
+        meta = await reader.all_meta()
+        for name in COPIED_META:
+            await writer.set_meta(name, meta[name])
+    return counters
