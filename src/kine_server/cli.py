@@ -118,6 +118,10 @@ FLAGS = [
         "trusted_ca_file",
         "Require client certificates signed by this CA (mutual TLS; needs --server-cert-file)",
     ),
+    Flag("ca-file", "ca_file", "PostgreSQL: verify the server's certificate against this CA"),
+    Flag("cert-file", "cert_file", "PostgreSQL: client certificate (PEM)"),
+    Flag("key-file", "key_file", "PostgreSQL: private key of --cert-file (PEM)"),
+    Flag("skip-verify", "skip_verify", "PostgreSQL: use TLS without verifying the server", _bool),
     Flag(
         "max-request-bytes",
         "max_request_bytes",
@@ -222,9 +226,9 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     for flag in FLAGS:
         default = getattr(defaults, flag.field)
         shown = flag.show(default)
-        if flag.name == "debug":
+        if flag.name in ("debug", "skip-verify"):
             parser.add_argument(
-                "--debug",
+                f"--{flag.name}",
                 action="store_const",
                 const="true",
                 default=None,

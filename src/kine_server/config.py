@@ -28,6 +28,10 @@ class Config:
     server_key_file: str = ""
     trusted_ca_file: str = ""
     metrics_bind_address: str = "127.0.0.1:8080"
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    skip_verify: bool = False
     poll_interval: float = 1.0
     poll_batch_size: int = 500
     compact_interval: float = 300.0

@@ -21,7 +21,7 @@ from kine_server.api.lease import LeaseService
 from kine_server.api.maintenance import MaintenanceService
 from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
-from kine_server.drivers import Driver, DriverError, EndpointError, make_driver
+from kine_server.drivers import DatabaseTLS, Driver, DriverError, EndpointError, make_driver
 from kine_server.metrics import HttpEndpoint, Metrics
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
 from kine_server.store.compactor import CompactionSettings, Compactor
@@ -118,7 +118,8 @@ class Server:
     def __init__(self, config: Config, driver: Driver | None = None) -> None:
         self.config = config
         try:
-            self.driver = driver or make_driver(config.endpoint)
+            tls = DatabaseTLS(config.ca_file, config.cert_file, config.key_file, config.skip_verify)
+            self.driver = driver or make_driver(config.endpoint, tls)
         except EndpointError as exc:
             raise StartupError(str(exc)) from exc
         self.store = Store(

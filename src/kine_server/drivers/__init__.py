@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass
+
 from kine_server.drivers.base import Driver, DriverError
 
 DEFAULT_ENDPOINT = "sqlite://./db/state.db"
@@ -11,7 +14,32 @@ class EndpointError(ValueError):
     """The --endpoint value is not a DSN this server understands."""
 
 
-def make_driver(endpoint: str) -> Driver:
+@dataclass(frozen=True)
+class DatabaseTLS:
+    """TLS to PostgreSQL from --ca-file/--cert-file/--key-file/--skip-verify (kine's flags)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    skip_verify: bool = False
+
+    def context(self) -> ssl.SSLContext | None:
+        """None when no flag is set: then the DSN's sslmode decides, as libpq would."""
+        if not (self.ca_file or self.cert_file or self.key_file or self.skip_verify):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise EndpointError(f"cannot use the database TLS files: {exc}") from exc
+        if self.skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def make_driver(endpoint: str, tls: DatabaseTLS | None = None) -> Driver:
     """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened)."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
@@ -30,10 +58,17 @@ def make_driver(endpoint: str) -> Driver:
 
         if not rest.split("/", 1)[0]:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no PostgreSQL host")
-        return PostgresDriver(endpoint)
+        return PostgresDriver(endpoint, ssl=tls.context() if tls else None)
     raise EndpointError(
         f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"
     )
 
 
-__all__ = ["DEFAULT_ENDPOINT", "Driver", "DriverError", "EndpointError", "make_driver"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DatabaseTLS",
+    "Driver",
+    "DriverError",
+    "EndpointError",
+    "make_driver",
+]

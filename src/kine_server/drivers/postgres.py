@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import ssl as ssl_module
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -246,8 +247,16 @@ class PostgresDriver(Driver):
 
     name = "postgres"
 
-    def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.dsn = with_database(dsn, database_name(dsn))
+        #: Passed to every connection; None leaves TLS to the DSN's sslmode.
+        self._connect_options: dict[str, Any] = {"ssl": ssl} if ssl is not None else {}
         self._pool_size = pool_size
         self._timeout = connect_timeout
         self._readers: asyncpg.Pool | None = None
@@ -269,7 +278,12 @@ class PostgresDriver(Driver):
 
     async def _pool(self, size: int) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=size, timeout=self._timeout, command_timeout=None
+            self.dsn,
+            min_size=1,
+            max_size=size,
+            timeout=self._timeout,
+            command_timeout=None,
+            **self._connect_options,
         )
         assert pool is not None
         return pool
@@ -277,10 +291,10 @@ class PostgresDriver(Driver):
     async def _create_database(self) -> None:
         """kine creates the database when it is missing; so do we."""
         try:
-            conn = await asyncpg.connect(self.dsn, timeout=self._timeout)
+            conn = await asyncpg.connect(self.dsn, timeout=self._timeout, **self._connect_options)
         except asyncpg.InvalidCatalogNameError:
             admin = await asyncpg.connect(
-                with_database(self.dsn, "postgres"), timeout=self._timeout
+                with_database(self.dsn, "postgres"), timeout=self._timeout, **self._connect_options
             )
             try:
                 name = database_name(self.dsn).replace('"', '""')
@@ -311,7 +325,9 @@ class PostgresDriver(Driver):
             on_commit(int(payload))
 
         try:
-            self._listener = await asyncpg.connect(self.dsn, timeout=self._timeout)
+            self._listener = await asyncpg.connect(
+                self.dsn, timeout=self._timeout, **self._connect_options
+            )
             await self._listener.add_listener(CHANNEL, notified)
         except DATABASE_ERRORS as exc:
             # Not fatal: the poller's interval still brings every commit, only later.
