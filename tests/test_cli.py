@@ -161,3 +161,48 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in lines]
     assert any("serving etcd v3" in e["msg"] for e in entries)
     assert {"time", "level", "logger", "msg"} <= set(entries[0])
+
+
+def test_unix_socket_is_private_and_serves_etcdctl(tmp_path: Path) -> None:
+    import os
+    import stat
+    import time
+
+    from tests.test_etcdctl import etcdctl
+
+    socket_path = tmp_path / "kine.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kine_server",
+            "--endpoint",
+            f"sqlite://{tmp_path}/s.db",
+            "--listen-address",
+            f"unix://{socket_path}",
+            "--metrics-bind-address",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if socket_path.exists():
+                break
+            time.sleep(0.05)
+        assert "[exit 0]" in etcdctl(f"unix://{socket_path}", "put /u 1")  # serving: chmod done
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
+
+def test_slow_transactions_are_logged(tmp_path: Path) -> None:
+    from tests.test_etcdctl import etcdctl
+
+    endpoint = f"sqlite://{tmp_path}/s.db"
+    with KineProcess(endpoint, tmp_path, "--slow-sql-threshold", "1ns") as kine:
+        etcdctl(kine.address, "put /slow 1")
+        assert kine.stop() == 0
+    assert "slow write transaction: 1 requests took" in kine.log()
