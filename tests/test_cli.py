@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -206,3 +207,37 @@ def test_slow_transactions_are_logged(tmp_path: Path) -> None:
         etcdctl(kine.address, "put /slow 1")
         assert kine.stop() == 0
     assert "slow write transaction: 1 requests took" in kine.log()
+
+
+async def test_sigterm_ends_streams_and_the_port_is_free_at_once(tmp_path: Path) -> None:
+    """Streams end with UNAVAILABLE at shutdown (clients move on), and the restarted server
+    binds its port although the old connections wait in TIME_WAIT."""
+    import grpc
+
+    from kine_server.pb import rpc_pb2 as pb
+    from tests.support.client import connect
+
+    endpoint = f"sqlite://{tmp_path}/db/state.db"
+    kine = KineProcess(endpoint, tmp_path)
+    kine.start()
+    client = connect(kine.address)
+    watch = client.watch.Watch()
+    await watch.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"a")))
+    assert (await watch.read()).created
+    keepalive = client.lease.LeaseKeepAlive()
+    grant = await client.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60))
+    await keepalive.write(pb.LeaseKeepAliveRequest(ID=grant.ID))
+    assert (await keepalive.read()).TTL == 60
+    assert kine.proc is not None
+    kine.proc.terminate()
+    for call in (watch, keepalive):
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "kine-server: shutting down"
+    assert await asyncio.to_thread(kine.proc.wait, 30) == 0
+    await client.close()
+    again = KineProcess(endpoint, tmp_path)
+    again.port, again.address = kine.port, kine.address
+    with again:
+        assert again.stop() == 0

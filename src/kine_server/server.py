@@ -58,6 +58,9 @@ def check_port_free(listen_address: str) -> None:
         raise StartupError(f"cannot listen on {listen_address}: {exc}") from exc
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As gRPC's own bind: connections of a previous run in TIME_WAIT must not block a
+        # restart (a live listener still does).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
@@ -142,6 +145,7 @@ class Server:
         self.port = 0
         self._credentials: grpc.ServerCredentials | None = None
         self.watch: WatchService | None = None
+        self.lease: LeaseService | None = None
         self.metrics = Metrics(self.store)
         self.store.writer.observe = self.metrics.observe_batch
         self.store.writer.slow_threshold = config.slow_sql_threshold
@@ -215,7 +219,8 @@ class Server:
             ),
         )
         rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, server)
-        rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseService(store, member), server)
+        self.lease = LeaseService(store, member)
+        rpc_pb2_grpc.add_LeaseServicer_to_server(self.lease, server)
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), server)
         await store.start()
@@ -249,6 +254,11 @@ class Server:
             await self.http.stop()
             self.http = None
         if self._server is not None:
+            # Streams never finish by themselves: end them now (UNAVAILABLE, so that clients
+            # go to another endpoint or retry) instead of waiting out the grace period.
+            for service in (self.watch, self.lease):
+                if service is not None:
+                    service.shutdown()
             await self._server.stop(self.config.shutdown_grace)
             self._server = None
         await self.store.stop()

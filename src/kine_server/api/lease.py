@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
@@ -20,6 +21,11 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         self._store = store
         self._lessor = store.lessor
         self._member = member
+        self._closing = asyncio.Event()
+
+    def shutdown(self) -> None:
+        """End every keep-alive stream with UNAVAILABLE: the server is stopping."""
+        self._closing.set()
 
     def _header(self, header: rpc_pb2.ResponseHeader) -> None:
         # Lease responses carry the store revision as of the answer, as etcd's newHeader does.
@@ -48,14 +54,27 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseKeepAlive(
         self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest], context: Context
     ) -> None:
+        requests = aiter(request_iterator)
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
-            async for request in request_iterator:
+            while True:
+                following = asyncio.ensure_future(anext(requests))
+                await asyncio.wait({following, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if closing.done():
+                    following.cancel()
+                    raise errors.Unavailable("kine-server: shutting down")
+                try:
+                    request = following.result()
+                except StopAsyncIteration:
+                    return
                 ttl = await self._lessor.keep_alive(request.ID)
                 response = rpc_pb2.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
                 self._header(response.header)
                 await context.write(response)
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
+        finally:
+            closing.cancel()
 
     @etcd_errors
     async def LeaseTimeToLive(

@@ -62,6 +62,11 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._settings = settings
         self.stats = WatchStats()
         self._streams: set[WatchStream] = set()
+        self._closing = asyncio.Event()
+
+    def shutdown(self) -> None:
+        """End every stream with UNAVAILABLE: the server is stopping."""
+        self._closing.set()
 
     def buffered_events(self) -> int:
         """Events queued in every watcher of every stream (walked at scrape time)."""
@@ -70,7 +75,9 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
     async def Watch(
         self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
     ) -> None:
-        stream = WatchStream(self._store, self._member, self._settings, self.stats, context)
+        stream = WatchStream(
+            self._store, self._member, self._settings, self.stats, context, self._closing
+        )
         self._streams.add(stream)
         try:
             await stream.serve(request_iterator)
@@ -90,7 +97,9 @@ class WatchStream:
         settings: WatchSettings,
         stats: WatchStats,
         context: Context,
+        closing: asyncio.Event,
     ) -> None:
+        self._closing = closing
         self._store = store
         self._hub = store.hub
         self._member = member
@@ -114,6 +123,7 @@ class WatchStream:
             asyncio.create_task(self._receive(requests)),
             asyncio.create_task(self._send_loop()),
             asyncio.create_task(self._progress_loop()),
+            asyncio.create_task(self._until_closing()),
         ]
         try:
             running = set(tasks)
@@ -133,6 +143,10 @@ class WatchStream:
             self._stats.watchers -= len(self._watchers)
             self._watchers.clear()
             self._ready.clear()
+
+    async def _until_closing(self) -> None:
+        await self._closing.wait()
+        raise errors.Unavailable("kine-server: shutting down")
 
     # -- requests ------------------------------------------------------------------------------
 
