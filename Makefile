@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test lint check-protos proto deps e2e soak clean
+.PHONY: run test lint check-protos proto deps e2e bench soak clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,22 @@ deps:
 	scripts/test-deps.sh
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench e2e
 	$(VENV)/bin/mypy
 
 ## The whole suite: stubs up to date, lint and types, then every test on SQLite and PostgreSQL.
 test: $(INSTALLED) deps check-protos lint
 	$(PY) -m pytest
+
+## End to end: a real kube-apiserver 1.20 on kine-server, SQLite and PostgreSQL. The apiserver is
+## built once from Debian's source package (about 10 minutes) and cached in ~/.cache/kine-server.
+e2e: $(INSTALLED) deps
+	scripts/kube-apiserver.sh >/dev/null
+	$(PY) e2e/run.py --db both
+
+## Side-by-side benchmark against a real etcd (ARGS=--pg adds PostgreSQL).
+bench: $(INSTALLED) deps
+	$(PY) bench/run.py $(ARGS)
 
 ## Long soak tests, excluded from `make test`.
 soak: $(INSTALLED) deps

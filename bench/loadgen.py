@@ -567,6 +567,7 @@ async def watchers(
     received: list[list[tuple[int, bytes, float]]] = [[] for _ in range(count)]
     created = [asyncio.get_running_loop().create_future() for _ in range(count)]
     finished = [False] * count
+    responses = [0]  # WatchResponses that carried events (etcd may batch several revisions)
     window = Window()
     end = prefix_end(prefix)
     try:
@@ -596,6 +597,8 @@ async def watchers(
                     if response.canceled:
                         errors.add("watch canceled", detail=response.cancel_reason)
                         return
+                    if response.events:
+                        responses[0] += 1
                     for event in response.events:
                         kv = event.kv
                         if kv.key == sentinel:
@@ -626,6 +629,7 @@ async def watchers(
     return {
         "received": received,
         "finished": sum(finished),
+        "responses": responses[0],
         "errors": errors.report(),
         **window.report(),
     }

@@ -18,6 +18,8 @@ import collections
 import re
 import sys
 
+#: Frames every sample of the main thread has: they say nothing about where time goes.
+_ENTRY_FRAMES = ("cli.py)", "__main__.py)")
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 
@@ -35,11 +37,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("path")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--thread", help="only stacks of threads whose name contains this")
+    parser.add_argument(
+        "--package",
+        default="kine_server/",
+        help="also attribute each sample to the innermost frame from this path prefix "
+        "(default kine_server/), or to the leaf's module when there is none",
+    )
     args = parser.parse_args(argv)
 
     threads: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     cumulative: collections.Counter[str] = collections.Counter()
+    innermost: collections.Counter[str] = collections.Counter()
     total = 0
     with open(args.path) as lines:
         for line in lines:
@@ -65,6 +74,12 @@ def main(argv: list[str]) -> int:
                 own[names[-1]] += count
             for name in set(names):
                 cumulative[name] += count
+            ours = [n for n in names if f"({args.package}" in n and not n.endswith(_ENTRY_FRAMES)]
+            if ours:
+                innermost[ours[-1]] += count
+            elif names:
+                leaf = names[-1]
+                innermost[f"(no {args.package} frame) leaf in ({leaf.rsplit('(', 1)[-1]}"] += count
 
     if not total:
         print("no samples", file=sys.stderr)
@@ -73,7 +88,12 @@ def main(argv: list[str]) -> int:
     print("\nby thread:")
     for thread, n in threads.most_common():
         print(f"  {n / total:6.1%}  {n:6d}  {thread or '(no thread frame)'}")
-    for title, counter in (("self", own), ("cumulative", cumulative)):
+    titles = (
+        ("self", own),
+        ("cumulative", cumulative),
+        (f"innermost {args.package} frame", innermost),
+    )
+    for title, counter in titles:
         print(f"\ntop {args.top} by {title}:")
         for name, n in counter.most_common(args.top):
             print(f"  {n / total:6.1%}  {n:6d}  {name}")

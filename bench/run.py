@@ -73,6 +73,19 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and all its descendants, including those that have already exited
+    (their time moves into the parent's cutime/cstime when it reaps them, as PostgreSQL's
+    postmaster does for every backend and autovacuum worker)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    own = sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+    return own + sum(tree_cpu(child) for child in children_of(pid))
+
+
 def proc_status_kib(pid: int, name: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -113,11 +126,30 @@ class Server:
     endpoint: str
     pid: int
     log_path: Path
-    db_pids: Callable[[], list[int]] = list
-    """Processes of a separate database (PostgreSQL) whose CPU the server's writes cost."""
+    db_root: int | None = None
+    """The root process of a separate database (PostgreSQL's postmaster), whose CPU the
+    server's requests cost too."""
 
     def cpu(self) -> tuple[float, float]:
-        return proc_cpu(self.pid), sum(proc_cpu(p) for p in self.db_pids())
+        return proc_cpu(self.pid), tree_cpu(self.db_root) if self.db_root else 0.0
+
+
+_HELP: list[str] = []
+
+
+def kine_has_flag(flag: str) -> bool:
+    """Whether this checkout's kine-server knows `flag` (the CLI grows while the bench stays)."""
+    if not _HELP:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        out = subprocess.run(
+            [sys.executable, "-m", "kine_server", "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        _HELP.append(out.stdout)
+    return flag in _HELP[0]
 
 
 class KineServer:
@@ -134,6 +166,7 @@ class KineServer:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
+        self.metrics_address = ""
         self.exit_code: int | None = None
 
     def start(self, timeout: float = 30.0) -> None:
@@ -145,6 +178,11 @@ class KineServer:
         for _attempt in range(3):
             port = free_port()
             self.endpoint = f"127.0.0.1:{port}"
+            extra = []
+            if kine_has_flag("--metrics-bind-address"):
+                # Newer kine-servers serve /metrics, by default on a fixed port: two would clash.
+                self.metrics_address = f"127.0.0.1:{free_port()}"
+                extra = ["--metrics-bind-address", self.metrics_address]
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     [
@@ -156,6 +194,7 @@ class KineServer:
                         self.endpoint,
                         "--compact-interval",
                         "0",
+                        *extra,
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -236,9 +275,8 @@ class BenchPostgres(pg_support.ThrowawayPostgres):
         self.dsn = f"postgres://{pg_support.DB_USER}@127.0.0.1:{self.port}/postgres"
         self._wait_ready()
 
-    def pids(self) -> list[int]:
-        postmaster = self._postmaster_pid()
-        return [] if postmaster is None else [postmaster, *children_of(postmaster)]
+    def postmaster(self) -> int | None:
+        return self._postmaster_pid()
 
 
 # -- client worker processes ---------------------------------------------------------------------
@@ -328,15 +366,15 @@ class Window:
         }
 
 
-def ours_cpu(pids: list[int]) -> float:
-    return sum(proc_cpu(p) for p in pids)
+def ours_cpu(pids: list[int], trees: list[int]) -> float:
+    return sum(proc_cpu(p) for p in pids) + sum(tree_cpu(p) for p in trees)
 
 
 def measured(
     server: Server,
     jobs: list[tuple[Worker, str, dict[str, Any]]],
     timeout: float,
-    all_pids: Callable[[], list[int]],
+    all_pids: Callable[[], tuple[list[int], list[int]]],
     on_ready: Callable[[], None] | None = None,
     on_done: Callable[[], None] | None = None,
 ) -> tuple[list[Any], Window]:
@@ -353,8 +391,8 @@ def measured(
     while time.monotonic() < start_at:
         time.sleep(0.001)
     cpu0, db0 = server.cpu()
-    pids = all_pids()
-    ours0 = ours_cpu(pids)
+    pids, trees = all_pids()
+    ours0 = ours_cpu(pids, trees)
     machine0 = machine_busy()
     t0 = time.monotonic()
     try:
@@ -365,7 +403,9 @@ def measured(
     wall = time.monotonic() - t0
     machine1 = machine_busy()
     cpu1, db1 = server.cpu()
-    window = Window(wall, cpu1 - cpu0, db1 - db0, machine1 - machine0, ours_cpu(pids) - ours0)
+    window = Window(
+        wall, cpu1 - cpu0, db1 - db0, machine1 - machine0, ours_cpu(pids, trees) - ours0
+    )
     window.client_cpu = sum(r.get("client_cpu", 0.0) for r in results)
     return results, window
 
@@ -395,7 +435,9 @@ class Metric:
     label: str
     unit: str
     values: dict[str, float] = field(default_factory=dict)
+    """The median of each server's samples (one per repetition)."""
     ratio: bool = True
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Results:
@@ -407,10 +449,13 @@ class Results:
 
     def put(self, mid: str, label: str, unit: str, server: str, value: float, ratio: bool = True):
         metric = self.metrics.setdefault(mid, Metric(mid, label, unit, ratio=ratio))
-        metric.values[server] = value
+        samples = metric.samples.setdefault(server, [])
+        samples.append(value)
+        metric.values[server] = median([v for v in samples if not math.isnan(v)] or [math.nan])
 
     def detail(self, workload: str, server: str, info: dict[str, Any]) -> None:
-        self.details.setdefault(workload, {})[server] = info
+        """One entry per repetition."""
+        self.details.setdefault(workload, {}).setdefault(server, []).append(info)
 
     def errors(self, workload: str, server: str, reports: list[dict[str, Any]]) -> int:
         """Merge the error reports of a workload's jobs; each becomes a problem line."""
@@ -444,8 +489,8 @@ def fmt(value: float | None, unit: str = "") -> str:
 
 
 def ratio_of(a: float | None, b: float | None) -> str:
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
-        return "-"
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or a < 0 or b <= 0:
+        return "-"  # e.g. a watch event that arrived before the write's acknowledgement
     return f"{a / b:.2f}x"
 
 
@@ -508,6 +553,8 @@ class Bench:
     results: Results
     profile_hook: Callable[[str, int], tuple[Callable[[], None], Callable[[], None]] | None]
     rotation: int = 0
+    rep: int = 0
+    listed: set[str] = field(default_factory=set)
 
     def order(self) -> list[Server]:
         """Servers in turn, starting one further along each time (no server always goes first)."""
@@ -516,11 +563,11 @@ class Bench:
         self.rotation += 1
         return self.servers[start:] + self.servers[:start]
 
-    def all_pids(self) -> list[int]:
+    def all_pids(self) -> tuple[list[int], list[int]]:
+        """Our processes: single ones, and roots whose whole tree is ours (PostgreSQL)."""
         pids = [os.getpid(), *(w.proc.pid for w in self.workers if w.proc.pid)]
-        for s in self.servers:
-            pids += [s.pid, *s.db_pids()]
-        return pids
+        pids += [s.pid for s in self.servers]
+        return pids, [s.db_root for s in self.servers if s.db_root]
 
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -560,7 +607,7 @@ class Bench:
                         "put_sequential",
                         dict(
                             endpoint=s.endpoint,
-                            prefix=b"/bench/put/",
+                            prefix=b"/bench/put/r%d/" % self.rep,
                             count=a.put_count,
                             warmup=50,
                             value_size=a.value_size,
@@ -591,7 +638,7 @@ class Bench:
             quotas = self.split(a.create_ops, procs)
             for s in self.order():
                 self.log(f"2 create Txn x{level} on {s.name} ({procs} client processes)")
-                tag = f"{s.name}-{level}"
+                tag = f"{s.name}-{level}-r{self.rep}"
                 jobs = [
                     (
                         self.workers[i],
@@ -673,7 +720,9 @@ class Bench:
         procs = min(a.client_procs, len(self.workers))
         clients = self.split(a.churn_clients, procs)
         channels = self.split(min(a.channels, a.churn_clients), procs)
-        keys = [b"/registry/configmaps/churn/cm-%05d" % i for i in range(a.churn_keys)]
+        keys = [
+            b"/registry/configmaps/churn-r%d/cm-%05d" % (self.rep, i) for i in range(a.churn_keys)
+        ]
         for s in self.order():
             self.log(f"3 update churn on {s.name}: loading {len(keys)} keys")
             loaded = call(
@@ -742,17 +791,19 @@ class Bench:
         prefix = b"/registry/secrets/list/"
         keys = [prefix + b"s-%06d" % i for i in range(a.list_keys)]
         for s in self.order():
-            self.log(f"4 LIST on {s.name}: loading {len(keys)} keys")
-            loaded = call(
-                self.workers[0],
-                "load_keys",
-                endpoint=s.endpoint,
-                keys=keys,
-                value_size=a.value_size,
-                per_txn=100,
-                clients=4,
-            )
-            self.results.errors("4 list set-up", s.name, [loaded["errors"]])
+            if s.name not in self.listed:  # the same 10 000 keys serve every repetition
+                self.listed.add(s.name)
+                self.log(f"4 LIST on {s.name}: loading {len(keys)} keys")
+                loaded = call(
+                    self.workers[0],
+                    "load_keys",
+                    endpoint=s.endpoint,
+                    keys=keys,
+                    value_size=a.value_size,
+                    per_txn=100,
+                    clients=4,
+                )
+                self.results.errors("4 list set-up", s.name, [loaded["errors"]])
             self.log(f"4 LIST on {s.name}: {a.list_runs} paginated LISTs")
             [r], win = self.measure(
                 "4 list",
@@ -806,7 +857,7 @@ class Bench:
         per_proc = self.split(a.watchers, procs)
         channels = self.split(a.channels, procs)
         for s in self.order():
-            prefix = b"/registry/events/watch-%s/" % s.name.encode()
+            prefix = b"/registry/events/watch-%s-r%d/" % (s.name.encode(), self.rep)
             sentinel = prefix + b"zz-end"
             revision = call(self.workers[0], "current_revision", endpoint=s.endpoint)
             self.log(f"5 {a.watchers} watchers, {a.watch_writes} writes on {s.name}")
@@ -934,6 +985,8 @@ class Bench:
                     "events_received": len(after_ack),
                     "expected_events": len(written) * a.watchers,
                     "streams_finished": sum(r["finished"] for r in rs[:-1]),
+                    "events_per_response": len(after_ack)
+                    / max(1, sum(r["responses"] for r in rs[:-1])),
                     "lost": lost,
                     "duplicates": dup,
                     "out_of_order": disorder,
@@ -956,6 +1009,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--workloads", default="1,2,3,4,5", help="which workloads (default all)")
     p.add_argument("--levels", default="1,16,64", help="workload 2 client counts")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the whole sequence N times (servers still alternate); each figure is the "
+        "median of the N",
+    )
     p.add_argument("--client-procs", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--channels", type=int, default=8, help="gRPC connections per level (8)")
     p.add_argument("--value-size", type=int, default=1024)
@@ -971,7 +1031,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--list-runs", type=int, default=5)
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--watch-writes", type=int, default=2000)
-    p.add_argument("--watch-rate", type=float, default=200.0, help="writes/s offered (200)")
+    p.add_argument("--watch-rate", type=float, default=100.0, help="writes/s offered (100)")
     p.add_argument(
         "--noise-warn",
         type=float,
@@ -1001,6 +1061,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.workload_set = {int(w) for w in args.workloads.split(",") if w}
     args.levels = [int(x) for x in args.levels.split(",") if x]
     return args
+
+
+def quietly(stop: Callable[[], Any]) -> None:
+    """Run one clean-up step; a failure is reported but never skips the others."""
+    try:
+        stop()
+    except BaseException as exc:  # clean-up must go on, also after a second Ctrl-C
+        print(f"clean-up: {getattr(stop, '__qualname__', stop)} failed: {exc!r}", file=sys.stderr)
 
 
 def machine_info() -> dict[str, Any]:
@@ -1056,6 +1124,8 @@ def main(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C must always stop the run cleanly, also when a script started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = datetime.datetime.now(datetime.UTC)
     t_start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="kine-bench-"))
@@ -1080,26 +1150,26 @@ def main(argv: list[str]) -> int:
                     f"sqlite://{workdir}/sqlite/state.db", workdir, "kine-sqlite", entry, env
                 )
                 kines.append(kine)
-                stack.callback(kine.stop)
+                stack.callback(quietly, kine.stop)
                 kine.start()
                 assert kine.proc is not None
                 servers.append(Server("kine-sqlite", kine.endpoint, kine.proc.pid, kine.log_path))
             if args.pg:
                 pg = BenchPostgres(fsync=args.pg_fsync == "on")
-                stack.callback(pg.stop)
+                stack.callback(quietly, pg.stop)
                 pg.start()
                 dsn = pg.dsn.rsplit("/", 1)[0] + "/kinebench"
                 kine = KineServer(dsn, workdir, "kine-pg", ["-m", "kine_server"], {})
                 kines.append(kine)
-                stack.callback(kine.stop)
+                stack.callback(quietly, kine.stop)
                 kine.start()
                 assert kine.proc is not None
                 servers.append(
-                    Server("kine-pg", kine.endpoint, kine.proc.pid, kine.log_path, pg.pids)
+                    Server("kine-pg", kine.endpoint, kine.proc.pid, kine.log_path, pg.postmaster())
                 )
             if not args.no_etcd:
                 etcd = RealEtcd()
-                stack.callback(etcd.stop)
+                stack.callback(quietly, etcd.stop)
                 etcd.start()
                 assert etcd._proc is not None
                 servers.insert(0, Server("etcd", etcd.endpoint, etcd._proc.pid, etcd.log_path))
@@ -1110,7 +1180,7 @@ def main(argv: list[str]) -> int:
             for i in range(max(args.client_procs + 1, 2)):
                 worker = Worker(ctx, i)
                 workers.append(worker)
-                stack.callback(worker.close)
+                stack.callback(quietly, worker.close)
 
             def profile_hook(name: str, level: int) -> tuple[Any, Any] | None:
                 if not args.py_spy or name != "kine-sqlite" or level != max(args.levels):
@@ -1126,13 +1196,13 @@ def main(argv: list[str]) -> int:
                         str(server.pid),
                         "--format",
                         "raw",
-                        "--rate",
-                        "250",
                         "--threads",
                         "-o",
                         args.py_spy,
                         *shlex.split(args.py_spy_args),
                     ]
+                    if "--rate" not in args.py_spy_args and "-r" not in args.py_spy_args.split():
+                        cmd += ["--rate", "250"]
                     with open(workdir / "py-spy.log", "wb") as log:
                         pyspy.append(
                             subprocess.Popen(
@@ -1161,8 +1231,12 @@ def main(argv: list[str]) -> int:
                 4: bench.w4_list,
                 5: bench.w5_watch,
             }
-            for number in sorted(args.workload_set):
-                steps[number]()
+            for repetition in range(args.repeat):
+                bench.rep = repetition
+                if args.repeat > 1:
+                    bench.log(f"repetition {repetition + 1} of {args.repeat}")
+                for number in sorted(args.workload_set):
+                    steps[number]()
 
             for s in servers:
                 hwm = proc_status_kib(s.pid, "VmHWM") / 1024
