@@ -120,6 +120,9 @@ class Applier:
         self.begin = begin
         self.compact_revision = compact_revision
         self.changes: list[kv_pb2.Event] = []
+        #: Each key's newest row (tombstones included) as this transaction has seen or written
+        #: it: a create's compare and its put, or a batch's requests on one key, read it once.
+        self._newest: dict[bytes, Row | None] = {}
 
     @property
     def revision(self) -> int:
@@ -184,7 +187,11 @@ class Applier:
         return rpc_pb2.RangeResponse(header=header(current), kvs=kvs, more=more, count=count)
 
     async def compare(self, compare: rpc_pb2.Compare) -> bool:
-        rows = await self.tx.range(compare.key, range_end(compare.range_end), None, 0)
+        if not compare.range_end and isinstance(self.tx, WriteTx):
+            _, live = await self._live(compare.key)
+            rows = [live] if live is not None else []
+        else:
+            rows = await self.tx.range(compare.key, range_end(compare.range_end), None, 0)
         if not rows:
             # A value compare on a missing key always fails: gRPC cannot tell "" from absent.
             return compare.target != Compare.VALUE and _compare_one(compare, None)
@@ -199,7 +206,10 @@ class Applier:
 
     async def _live(self, key: bytes) -> tuple[Row | None, Row | None]:
         """(newest row incl. tombstone, the live row or None)."""
-        newest = await self.write_tx.newest(key)
+        if key in self._newest:
+            newest = self._newest[key]
+        else:
+            newest = self._newest[key] = await self.write_tx.newest(key)
         return newest, (newest if newest is not None and newest.version > 0 else None)
 
     def check_key(self, key: bytes) -> None:
@@ -239,6 +249,7 @@ class Applier:
         )
         superseded = [(req.key, newest.mod_revision)] if newest else []
         await self.write_tx.append([row], superseded)
+        self._newest[req.key] = Row(*row[:6])
         kv = to_kv(Row(*row[:6]))
         prev = to_kv(live) if live else None
         self.changes.append(Event(type=Event.PUT, kv=kv, prev_kv=prev))
@@ -265,6 +276,8 @@ class Applier:
             ChangeRow(r.key, 0, revision, 0, b"", 0, first + i) for i, r in enumerate(rows)
         ]
         await self.write_tx.append(tombstones, [(r.key, r.mod_revision) for r in rows])
+        for tombstone in tombstones:
+            self._newest[tombstone.key] = Row(*tombstone[:6])
         prev = [to_kv(r) for r in rows]
         self.changes.extend(
             Event(type=Event.DELETE, kv=KeyValue(key=r.key, mod_revision=revision), prev_kv=p)
