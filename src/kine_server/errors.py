@@ -74,6 +74,11 @@ class Unavailable(EtcdError):
     code = grpc.StatusCode.UNAVAILABLE
     message = "kine-server: database unavailable"
 
+    @classmethod
+    def database(cls, cause: Exception) -> Unavailable:
+        """The error for a failed database call, naming its cause."""
+        return cls(f"kine-server: database unavailable: {cause}")
+
 
 class Unsupported(EtcdError):
     """A call etcd has and this server does not implement; the message names the call."""

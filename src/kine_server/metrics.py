@@ -87,7 +87,7 @@ class _StoreState(Collector):
     async def refresh(self) -> None:
         counters = await self._store.counters()
         self.revision, self.compact_revision = counters.revision, counters.compact_revision
-        self.db_size, self.db_size_in_use = await self._store.driver.size()
+        self.db_size, self.db_size_in_use = await self._store.size()
 
     def collect(self) -> Iterator[Any]:
         status = self._store.compactor.status
@@ -235,7 +235,7 @@ class HttpEndpoint:
     async def _respond(self, path: str) -> tuple[str, str, bytes]:
         if path == "/metrics":
             state = self._metrics.state
-            with contextlib.suppress(errors.EtcdError, Exception):
+            with contextlib.suppress(errors.EtcdError):  # a scrape still shows the rest
                 await state.refresh()
             state.streams, state.watchers, state.buffered_events = self._watch_stats()
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self._metrics.registry)

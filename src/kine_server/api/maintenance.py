@@ -12,7 +12,6 @@ import grpc
 
 from kine_server import errors
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
-from kine_server.drivers.base import DriverError
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.store import Store
 
@@ -31,10 +30,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         self, request: rpc_pb2.StatusRequest, context: Context
     ) -> rpc_pb2.StatusResponse:
         counters = await self._store.counters()
-        try:
-            size, in_use = await self._store.driver.size()
-        except Exception as exc:
-            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
+        size, in_use = await self._store.size()
         # One member, always the leader; the store revision stands in for the raft index.
         compaction = self._store.compactor.status
         problems = []
@@ -63,16 +59,13 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         quota = self._store.quota
         nospace = request.alarm in (rpc_pb2.NOSPACE, rpc_pb2.NONE)
         changed = False
-        try:
-            await quota.refresh()
-            if request.action == rpc_pb2.AlarmRequest.ACTIVATE and request.alarm == rpc_pb2.NOSPACE:
-                changed = not quota.nospace
-                await quota.set_alarm(True)
-            elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE and nospace and quota.nospace:
-                changed = True
-                await quota.set_alarm(False)
-        except DriverError as exc:
-            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
+        await quota.refresh()
+        if request.action == rpc_pb2.AlarmRequest.ACTIVATE and request.alarm == rpc_pb2.NOSPACE:
+            changed = not quota.nospace
+            await quota.set_alarm(True)
+        elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE and nospace and quota.nospace:
+            changed = True
+            await quota.set_alarm(False)
         counters = await self._store.counters()
         response = rpc_pb2.AlarmResponse()
         # GET lists the raised alarms; ACTIVATE and DEACTIVATE list the ones they changed.

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from kine_server.drivers.base import CompactTx, Driver
+from kine_server.drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,13 @@ class Compactor:
                 return False
             if target > counters.compact_revision:
                 await tx.advance_compact_revision(target)
-            await self._stage(tx, "begin", after, through)
+            await self._stage("begin", after, through)
             deleted = await tx.delete_history(after, through)
-            await self._stage(tx, "commit", after, through)
+            await self._stage("commit", after, through)
         await self._advanced(through, target, deleted)
         return True
 
-    async def _stage(self, tx: CompactTx, stage: str, after: int, through: int) -> None:
+    async def _stage(self, stage: str, after: int, through: int) -> None:
         if self.hook is not None:
             await self.hook(stage, after, through)
 

@@ -120,7 +120,7 @@ class Lessor:
                     return None
                 keys = [row.key for row in await tx.leased(lease_id)] if with_keys else []
         except DriverError as exc:
-            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
+            raise errors.Unavailable.database(exc) from exc
         ttl, expires = found
         remaining = max(0, (expires - self.now_ms()) // 1000)
         return LeaseStatus(lease_id, ttl, remaining, keys)
@@ -130,7 +130,7 @@ class Lessor:
             async with self._driver.read() as tx:
                 return await tx.leases()
         except DriverError as exc:
-            raise errors.Unavailable(f"kine-server: database unavailable: {exc}") from exc
+            raise errors.Unavailable.database(exc) from exc
 
     async def expire_due(self, limit: int = 1000) -> int:
         """Revoke every lease whose deadline has passed; returns how many this call expired."""

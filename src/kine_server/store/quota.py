@@ -45,13 +45,16 @@ class Quota:
 
     async def refresh(self) -> None:
         """Re-read the database size and the alarm (another instance may have changed it)."""
-        self.size, _ = await self._driver.size()
-        self.nospace = bool(await self._driver.meta(NOSPACE))
+        try:
+            self.size, _ = await self._driver.size()
+            self.nospace = bool(await self._driver.meta(NOSPACE))
+        except DriverError as exc:
+            raise errors.Unavailable.database(exc) from exc
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            with contextlib.suppress(DriverError):
+            with contextlib.suppress(errors.Unavailable):
                 await self.refresh()
 
     async def check(self, request_bytes: int) -> None:

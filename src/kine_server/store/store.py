@@ -24,10 +24,6 @@ from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
 
-def unavailable(exc: DriverError) -> errors.Unavailable:
-    return errors.Unavailable(f"kine-server: database unavailable: {exc}")
-
-
 class Store:
     def __init__(
         self,
@@ -73,7 +69,7 @@ class Store:
             async with self.driver.read() as tx:
                 return await tx.counters()
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
 
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
         try:
@@ -81,7 +77,7 @@ class Store:
                 counters = await tx.counters()
                 return await Applier(tx, counters.revision, counters.compact_revision).range(req)
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
 
     async def history(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
@@ -103,7 +99,7 @@ class Store:
                 else:
                     through = whole[-1].row.mod_revision
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
         return HistoryPage(counters.compact_revision, whole, through)
 
     async def snapshot(self, path: str) -> Counters:
@@ -113,15 +109,22 @@ class Store:
             await target.open()
             return await copy_store(self.driver, target)
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
         finally:
             await target.close()
+
+    async def size(self) -> tuple[int, int]:
+        """(bytes the database occupies, bytes in use)."""
+        try:
+            return await self.driver.size()
+        except DriverError as exc:
+            raise errors.Unavailable.database(exc) from exc
 
     async def defragment(self) -> None:
         try:
             await self.driver.defragment()
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
 
     async def hash_kv(self, revision: int) -> tuple[int, int, int]:
         """(crc32 of the key space as of `revision`, that revision, compact revision).
@@ -151,7 +154,7 @@ class Store:
                         break
                     key = rows[-1].key + b"\x00"
         except DriverError as exc:
-            raise unavailable(exc) from exc
+            raise errors.Unavailable.database(exc) from exc
         return crc, at, counters.compact_revision
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
@@ -172,7 +175,7 @@ class Store:
                     applier = Applier(tx, counters.revision, counters.compact_revision)
                     return await applier.txn(req)
             except DriverError as exc:
-                raise unavailable(exc) from exc
+                raise errors.Unavailable.database(exc) from exc
         response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
         return response
 

@@ -114,7 +114,7 @@ class Writer:
                     await self._commit([job])
                 return
             log.warning("write request failed: %s", exc)
-            self._fail(batch, errors.Unavailable(f"kine-server: database unavailable: {exc}"))
+            self._fail(batch, errors.Unavailable.database(exc))
             return
         except Exception as exc:
             log.exception("write batch of %d requests failed", len(batch))
