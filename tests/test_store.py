@@ -199,13 +199,8 @@ async def test_newer_schema_is_refused(dsn: str) -> None:
     async with driver.write() as tx:
         await tx.lock()
     # Pretend a future kine-server migrated this database.
-    if driver.name == "sqlite":
-        conn = driver._writer  # type: ignore[attr-defined]
-        await conn.execute("UPDATE kine_meta SET value = 99 WHERE name = 'schema_version'")
-    else:
-        await driver._writers.execute(  # type: ignore[attr-defined]
-            "UPDATE kine_meta SET value = 99 WHERE name = 'schema_version'"
-        )
+    async with driver.write() as tx:
+        await tx.set_meta("schema_version", 99)
     await driver.close()
     again = make_driver(dsn)
     with pytest.raises(DriverError, match="schema version 99 is newer"):
