@@ -241,7 +241,7 @@ class Server:
                 max_response_bytes=self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
             ),
         )
-        rpc_pb2_grpc.add_WatchServicer_to_server(self.watch, services)
+        services.handlers.append(self.watch.handler())
         self.lease = LeaseService(store, member)
         rpc_pb2_grpc.add_LeaseServicer_to_server(self.lease, services)
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), services)

@@ -17,11 +17,11 @@ import grpc
 
 from kine_server import errors
 from kine_server.api.common import Member
-from kine_server.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import range_end
-from kine_server.store.hub import Group
+from kine_server.store.hub import Group, WireEvent
 from kine_server.store.store import Store
-from kine_server.store.watch import Watcher, WatchSpec, change_event
+from kine_server.store.watch import Encoded, Watcher, WatchSpec, change_event
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Create = rpc_pb2.WatchCreateRequest
@@ -55,6 +55,14 @@ class _StreamClosed(Exception):
     """The client's side of the call has finished; nothing more can be sent."""
 
 
+def encode(response: rpc_pb2.WatchResponse | bytes) -> bytes:
+    """The Watch call's serializer: event responses arrive already encoded (see WireEvent)."""
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
+
+
 class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(self, store: Store, member: Member, settings: WatchSettings) -> None:
         self._store = store
@@ -63,6 +71,15 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self.stats = WatchStats()
         self._streams: set[WatchStream] = set()
         self._closing = asyncio.Event()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The Watch service, with a serializer that passes pre-encoded responses through."""
+        method = grpc.stream_stream_rpc_method_handler(
+            self.Watch,
+            request_deserializer=rpc_pb2.WatchRequest.FromString,
+            response_serializer=encode,
+        )
+        return grpc.method_handlers_generic_handler("etcdserverpb.Watch", {"Watch": method})
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE: the server is stopping."""
@@ -240,11 +257,10 @@ class WatchStream:
 
     async def _send_loop(self) -> None:
         while True:
+            # Event.wait() returns at once when already set, without yielding. That cannot starve
+            # the loop: each pass either writes (and so waits for gRPC) or empties `_ready`.
             await self._wake.wait()
             self._wake.clear()
-            # Event.wait() returns at once when already set: yield, so that a stream with work
-            # left over never starves the event loop.
-            await asyncio.sleep(0)
             while self._control:
                 await self._write(self._control.popleft())
             for watcher in list(self._ready.values()):
@@ -291,7 +307,7 @@ class WatchStream:
                     )
                 )
                 return
-            events = watcher.select([change_event(c) for c in history.changes])
+            events = watcher.select([WireEvent(change_event(c)) for c in history.changes])
             if events:
                 await self._send_events(watcher, current, events)
             watcher.sent(history.through)
@@ -301,27 +317,27 @@ class WatchStream:
             if not watcher.pending:
                 self._unready(watcher)
 
-    async def _send_events(
-        self, watcher: Watcher, revision: int, events: list[kv_pb2.Event]
-    ) -> None:
-        response = self._response(revision, watch_id=watcher.watch_id)
-        response.events.extend(events)
+    async def _send_events(self, watcher: Watcher, revision: int, events: Encoded) -> None:
+        watch_id = watcher.watch_id
+        head = self._head(revision, watch_id, fragment=False)
         limit = self._settings.max_response_bytes
-        if not watcher.spec.fragment or len(events) < 2 or response.ByteSize() < limit:
-            await self._write(response)
+        size = len(head) + sum(len(e) for e in events)
+        if not watcher.spec.fragment or len(events) < 2 or size < limit:
+            await self._write(head + b"".join(events))
             return
         # etcd's sendFragments: fill each fragment up to the limit; the last one is not a fragment.
+        more = self._head(revision, watch_id, fragment=True)
         index = 0
         while index < len(events):
-            part = self._response(revision, watch_id=watcher.watch_id, fragment=True)
+            first = index
+            size = len(more)
             while index < len(events):
-                part.events.append(events[index])
-                if len(part.events) > 1 and part.ByteSize() >= limit:
-                    del part.events[-1]
+                size += len(events[index])
+                if index > first and size >= limit:
                     break
                 index += 1
-            part.fragment = index < len(events)
-            await self._write(part)
+            part = events[first:index]
+            await self._write((more if index < len(events) else head) + b"".join(part))
 
     # -- progress ------------------------------------------------------------------------------
 
@@ -347,7 +363,14 @@ class WatchStream:
         self._member.stamp(response.header)
         return response
 
-    async def _write(self, response: rpc_pb2.WatchResponse) -> None:
+    def _head(self, revision: int, watch_id: int, fragment: bool) -> bytes:
+        """A WatchResponse without its events; the encoded events follow it (field 11 comes last)."""
+        head: bytes = self._response(
+            revision, watch_id=watch_id, fragment=fragment
+        ).SerializeToString()
+        return head
+
+    async def _write(self, response: rpc_pb2.WatchResponse | bytes) -> None:
         try:
             await self._context.write(response)
         except asyncio.InvalidStateError:

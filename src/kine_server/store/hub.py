@@ -11,8 +11,52 @@ from collections.abc import Callable
 
 from kine_server.pb import kv_pb2
 
+#: WatchResponse.events is field 11; a length-delimited field's key is (11 << 3) | 2.
+_EVENTS_KEY = bytes([(11 << 3) | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class WireEvent:
+    """One event, encoded once as a WatchResponse `events` field for every watcher sending it.
+
+    A hundred watchers of one key range send the same bytes: encoding the event once per watcher
+    (and copying it into each response) was most of the fan-out's own cost.
+    """
+
+    __slots__ = ("_with_prev", "_without_prev", "event", "key", "type")
+
+    def __init__(self, event: kv_pb2.Event) -> None:
+        self.event = event
+        self.key = event.kv.key
+        self.type = event.type
+        self._with_prev: bytes | None = None
+        self._without_prev: bytes | None = None
+
+    def wire(self, prev_kv: bool) -> bytes:
+        if prev_kv or not self.event.HasField("prev_kv"):
+            if self._with_prev is None:
+                self._with_prev = _field(self.event.SerializeToString())
+            return self._with_prev
+        if self._without_prev is None:
+            bare = kv_pb2.Event(type=self.event.type, kv=self.event.kv)
+            self._without_prev = _field(bare.SerializeToString())
+        return self._without_prev
+
+
+def _field(payload: bytes) -> bytes:
+    return _EVENTS_KEY + _varint(len(payload)) + payload
+
+
 #: The events of one revision, in the order the request made them.
-Group = tuple[int, list[kv_pb2.Event]]
+Group = tuple[int, list[WireEvent]]
 Subscriber = Callable[[list[Group]], None]
 
 
@@ -21,9 +65,9 @@ def by_revision(events: list[kv_pb2.Event]) -> list[Group]:
     for event in events:
         revision = event.kv.mod_revision
         if groups and groups[-1][0] == revision:
-            groups[-1][1].append(event)
+            groups[-1][1].append(WireEvent(event))
         else:
-            groups.append((revision, [event]))
+            groups.append((revision, [WireEvent(event)]))
     return groups
 
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from kine_server.drivers.base import OPEN_END, Change
 from kine_server.pb import kv_pb2
 from kine_server.store.applier import to_kv
-from kine_server.store.hub import Group
+from kine_server.store.hub import Group, WireEvent
 
 Event = kv_pb2.Event
 
@@ -40,10 +40,14 @@ class WatchSpec:
             return key >= self.key
         return self.key <= key < self.end
 
-    def wants(self, event: kv_pb2.Event) -> bool:
+    def wants(self, event: WireEvent) -> bool:
         if event.type == Event.PUT:
             return not self.no_put
         return not self.no_delete
+
+
+#: Events ready to send: each one's encoded WatchResponse field (see WireEvent).
+Encoded = list[bytes]
 
 
 class Watcher:
@@ -55,16 +59,14 @@ class Watcher:
         #: The lowest revision not yet sent to the client.
         self.next_revision = next_revision
         self.synced = synced
-        self.pending: collections.deque[Group] = collections.deque()
+        self.pending: collections.deque[tuple[int, Encoded]] = collections.deque()
         self.pending_events = 0
         self.peak_pending_events = 0
 
-    def select(self, events: list[kv_pb2.Event]) -> list[kv_pb2.Event]:
+    def select(self, events: list[WireEvent]) -> Encoded:
         spec = self.spec
-        chosen = [e for e in events if spec.matches(e.kv.key) and spec.wants(e)]
-        if not spec.prev_kv:
-            chosen = [Event(type=e.type, kv=e.kv) if e.HasField("prev_kv") else e for e in chosen]
-        return chosen
+        prev_kv = spec.prev_kv
+        return [e.wire(prev_kv) for e in events if spec.matches(e.key) and spec.wants(e)]
 
     def offer(self, groups: list[Group], max_pending: int) -> bool:
         """Queue what this watch wants from newly published groups. True if it now has work for
@@ -90,7 +92,7 @@ class Watcher:
         self.peak_pending_events = max(self.peak_pending_events, self.pending_events)
         return queued
 
-    def take(self) -> Group | None:
+    def take(self) -> tuple[int, Encoded] | None:
         if not self.pending:
             return None
         group = self.pending.popleft()
