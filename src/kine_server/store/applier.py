@@ -183,8 +183,18 @@ class Applier:
         if req.limit > 0 and len(rows) > req.limit:
             rows = rows[: req.limit]
             more = True
-        kvs = [to_kv(r._replace(value=b"")) if req.keys_only else to_kv(r) for r in rows]
-        return rpc_pb2.RangeResponse(header=header(current), kvs=kvs, more=more, count=count)
+        response = rpc_pb2.RangeResponse(header=header(current), more=more, count=count)
+        add = response.kvs.add  # building in place: a list of KeyValues would be copied in again
+        for r in rows:
+            add(
+                key=r.key,
+                create_revision=r.create_revision,
+                mod_revision=r.mod_revision,
+                version=r.version,
+                value=b"" if req.keys_only else r.value,
+                lease=r.lease,
+            )
+        return response
 
     async def compare(self, compare: rpc_pb2.Compare) -> bool:
         if not compare.range_end and isinstance(self.tx, WriteTx):
