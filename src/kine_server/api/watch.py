@@ -21,7 +21,7 @@ from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import range_end
 from kine_server.store.hub import Group, WireEvent
 from kine_server.store.store import Store
-from kine_server.store.watch import Encoded, Watcher, WatchSpec, change_event
+from kine_server.store.watch import Watcher, WatchSpec, change_event
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Create = rpc_pb2.WatchCreateRequest
@@ -317,7 +317,9 @@ class WatchStream:
             if not watcher.pending:
                 self._unready(watcher)
 
-    async def _send_events(self, watcher: Watcher, revision: int, events: Encoded) -> None:
+    async def _send_events(self, watcher: Watcher, revision: int, chosen: list[WireEvent]) -> None:
+        prev_kv = watcher.spec.prev_kv
+        events = [e.wire(prev_kv) for e in chosen]
         watch_id = watcher.watch_id
         head = self._head(revision, watch_id, fragment=False)
         limit = self._settings.max_response_bytes

@@ -46,10 +46,6 @@ class WatchSpec:
         return not self.no_delete
 
 
-#: Events ready to send: each one's encoded WatchResponse field (see WireEvent).
-Encoded = list[bytes]
-
-
 class Watcher:
     """One watch of one stream: its position, and the groups waiting to be sent."""
 
@@ -59,14 +55,17 @@ class Watcher:
         #: The lowest revision not yet sent to the client.
         self.next_revision = next_revision
         self.synced = synced
-        self.pending: collections.deque[tuple[int, Encoded]] = collections.deque()
+        #: Usually the hub's own groups, shared with every other watcher that wants all of them:
+        #: a thousand watchers of a prefix then hold a thousand references, not copies.
+        self.pending: collections.deque[Group] = collections.deque()
         self.pending_events = 0
         self.peak_pending_events = 0
 
-    def select(self, events: list[WireEvent]) -> Encoded:
+    def select(self, events: list[WireEvent]) -> list[WireEvent]:
+        """The events this watch wants: `events` itself when it wants them all."""
         spec = self.spec
-        prev_kv = spec.prev_kv
-        return [e.wire(prev_kv) for e in events if spec.matches(e.key) and spec.wants(e)]
+        chosen = [e for e in events if spec.matches(e.key) and spec.wants(e)]
+        return events if len(chosen) == len(events) else chosen
 
     def offer(self, groups: list[Group], max_pending: int) -> bool:
         """Queue what this watch wants from newly published groups. True if it now has work for
@@ -74,7 +73,8 @@ class Watcher:
         if not self.synced:
             return False
         queued = False
-        for revision, events in groups:
+        for group in groups:
+            revision, events = group
             if revision < self.next_revision:
                 continue
             chosen = self.select(events)
@@ -86,13 +86,13 @@ class Watcher:
                 self.pending_events = 0
                 self.synced = False
                 return True
-            self.pending.append((revision, chosen))
+            self.pending.append(group if chosen is events else (revision, chosen))
             self.pending_events += len(chosen)
             queued = True
         self.peak_pending_events = max(self.peak_pending_events, self.pending_events)
         return queued
 
-    def take(self) -> tuple[int, Encoded] | None:
+    def take(self) -> Group | None:
         if not self.pending:
             return None
         group = self.pending.popleft()
