@@ -51,6 +51,24 @@ class WatchStats:
     fallbacks: int = 0
 
 
+class Headers:
+    """The newest revision's WatchResponse header, encoded once for every stream (see _head)."""
+
+    def __init__(self, member: Member) -> None:
+        self._member = member
+        self._revision = -1
+        self._encoded = b""
+
+    def encoded(self, revision: int) -> bytes:
+        if revision != self._revision:
+            response = rpc_pb2.WatchResponse()
+            response.header.revision = revision
+            self._member.stamp(response.header)
+            self._encoded = response.SerializeToString()
+            self._revision = revision
+        return self._encoded
+
+
 class _StreamClosed(Exception):
     """The client's side of the call has finished; nothing more can be sent."""
 
@@ -69,6 +87,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._member = member
         self._settings = settings
         self.stats = WatchStats()
+        self._headers = Headers(member)
         self._streams: set[WatchStream] = set()
         self._closing = asyncio.Event()
 
@@ -93,7 +112,13 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
     ) -> None:
         stream = WatchStream(
-            self._store, self._member, self._settings, self.stats, context, self._closing
+            self._store,
+            self._member,
+            self._headers,
+            self._settings,
+            self.stats,
+            context,
+            self._closing,
         )
         self._streams.add(stream)
         try:
@@ -111,6 +136,7 @@ class WatchStream:
         self,
         store: Store,
         member: Member,
+        headers: Headers,
         settings: WatchSettings,
         stats: WatchStats,
         context: Context,
@@ -120,6 +146,7 @@ class WatchStream:
         self._store = store
         self._hub = store.hub
         self._member = member
+        self._headers = headers
         self._settings = settings
         self._stats = stats
         self._context = context
@@ -366,11 +393,13 @@ class WatchStream:
         return response
 
     def _head(self, revision: int, watch_id: int, fragment: bool) -> bytes:
-        """A WatchResponse without its events; the encoded events follow it (field 11 comes last)."""
-        head: bytes = self._response(
-            revision, watch_id=watch_id, fragment=fragment
-        ).SerializeToString()
-        return head
+        """A WatchResponse without its events; the encoded events follow (field 11 comes last).
+
+        Encoded messages concatenate as a merge, so the header, the same for every watcher of a
+        revision, is encoded once per revision and the watch's own fields appended to it.
+        """
+        own: bytes = rpc_pb2.WatchResponse(watch_id=watch_id, fragment=fragment).SerializeToString()
+        return self._headers.encoded(revision) + own
 
     async def _write(self, response: rpc_pb2.WatchResponse | bytes) -> None:
         try:
