@@ -269,9 +269,12 @@ class _Compact(_Read, CompactTx):
 class _Link:
     """The writer's sqlite3 connection and the one thread its blocking steps run on."""
 
-    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, busy_timeout_ms: int
+    ) -> None:
         self.conn = conn
         self._thread = thread
+        self._busy_timeout_ms = busy_timeout_ms
 
     @classmethod
     async def connect(cls, path: str, busy_timeout_ms: int) -> _Link:
@@ -279,7 +282,7 @@ class _Link:
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            conn.execute("PRAGMA busy_timeout=0")  # see begin()
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA journal_mode=WAL").fetchall()
             return conn
@@ -289,7 +292,30 @@ class _Link:
         except BaseException:
             thread.shutdown(wait=False)
             raise
-        return cls(conn, thread)
+        return cls(conn, thread, busy_timeout_ms)
+
+    async def begin(self) -> None:
+        """BEGIN IMMEDIATE inline when SQLite's write lock is free, as it is unless a compaction
+        batch holds it; then on the thread, waiting up to the busy timeout."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+        await self.call_waiting(lambda conn: conn.execute("BEGIN IMMEDIATE").fetchall())
+
+    async def call_waiting(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`call`, waiting on SQLite's locks for up to the busy timeout (normally 0 here)."""
+
+        def waiting(conn: sqlite3.Connection) -> T:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("PRAGMA busy_timeout=0")
+
+        return await self.call(waiting)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, self.conn)
@@ -333,7 +359,7 @@ class SQLiteDriver(Driver):
         try:
             self._prepare_files()
             self._writer = await _Link.connect(self.path, self._busy_timeout_ms)
-            await self._writer.call(_create_schema)
+            await self._writer.call_waiting(_create_schema)
             self._compactor = await self._connect()
             for _ in range(self._reader_count):
                 conn = await self._connect(query_only=True)
@@ -398,7 +424,7 @@ class SQLiteDriver(Driver):
         assert link is not None, "driver not open"
         committed = False
         try:
-            await link.execute("BEGIN IMMEDIATE")
+            await link.begin()
             yield _Write(link.conn)
             await link.execute("COMMIT")
             committed = True
