@@ -3,6 +3,9 @@
 normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BENCH_KINE_STATS:
 
 - writer: batches, requests per batch, time per batch (from the first statement to the commit)
+- gc: collections per generation, their total and longest pause
+- loop_lag: how late a 1 ms timer on the event loop fires (p50, p99, max), i.e. how long the
+  loop was busy with other callbacks
 - sql: statements per connection role (writer / other), time each took on the aiosqlite thread
   (`exec`) and the whole round trip as the event loop saw it (`round_trip`): the difference is the
   cost of handing the call to the thread and the result back.
@@ -10,8 +13,10 @@ normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BEN
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextvars
+import gc
 import json
 import os
 import sys
@@ -20,6 +25,7 @@ from typing import Any
 
 import aiosqlite.core
 
+from kine_server import server as server_module
 from kine_server.store import writer as writer_module
 
 _in_writer: contextvars.ContextVar[bool] = contextvars.ContextVar("in_writer", default=False)
@@ -31,7 +37,38 @@ stats: dict[str, Any] = {
     "batch_sizes": {},
     "batch_seconds": 0.0,
     "sql": {},
+    "gc": {},
 }
+_lags: list[float] = []
+_gc_began = [0.0]
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_began[0] = perf()
+        return
+    pause = perf() - _gc_began[0]
+    bucket = stats["gc"].setdefault(
+        f"gen{info['generation']}", {"count": 0, "ms": 0.0, "max_ms": 0.0}
+    )
+    bucket["count"] += 1
+    bucket["ms"] += pause * 1e3
+    bucket["max_ms"] = max(bucket["max_ms"], pause * 1e3)
+
+
+async def _watch_loop() -> None:
+    while True:
+        t = perf()
+        await asyncio.sleep(0.001)
+        _lags.append(perf() - t - 0.001)
+
+
+_original_start = server_module.Server.start
+
+
+async def _start(self: Any) -> None:
+    await _original_start(self)
+    self._bench_lag_task = asyncio.create_task(_watch_loop())
 
 
 def _sql_bucket(role: str) -> dict[str, float]:
@@ -106,12 +143,21 @@ def _dump() -> None:
         out["writer_statements_per_request"] = (
             stats["sql"]["writer"]["statements"] / stats["requests"]
         )
+    if _lags:
+        lags = sorted(_lags)
+        out["loop_lag_ms"] = {
+            "p50": lags[len(lags) // 2] * 1e3,
+            "p99": lags[int(len(lags) * 0.99)] * 1e3,
+            "max": lags[-1] * 1e3,
+        }
     with open(path, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
 
 
 writer_module.Writer._commit = _commit  # type: ignore[method-assign]
 aiosqlite.core.Connection._execute = _execute  # type: ignore[method-assign]
+server_module.Server.start = _start  # type: ignore[method-assign]
+gc.callbacks.append(_on_gc)
 atexit.register(_dump)
 
 if __name__ == "__main__":
