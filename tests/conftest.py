@@ -11,11 +11,31 @@ import pytest
 from kine_server.config import Config
 from kine_server.drivers.postgres import with_database
 from kine_server.server import Server
+from tests.support import hangs
 from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd
 from tests.support.postgres import ThrowawayPostgres
 
 DATABASES = ["sqlite", "postgres"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    def write(text: str) -> None:
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if terminal is not None and capture is not None:
+            with capture.global_and_fixture_disabled():
+                terminal.write_line("\n" + text)
+
+    hangs.install(write)
+
+
+@pytest.fixture(autouse=True)
+def _hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Covers setup, the test and teardown (autouse fixtures are set up first, torn down last)."""
+    timer = hangs.watchdog(request.node.nodeid)
+    yield
+    timer.cancel()
 
 
 @pytest.fixture(scope="session")
