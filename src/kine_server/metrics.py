@@ -2,7 +2,8 @@
 
 Counters that components already keep (watch stats, compaction status, writer totals) are read at
 scrape time by a collector, so nothing on a hot path pays for metrics it does not need; request
-latencies and codes are recorded by a gRPC interceptor.
+latencies and codes are recorded by a wrapper around each unary method's handler, made once at
+start-up (a gRPC interceptor would run, and build a handler, for every call).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -66,8 +67,37 @@ class Metrics:
         self.batch_size.observe(requests)
         self.sql.labels("write").observe(seconds)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _Interceptor(self)
+    def timed(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler`, recording the latency and status code of every call (unary calls only:
+        streams are counted by their own gauges)."""
+        behavior = handler.unary_unary
+        if behavior is None:
+            return handler
+        latency = self.latency.labels(method)
+        by_code: dict[str, Any] = {}
+        requests = self.requests
+
+        async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            began = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                code_value = context.code()
+                code = code_value.name if code_value is not None else "UNKNOWN"
+                raise
+            finally:
+                latency.observe(time.perf_counter() - began)
+                counter = by_code.get(code)
+                if counter is None:
+                    counter = by_code[code] = requests.labels(method, code)
+                counter.inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class _StoreState(Collector):
@@ -138,42 +168,6 @@ class _StoreState(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
-
-
-class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
-        if handler is None or not handler.unary_unary:
-            return handler  # streams (Watch, LeaseKeepAlive) are counted by their own gauges
-        method = details.method.rsplit("/", 1)[-1]
-        behavior = handler.unary_unary
-        metrics = self._metrics
-
-        async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            began = time.perf_counter()
-            code = "OK"
-            try:
-                return await behavior(request, context)
-            except BaseException:
-                code_value = context.code()
-                code = code_value.name if code_value is not None else "UNKNOWN"
-                raise
-            finally:
-                metrics.latency.labels(method).observe(time.perf_counter() - began)
-                metrics.requests.labels(method, code).inc()
-
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 class HttpEndpoint:
