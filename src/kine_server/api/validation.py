@@ -81,6 +81,8 @@ class _Deletes:
 
 def _intervals(ops: Sequence[rpc_pb2.RequestOp]) -> tuple[set[bytes], _Deletes]:
     """etcd's checkIntervals: no key may be put twice, or put and deleted, by one branch."""
+    if len(ops) == 1 and ops[0].WhichOneof("request") == "request_put":
+        return {ops[0].request_put.key}, _Deletes()  # the usual write: nothing can overlap
     deletes = _Deletes()
     for op in ops:
         if op.WhichOneof("request") == "request_delete_range":
