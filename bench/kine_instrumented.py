@@ -1,4 +1,4 @@
-"""kine-server with counters around its writer and aiosqlite, for profiling runs (run.py
+"""kine-server with counters around its writer and its SQLite threads, for profiling runs (run.py
 --instrument PATH). Nothing in src/ changes: this wraps two functions at start-up, then runs the
 normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BENCH_KINE_STATS:
 
@@ -6,16 +6,17 @@ normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BEN
 - gc: collections per generation, their total and longest pause
 - loop_lag: how late a 1 ms timer on the event loop fires (p50, p99, max), i.e. how long the
   loop was busy with other callbacks
-- sql: statements per connection role (writer / other), time each took on the aiosqlite thread
-  (`exec`) and the whole round trip as the event loop saw it (`round_trip`): the difference is the
-  cost of handing the call to the thread and the result back.
+- sql: calls handed to a connection's thread, per role: "writer" (the writer connection's own
+  thread: COMMIT, and BEGIN when it must wait; its other statements run inline on the loop) and
+  "other" (aiosqlite: readers and the compactor), with the time each took on the thread (`exec`)
+  and the whole round trip as the event loop saw it (`round_trip`): the difference is the cost of
+  handing the call to the thread and the result back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextvars
 import gc
 import json
 import os
@@ -26,9 +27,9 @@ from typing import Any
 import aiosqlite.core
 
 from kine_server import server as server_module
+from kine_server.drivers import sqlite as sqlite_module
 from kine_server.store import writer as writer_module
 
-_in_writer: contextvars.ContextVar[bool] = contextvars.ContextVar("in_writer", default=False)
 perf = time.perf_counter
 
 stats: dict[str, Any] = {
@@ -79,12 +80,10 @@ _original_commit = writer_module.Writer._commit
 
 
 async def _commit(self: Any, batch: list[Any]) -> None:
-    token = _in_writer.set(True)
     start = perf()
     try:
         await _original_commit(self, batch)
     finally:
-        _in_writer.reset(token)
         stats["batches"] += 1
         stats["requests"] += len(batch)
         stats["batch_seconds"] += perf() - start
@@ -104,7 +103,7 @@ def _kind(fn: Any, args: tuple[Any, ...]) -> str:
 
 
 async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    role = "writer" if _in_writer.get() else "other"
+    role = "other"
     bucket = _sql_bucket(role)
     kind = _sql_bucket(f"{role} {_kind(fn, args)}")
     spent = [0.0]
@@ -127,6 +126,29 @@ async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
             b["exec"] += spent[0]
 
 
+_original_link_call = sqlite_module._Link.call
+
+
+async def _link_call(self: Any, fn: Any) -> Any:
+    bucket = _sql_bucket("writer")
+    spent = [0.0]
+
+    def timed(conn: Any) -> Any:
+        t = perf()
+        try:
+            return fn(conn)
+        finally:
+            spent[0] = perf() - t
+
+    start = perf()
+    try:
+        return await _original_link_call(self, timed)
+    finally:
+        bucket["statements"] += 1
+        bucket["round_trip"] += perf() - start
+        bucket["exec"] += spent[0]
+
+
 def _dump() -> None:
     path = os.environ.get("BENCH_KINE_STATS")
     if not path:
@@ -140,8 +162,8 @@ def _dump() -> None:
         bucket["exec_us_each"] = bucket["exec"] / n * 1e6
         bucket["round_trip_us_each"] = bucket["round_trip"] / n * 1e6
     if stats["requests"] and "writer" in stats["sql"]:
-        out["writer_statements_per_request"] = (
-            stats["sql"]["writer"]["statements"] / stats["requests"]
+        out["writer_thread_calls_per_batch"] = stats["sql"]["writer"]["statements"] / max(
+            1, stats["batches"]
         )
     if _lags:
         lags = sorted(_lags)
@@ -156,6 +178,7 @@ def _dump() -> None:
 
 writer_module.Writer._commit = _commit  # type: ignore[method-assign]
 aiosqlite.core.Connection._execute = _execute  # type: ignore[method-assign]
+sqlite_module._Link.call = _link_call  # type: ignore[method-assign]
 server_module.Server.start = _start  # type: ignore[method-assign]
 gc.callbacks.append(_on_gc)
 atexit.register(_dump)
