@@ -8,7 +8,7 @@ normal `kine-server` command. On exit (SIGTERM) it writes a JSON summary to $BEN
   loop was busy with other callbacks
 - sql: calls handed to a connection's thread, per role: "writer" (the writer connection's own
   thread: COMMIT, and BEGIN when it must wait; its other statements run inline on the loop) and
-  "other" (aiosqlite: readers and the compactor), with the time each took on the thread (`exec`)
+  "other" (readers and the compactor), with the time each took on the thread (`exec`)
   and the whole round trip as the event loop saw it (`round_trip`): the difference is the cost of
   handing the call to the thread and the result back.
 """
@@ -23,8 +23,6 @@ import os
 import sys
 import time
 from typing import Any
-
-import aiosqlite.core
 
 from kine_server import server as server_module
 from kine_server.drivers import sqlite as sqlite_module
@@ -91,46 +89,12 @@ async def _commit(self: Any, batch: list[Any]) -> None:
         sizes[len(batch)] = sizes.get(len(batch), 0) + 1
 
 
-_original_execute = aiosqlite.core.Connection._execute
+_original_submit = sqlite_module._Link.submit
 
 
-def _kind(fn: Any, args: tuple[Any, ...]) -> str:
-    """BEGIN / COMMIT / SELECT / INSERT / UPDATE ... from the statement, else the method name."""
-    if args and isinstance(args[0], str):
-        words = args[0].split(None, 2)
-        return " ".join(words[:2]).upper() if words[:1] == ["BEGIN"] else words[0].upper()
-    return getattr(fn, "__name__", "?")
-
-
-async def _execute(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    role = "other"
-    bucket = _sql_bucket(role)
-    kind = _sql_bucket(f"{role} {_kind(fn, args)}")
-    spent = [0.0]
-
-    def timed() -> Any:
-        t = perf()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            spent[0] = perf() - t
-
-    start = perf()
-    try:
-        return await _original_execute(self, timed)
-    finally:
-        elapsed = perf() - start
-        for b in (bucket, kind):
-            b["statements"] += 1
-            b["round_trip"] += elapsed
-            b["exec"] += spent[0]
-
-
-_original_link_call = sqlite_module._Link.call
-
-
-async def _link_call(self: Any, fn: Any) -> Any:
-    bucket = _sql_bucket("writer")
+def _submit(self: Any, fn: Any) -> Any:
+    """Every hand-off to a connection's thread: its time on the thread and its round trip."""
+    bucket = _sql_bucket("writer" if isinstance(self, sqlite_module._WriterLink) else "other")
     spent = [0.0]
 
     def timed(conn: Any) -> Any:
@@ -141,12 +105,15 @@ async def _link_call(self: Any, fn: Any) -> Any:
             spent[0] = perf() - t
 
     start = perf()
-    try:
-        return await _original_link_call(self, timed)
-    finally:
+
+    def done(_: Any) -> None:
         bucket["statements"] += 1
         bucket["round_trip"] += perf() - start
         bucket["exec"] += spent[0]
+
+    future = _original_submit(self, timed)
+    future.add_done_callback(done)
+    return future
 
 
 def _dump() -> None:
@@ -177,8 +144,7 @@ def _dump() -> None:
 
 
 writer_module.Writer._commit = _commit  # type: ignore[method-assign]
-aiosqlite.core.Connection._execute = _execute  # type: ignore[method-assign]
-sqlite_module._Link.call = _link_call  # type: ignore[method-assign]
+sqlite_module._Link.submit = _submit  # type: ignore[method-assign]
 server_module.Server.start = _start  # type: ignore[method-assign]
 gc.callbacks.append(_on_gc)
 atexit.register(_dump)

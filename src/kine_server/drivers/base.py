@@ -17,7 +17,7 @@ every row whose `next_revision <= R` and every tombstone at or below R.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple
 
@@ -117,6 +117,11 @@ class ReadTx(abc.ABC):
 
     @abc.abstractmethod
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int: ...
+
+    def count_soon(self, key: bytes, end: bytes | None, at: int | None) -> Awaitable[int]:
+        """`count`, started now and awaited later: a driver that can run it beside the caller's
+        own work (building a response) overrides this; by default it runs when awaited."""
+        return self.count(key, end, at)
 
     @abc.abstractmethod
     async def lease(self, lease_id: int) -> tuple[int, int] | None:

@@ -4,11 +4,14 @@ SQLite allows one writing transaction at a time, so the store's single writer ow
 and compaction batches use a second one that waits on SQLite's busy handler. Readers get their own
 connections so that a long LIST never waits for a write; WAL gives each of them a snapshot.
 
-The writer's statements run inline on the event loop: inside a transaction that already holds the
-write lock each one is a few microseconds of work on cached pages, while a hop to a connection
-thread costs far more once the loop is busy (profiled: 14 of 16 ms per group-commit batch went to
-those hops). Only the steps that can wait, BEGIN IMMEDIATE for the lock and COMMIT for the fsync,
-go to the writer connection's own thread.
+Each connection has one thread of its own (a `_Link`), and the event loop hands it whole steps
+rather than single calls: a hop to a thread and back costs 50-200 microseconds, more than most
+statements. So the writer's statements run inline on the event loop (inside a transaction that
+holds the write lock each is a few microseconds on cached pages; profiled, 14 of 16 ms per
+group-commit batch had gone to per-statement hops) and only the steps that can wait go to its
+thread: BEGIN IMMEDIATE when the lock is taken, and COMMIT with its fsync. A reader's BEGIN rides
+with its first query, its ROLLBACK is queued without waiting, and a LIST's count runs on the
+reader's thread while the loop builds the page.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import fcntl
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, TypeVar
-
-import aiosqlite
+from typing import IO, Any, Self, TypeVar
 
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
@@ -74,22 +75,6 @@ CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
 CREATE INDEX IF NOT EXISTS kine_kv_next ON kine_kv (next_revision)
     WHERE next_revision IS NOT NULL;
 """
-
-
-async def _settle(conn: aiosqlite.Connection) -> None:
-    """Roll back whatever transaction `conn` has open, even while the caller is being cancelled.
-
-    aiosqlite runs each call on the connection's own thread, in order, and still runs a call
-    whose caller was cancelled; this ROLLBACK is queued behind it, and is shielded so that a
-    cancellation cannot drop it. Without this, a connection could go back to the pool inside a
-    transaction, or keep SQLite's write lock.
-    """
-
-    async def rollback() -> None:
-        with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
-            await conn.execute("ROLLBACK")
-
-    await asyncio.shield(asyncio.ensure_future(rollback()))
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -181,20 +166,59 @@ class _Queries(ReadTx):
 
 
 class _Read(_Queries):
-    """A snapshot on a reader (or the compactor's) connection, through aiosqlite's thread."""
+    """A snapshot on a reader's (or the compactor's) connection, one thread hop per statement."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn = conn
+    def __init__(self, link: _Link, begin: str = "") -> None:
+        self._link = link
+        #: Sent with the first statement (see the module docstring), then cleared.
+        self._begin = begin
+
+    def _opening(self) -> str:
+        begin, self._begin = self._begin, ""
+        return begin
 
     async def _all(self, query: str, params: Sequence[Any]) -> list[Any]:
-        return list(await self._conn.execute_fetchall(query, params))
+        return await self._link.call(_fetch(self._opening(), query, params))
 
     async def _run(self, query: str, params: Sequence[Any]) -> int:
-        cursor = await self._conn.execute(query, params)
-        return cursor.rowcount
+        begin = self._opening()
+
+        def run(conn: sqlite3.Connection) -> int:
+            if begin:
+                conn.execute(begin)
+            return conn.execute(query, params).rowcount
+
+        return await self._link.call(run)
 
     async def _many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._conn.executemany(query, rows)
+        begin = self._opening()
+
+        def run(conn: sqlite3.Connection) -> None:
+            if begin:
+                conn.execute(begin)
+            conn.executemany(query, rows)
+
+        await self._link.call(run)
+
+    def count_soon(self, key: bytes, end: bytes | None, at: int | None) -> Awaitable[int]:
+        query, params = sql.count_query(key, end, at)
+        rows = self._link.submit(_fetch(self._opening(), query, params))
+        return _first_int(rows)
+
+
+def _fetch(
+    begin: str, query: str, params: Sequence[Any]
+) -> Callable[[sqlite3.Connection], list[Any]]:
+    def fetch(conn: sqlite3.Connection) -> list[Any]:
+        if begin:
+            conn.execute(begin)
+        return conn.execute(query, params).fetchall()
+
+    return fetch
+
+
+async def _first_int(rows: Awaitable[list[Any]]) -> int:
+    return int((await rows)[0][0])
 
 
 class _Write(_Queries, WriteTx):
@@ -269,25 +293,34 @@ class _Compact(_Read, CompactTx):
         await self._run(ADVANCE_COMPACT_REVISION, (revision,))
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
+        conn.execute("ROLLBACK")
+
+
 class _Link:
-    """The writer's sqlite3 connection and the one thread its blocking steps run on."""
+    """One sqlite3 connection and the one thread that runs its blocking steps, in order."""
 
     def __init__(
         self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, busy_timeout_ms: int
     ) -> None:
         self.conn = conn
         self._thread = thread
-        self._busy_timeout_ms = busy_timeout_ms
+        self.busy_timeout_ms = busy_timeout_ms
 
     @classmethod
-    async def connect(cls, path: str, busy_timeout_ms: int) -> _Link:
-        thread = ThreadPoolExecutor(1, thread_name_prefix="kine-sqlite-writer")
+    async def connect(
+        cls, path: str, name: str, busy_timeout_ms: int, query_only: bool = False
+    ) -> Self:
+        thread = ThreadPoolExecutor(1, thread_name_prefix=f"kine-sqlite-{name}")
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=0")  # see begin()
+            conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            # FULL: an acknowledged write is on disk before the client hears of it.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            if query_only:
+                conn.execute("PRAGMA query_only=ON")
             return conn
 
         try:
@@ -296,6 +329,31 @@ class _Link:
             thread.shutdown(wait=False)
             raise
         return cls(conn, thread, busy_timeout_ms)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn` on the thread now; its result when awaited."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, fn, self.conn)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(fn)
+
+    async def execute(self, statement: str) -> None:
+        await self.call(lambda conn: conn.execute(statement).fetchall())
+
+    async def settle(self) -> None:
+        """Roll back whatever is open, even while the caller is being cancelled: the thread runs
+        its queue in order, so this runs after a BEGIN the cancelled caller had queued."""
+        await asyncio.shield(self.submit(_rollback))
+
+    async def close(self) -> None:
+        try:
+            await self.call(lambda conn: conn.close())
+        finally:
+            self._thread.shutdown(wait=False)
+
+
+class _WriterLink(_Link):
+    """The writer's link: busy timeout 0, so that BEGIN IMMEDIATE can be tried inline."""
 
     async def begin(self) -> None:
         """BEGIN IMMEDIATE inline when SQLite's write lock is free, as it is unless a compaction
@@ -309,38 +367,16 @@ class _Link:
         await self.call_waiting(lambda conn: conn.execute("BEGIN IMMEDIATE").fetchall())
 
     async def call_waiting(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`call`, waiting on SQLite's locks for up to the busy timeout (normally 0 here)."""
+        """`call`, waiting on SQLite's locks for up to the busy timeout."""
 
         def waiting(conn: sqlite3.Connection) -> T:
-            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             try:
                 return fn(conn)
             finally:
                 conn.execute("PRAGMA busy_timeout=0")
 
         return await self.call(waiting)
-
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, self.conn)
-
-    async def execute(self, statement: str) -> None:
-        await self.call(lambda conn: conn.execute(statement).fetchall())
-
-    async def settle(self) -> None:
-        """Roll back whatever is open, even while the caller is being cancelled: the thread runs
-        its queue in order, so this runs after a BEGIN the cancelled caller had queued."""
-
-        def rollback(conn: sqlite3.Connection) -> None:
-            with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine
-                conn.execute("ROLLBACK")
-
-        await asyncio.shield(self.call(rollback))
-
-    async def close(self) -> None:
-        try:
-            await self.call(lambda conn: conn.close())
-        finally:
-            self._thread.shutdown(wait=False)
 
 
 class SQLiteDriver(Driver):
@@ -353,20 +389,23 @@ class SQLiteDriver(Driver):
         self._reader_count = readers
         self._busy_timeout_ms = busy_timeout_ms
         self._lock_file: IO[bytes] | None = None
-        self._writer: _Link | None = None
-        self._compactor: aiosqlite.Connection | None = None
-        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        self._all: list[aiosqlite.Connection] = []
+        self._writer: _WriterLink | None = None
+        self._compactor: _Link | None = None
+        self._readers: asyncio.Queue[_Link] = asyncio.Queue()
+        self._all: list[_Link] = []
 
     async def open(self) -> None:
         try:
             self._prepare_files()
-            self._writer = await _Link.connect(self.path, self._busy_timeout_ms)
-            await self._writer.call_waiting(_create_schema)
-            self._compactor = await self._connect()
-            for _ in range(self._reader_count):
-                conn = await self._connect(query_only=True)
-                self._readers.put_nowait(conn)
+            writer = await _WriterLink.connect(self.path, "writer", self._busy_timeout_ms)
+            self._all.append(writer)
+            self._writer = writer
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await writer.call(_create_schema)
+            await writer.execute("PRAGMA busy_timeout=0")  # see _WriterLink.begin
+            self._compactor = await self._connect("compactor")
+            for n in range(self._reader_count):
+                self._readers.put_nowait(await self._connect(f"reader-{n}", query_only=True))
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise DriverError(f"cannot open SQLite database {self.path}: {exc}") from exc
@@ -382,24 +421,16 @@ class SQLiteDriver(Driver):
             raise OSError(f"another kine-server is already using {self.path}") from None
         self._lock_file = lock
 
-    async def _connect(self, query_only: bool = False) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        self._all.append(conn)
-        await conn.execute_fetchall(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-        # FULL: an acknowledged write is on disk before the client hears of it.
-        await conn.execute_fetchall("PRAGMA synchronous=FULL")
-        if query_only:
-            await conn.execute_fetchall("PRAGMA query_only=ON")
-        return conn
+    async def _connect(self, name: str, query_only: bool = False) -> _Link:
+        link = await _Link.connect(self.path, name, self._busy_timeout_ms, query_only)
+        self._all.append(link)
+        return link
 
     async def close(self) -> None:
-        if self._writer is not None:
+        self._writer = self._compactor = None
+        for link in self._all:
             with contextlib.suppress(Exception):
-                await self._writer.close()
-            self._writer = None
-        for conn in self._all:
-            with contextlib.suppress(Exception):
-                await conn.close()
+                await link.close()
         self._all.clear()
         if self._lock_file is not None:
             self._lock_file.close()
@@ -407,19 +438,17 @@ class SQLiteDriver(Driver):
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[ReadTx]:
-        conn = await self._readers.get()
+        link = await self._readers.get()
         try:
-            await conn.execute("BEGIN")
-            yield _Read(conn)
+            yield _Read(link, begin="BEGIN")
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
         finally:
-            # A snapshot has nothing to commit. Ending it this way also holds when the caller was
-            # cancelled in the middle of BEGIN, which aiosqlite still runs.
-            try:
-                await _settle(conn)
-            finally:
-                self._readers.put_nowait(conn)
+            # A snapshot has nothing to commit. The ROLLBACK is queued, not awaited: the thread
+            # runs it before anything the next user of the link queues, and it also ends a BEGIN
+            # that a cancelled caller had queued.
+            link.submit(_rollback)
+            self._readers.put_nowait(link)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
@@ -439,48 +468,45 @@ class SQLiteDriver(Driver):
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
-        conn = self._compactor
-        assert conn is not None, "driver not open"
+        link = self._compactor
+        assert link is not None, "driver not open"
         # Waiting for SQLite's one write lock gives up at the deadline; once the batch holds it,
         # the batch size bounds its work. (sqlite3_interrupt is no help here: an interrupt that
         # lands between statements fails the connection's next, unrelated statement.)
-        try:
-            await conn.execute_fetchall(f"PRAGMA busy_timeout={max(1, int(timeout * 1000))}")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
-        async with self._transaction(conn) as tx_conn:
-            yield _Compact(tx_conn)
-
-    async def defragment(self) -> None:
-        conn = self._compactor
-        assert conn is not None, "driver not open"
-        try:
-            await conn.execute("VACUUM")
-            await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
-
-    async def checkpoint(self) -> None:
-        conn = self._compactor
-        assert conn is not None, "driver not open"
-        try:
-            await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+        wait_ms = max(1, int(timeout * 1000))
         committed = False
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            await conn.execute("COMMIT")
+            await link.call(
+                lambda conn: (
+                    conn.execute(f"PRAGMA busy_timeout={wait_ms}")
+                    and conn.execute("BEGIN IMMEDIATE")
+                )
+            )
+            yield _Compact(link)
+            await link.execute("COMMIT")
             committed = True
         except sqlite3.Error as exc:
             raise DriverError(str(exc)) from exc
         finally:
             if not committed:
-                await _settle(conn)
+                await link.settle()
+
+    async def defragment(self) -> None:
+        link = self._compactor
+        assert link is not None, "driver not open"
+        try:
+            await link.execute("VACUUM")
+            await link.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise DriverError(str(exc)) from exc
+
+    async def checkpoint(self) -> None:
+        link = self._compactor
+        assert link is not None, "driver not open"
+        try:
+            await link.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise DriverError(str(exc)) from exc
 
     async def meta(self, name: str) -> int | None:
         async with self.read() as tx:

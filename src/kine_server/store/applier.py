@@ -166,10 +166,16 @@ class Applier:
             fetch += 1
         with_values = not req.keys_only or req.sort_target == RangeRequest.VALUE
         rows = await self.tx.range(req.key, end, at, fetch, with_values)
-        count = len(rows)
         if fetch > 0 and len(rows) == fetch:
-            count = await self.tx.count(req.key, end, at)
+            counting = self.tx.count_soon(req.key, end, at)  # beside building the response
+            response = self._range_response(req, rows, len(rows), filtered)
+            response.count = await counting
+            return response
+        return self._range_response(req, rows, len(rows), filtered)
 
+    def _range_response(
+        self, req: rpc_pb2.RangeRequest, rows: list[Row], count: int, filtered: bool
+    ) -> rpc_pb2.RangeResponse:
         if filtered:
             rows = [r for r in rows if _passes(req, r)]
         order = req.sort_order
@@ -183,7 +189,7 @@ class Applier:
         if req.limit > 0 and len(rows) > req.limit:
             rows = rows[: req.limit]
             more = True
-        response = rpc_pb2.RangeResponse(header=header(current), more=more, count=count)
+        response = rpc_pb2.RangeResponse(header=header(self.revision), more=more, count=count)
         add = response.kvs.add  # building in place: a list of KeyValues would be copied in again
         for r in rows:
             add(
