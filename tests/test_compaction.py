@@ -227,9 +227,27 @@ async def test_concurrent_compactors_share_the_work_without_errors(
         other_driver, CompactionSettings(interval=0, min_retain=10, batch_size=10), other_faults
     )
     faults.delay = other_faults.delay = 0.01  # long enough for the two to interleave
+    # Which one wins the claim row after a commit is up to timing; to make sure both take part,
+    # the first waits after its first batch (outside any transaction) until the other commits one.
+    compactor = server.store.compactor
+    advanced = compactor._advanced
+    other_committed = asyncio.Event()
+    other_hook = other_faults.__call__
+
+    async def other_stage(stage: str, after: int, through: int) -> None:
+        await other_hook(stage, after, through)
+        if stage == "commit":
+            other_committed.set()
+
+    async def first_waits(through: int, target: int, deleted: int) -> None:
+        await advanced(through, target, deleted)
+        await asyncio.wait_for(other_committed.wait(), 30)
+
+    other.hook = other_stage
+    compactor._advanced = first_waits  # type: ignore[method-assign]
     try:
         writes = await write_history(client, 300)
-        results = await asyncio.gather(server.store.compactor.tick(), other.tick())
+        results = await asyncio.gather(compactor.tick(), other.tick())
         assert list(results) == [True, True]
         both = sorted(faults.committed + other_faults.committed)
         bounds = [0] + [through for _, through in both]
