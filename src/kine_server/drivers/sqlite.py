@@ -379,6 +379,23 @@ class _WriterLink(_Link):
         return await self.call(waiting)
 
 
+@contextlib.asynccontextmanager
+async def _transaction(link: _Link, begin: Awaitable[None]) -> AsyncIterator[None]:
+    """Await `begin`, then COMMIT when the block exits normally; else roll back, also when the
+    caller is cancelled (see _Link.settle)."""
+    committed = False
+    try:
+        await begin
+        yield
+        await link.execute("COMMIT")
+        committed = True
+    except sqlite3.Error as exc:
+        raise DriverError(str(exc)) from exc
+    finally:
+        if not committed:
+            await link.settle()
+
+
 class SQLiteDriver(Driver):
     """A store in one SQLite file, used by exactly one kine-server process."""
 
@@ -454,17 +471,8 @@ class SQLiteDriver(Driver):
     async def write(self) -> AsyncIterator[WriteTx]:
         link = self._writer
         assert link is not None, "driver not open"
-        committed = False
-        try:
-            await link.begin()
+        async with _transaction(link, link.begin()):
             yield _Write(link.conn)
-            await link.execute("COMMIT")
-            committed = True
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
-        finally:
-            if not committed:
-                await link.settle()
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
@@ -474,22 +482,13 @@ class SQLiteDriver(Driver):
         # the batch size bounds its work. (sqlite3_interrupt is no help here: an interrupt that
         # lands between statements fails the connection's next, unrelated statement.)
         wait_ms = max(1, int(timeout * 1000))
-        committed = False
-        try:
-            await link.call(
-                lambda conn: (
-                    conn.execute(f"PRAGMA busy_timeout={wait_ms}")
-                    and conn.execute("BEGIN IMMEDIATE")
-                )
-            )
+
+        def begin(conn: sqlite3.Connection) -> None:
+            conn.execute(f"PRAGMA busy_timeout={wait_ms}")
+            conn.execute("BEGIN IMMEDIATE")
+
+        async with _transaction(link, link.call(begin)):
             yield _Compact(link)
-            await link.execute("COMMIT")
-            committed = True
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
-        finally:
-            if not committed:
-                await link.settle()
 
     async def defragment(self) -> None:
         link = self._compactor
