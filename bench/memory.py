@@ -51,8 +51,14 @@ class Sampler:
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
+        began = time.perf_counter()
+        reported = 0
         while True:
-            self.peak_kib = max(self.peak_kib, status(self.pid, "VmRSS"))
+            rss = status(self.pid, "VmRSS")
+            self.peak_kib = max(self.peak_kib, rss)
+            if rss > reported + 50 * 1024:  # say when it grows, to place a peak in its phase
+                print(f"  {time.perf_counter() - began:7.1f} s   RSS rose to {rss / 1024:.1f} MiB")
+                reported = rss
             await asyncio.sleep(0.1)
 
     def start(self) -> None:

@@ -38,7 +38,7 @@ class WatchSettings:
     #: Events a watcher may hold for a slow client before it falls back to reading the database.
     max_pending_events: int = 1024
     #: Rows read from the database per catch-up step.
-    page_size: int = 1000
+    page_size: int = 100
 
 
 @dataclass
