@@ -173,48 +173,33 @@ class _Read(_Queries):
         #: Sent with the first statement (see the module docstring), then cleared.
         self._begin = begin
 
-    def _opening(self) -> str:
+    def _step(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+        """`fn`, preceded by the transaction's BEGIN if no statement has sent it yet."""
         begin, self._begin = self._begin, ""
-        return begin
+        if not begin:
+            return fn
+
+        def step(conn: sqlite3.Connection) -> T:
+            conn.execute(begin)
+            return fn(conn)
+
+        return step
 
     async def _all(self, query: str, params: Sequence[Any]) -> list[Any]:
-        return await self._link.call(_fetch(self._opening(), query, params))
+        return await self._link.call(
+            self._step(lambda conn: conn.execute(query, params).fetchall())
+        )
 
     async def _run(self, query: str, params: Sequence[Any]) -> int:
-        begin = self._opening()
-
-        def run(conn: sqlite3.Connection) -> int:
-            if begin:
-                conn.execute(begin)
-            return conn.execute(query, params).rowcount
-
-        return await self._link.call(run)
+        return await self._link.call(self._step(lambda conn: conn.execute(query, params).rowcount))
 
     async def _many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        begin = self._opening()
-
-        def run(conn: sqlite3.Connection) -> None:
-            if begin:
-                conn.execute(begin)
-            conn.executemany(query, rows)
-
-        await self._link.call(run)
+        await self._link.call(self._step(lambda conn: conn.executemany(query, rows)))
 
     def count_soon(self, key: bytes, end: bytes | None, at: int | None) -> Awaitable[int]:
         query, params = sql.count_query(key, end, at)
-        rows = self._link.submit(_fetch(self._opening(), query, params))
+        rows = self._link.submit(self._step(lambda conn: conn.execute(query, params).fetchall()))
         return _first_int(rows)
-
-
-def _fetch(
-    begin: str, query: str, params: Sequence[Any]
-) -> Callable[[sqlite3.Connection], list[Any]]:
-    def fetch(conn: sqlite3.Connection) -> list[Any]:
-        if begin:
-            conn.execute(begin)
-        return conn.execute(query, params).fetchall()
-
-    return fetch
 
 
 async def _first_int(rows: Awaitable[list[Any]]) -> int:
@@ -364,19 +349,15 @@ class _WriterLink(_Link):
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
-        await self.call_waiting(lambda conn: conn.execute("BEGIN IMMEDIATE").fetchall())
 
-    async def call_waiting(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`call`, waiting on SQLite's locks for up to the busy timeout."""
-
-        def waiting(conn: sqlite3.Connection) -> T:
+        def waiting(conn: sqlite3.Connection) -> None:
             conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             try:
-                return fn(conn)
+                conn.execute("BEGIN IMMEDIATE")
             finally:
                 conn.execute("PRAGMA busy_timeout=0")
 
-        return await self.call(waiting)
+        await self.call(waiting)
 
 
 @contextlib.asynccontextmanager

@@ -64,10 +64,11 @@ def by_revision(events: list[kv_pb2.Event]) -> list[Group]:
     groups: list[Group] = []
     for event in events:
         revision = event.kv.mod_revision
+        wire = WireEvent(event)
         if groups and groups[-1][0] == revision:
-            groups[-1][1].append(WireEvent(event))
+            groups[-1][1].append(wire)
         else:
-            groups.append((revision, [WireEvent(event)]))
+            groups.append((revision, [wire]))
     return groups
 
 
