@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import grpc
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
@@ -317,6 +318,127 @@ async def request_size(call: Recorder) -> None:
     await call("kv.Range", get(b"fits", keys_only=True))
     await call("kv.Txn", txn([], [op(put(b"big", b"y" * (1536 * 1024 + 1024)))]))
     await call("kv.Range", get(b"big"))
+
+
+@scenario
+async def one_key_twice_in_one_revision(call: Recorder) -> None:
+    """etcd's duplicate-key check lets a Txn put a key and then delete it (a from-key range
+    whose end "\0" its interval check misses, or nested Txns), and delete then put it: both
+    changes land in one revision."""
+    await call("kv.Put", put(b"/v/a", b"1"))
+    await call(
+        "kv.Txn", txn([], [op(put(b"/v/z", b"new")), op(delete(b"/v/", b"\x00", prev_kv=True))])
+    )
+    await call("kv.Range", get(b"/v/", b"\x00"))
+    await call(
+        "kv.Txn",
+        txn(
+            [], [op(txn([], [op(put(b"k", b"1"))])), op(txn([], [op(delete(b"k", prev_kv=True))]))]
+        ),
+    )
+    await call("kv.Range", get(b"k"))
+    await call("kv.Txn", txn([], [op(delete(b"/v/", b"\x00")), op(put(b"/v/z", b"again"))]))
+    await call("kv.Range", get(b"/v/z"))
+    await call("kv.Put", put(b"/v/z", b"later", prev_kv=True))
+    await call("kv.Range", get(b"/v/z", revision=3))
+    await call("kv.Range", get(b"k", revision=4))
+    await call("kv.Range", get(b"\x00", b"\x00", count_only=True))
+
+
+@scenario
+async def largest_limit(call: Recorder) -> None:
+    for key in (b"a", b"b", b"c"):
+        await call("kv.Put", put(key))
+    await call("kv.Range", get(b"\x00", b"\x00", limit=2**63 - 1))
+    await call("kv.Range", get(b"\x00", b"\x00", limit=2**63 - 1, keys_only=True))
+    await call("kv.Txn", txn([], [op(get(b"\x00", b"\x00", limit=2**63 - 1)), op(put(b"d"))]))
+    await call("kv.Range", get(b"\x00", b"\x00", limit=-1))
+
+
+@scenario
+async def txn_checks_puts_before_ranges(call: Recorder) -> None:
+    await call("kv.Put", put(b"a", b"1"))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=99)), op(put(b"z", lease=12345))]))
+    await call(
+        "kv.Txn",
+        txn([], [op(get(b"a", revision=99)), op(txn([], [op(put(b"z", ignore_value=True))]))]),
+    )
+    await call(
+        "kv.Txn", txn([], [op(txn([], [op(get(b"a", revision=99))])), op(put(b"z", lease=7))])
+    )
+    await call("kv.Txn", txn([], [op(get(b"a", revision=99)), op(put(b"z"))]))
+
+
+@scenario
+async def negative_and_first_revisions(call: Recorder) -> None:
+    """Before the first compaction etcd's compact revision is -1: Compact(0) succeeds once,
+    a Txn may read at -1 but not at -2; after one, every negative Txn revision is compacted,
+    while a plain Range at a negative revision reads the current one."""
+    await call("kv.Txn", txn([], [op(get(b"a", revision=-1))]))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=-2))]))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=-1)), op(put(b"w"))]))
+    await call("kv.Compact", pb.CompactionRequest(revision=0))
+    await call("kv.Compact", pb.CompactionRequest(revision=0))
+    await call("kv.Compact", pb.CompactionRequest(revision=-3))
+    for i in range(6):
+        await call("kv.Put", put(b"a", b"%d" % i))
+    await call("kv.Compact", pb.CompactionRequest(revision=4))
+    await call("kv.Range", get(b"a", revision=-1))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=-1))]))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=-1)), op(put(b"w"))]))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=3)), op(put(b"w"))]))
+    await call("kv.Txn", txn([], [op(get(b"a", revision=4)), op(put(b"w"))]))
+
+
+async def hash_kv(call: Recorder, revision: int) -> None:
+    """HashKV's answer without the hash (etcd hashes its bbolt pages, this server its rows)."""
+    try:
+        response = await call.client.maintenance.HashKV(pb.HashKVRequest(revision=revision))
+    except grpc.aio.AioRpcError as exc:
+        call.note(f"maintenance.HashKV({revision}) -> {exc.code().name}: {exc.details()}")
+        return
+    call.note(
+        f"maintenance.HashKV({revision}) -> revision {response.header.revision} "
+        f"compact_revision {response.compact_revision}"
+    )
+
+
+@scenario
+async def hash_kv_revisions(call: Recorder) -> None:
+    await hash_kv(call, 0)
+    await hash_kv(call, -3)
+    for i in range(6):
+        await call("kv.Put", put(b"a", b"%d" % i))
+    await call("kv.Compact", pb.CompactionRequest(revision=4))
+    for revision in (3, 4, 5, 7, 8, -1, 0):
+        await hash_kv(call, revision)
+
+
+@scenario
+async def deeply_nested_txn(call: Recorder) -> None:
+    """etcd takes Txns nested as deep as --max-txn-ops allows (128: every level but the last
+    has an op). Built in place, and the answer taken as bytes: protobuf's Python parser cannot
+    copy or parse a message nested past 100 levels, and this client is one."""
+    raw = call.client.channel.unary_unary(
+        "/etcdserverpb.KV/Txn",
+        request_serializer=pb.TxnRequest.SerializeToString,
+        response_deserializer=lambda data: data,
+    )
+    for depth in (50, 51, 100, 129, 130):
+        outer = pb.TxnRequest()
+        inner = outer
+        for _ in range(depth - 1):
+            inner = inner.success.add().request_txn
+        if depth < 130:
+            inner.success.add().request_put.key = b"deep%d" % depth
+        else:  # 130 levels with an op each: one more than the ops the limit allows
+            inner.success.add().request_range.key = b"deep"
+        try:
+            await raw(outer, timeout=30)
+            call.note(f"Txn nested {depth} deep -> OK")
+        except grpc.aio.AioRpcError as exc:
+            call.note(f"Txn nested {depth} deep -> {exc.code().name}: {exc.details()}")
+    await call("kv.Range", get(b"deep", b"deeq", keys_only=True))
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

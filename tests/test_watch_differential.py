@@ -76,6 +76,39 @@ async def one_revision_many_keys(w: WatchRecorder) -> None:
 
 
 @scenario
+async def one_key_twice_in_one_revision(w: WatchRecorder) -> None:
+    """A Txn that puts then deletes a key (and one that deletes then puts it): both events in
+    one revision; a delete's prev_kv is the state before the revision, not the Txn's own put."""
+    await w.kv("Put", put(b"/v/a", b"old"))
+    await w.stream.create(b"/v/", b"\x00", prev_kv=True)
+    await w.stream.create(b"k", watch_id=9)
+    await w.expect(2)
+    ops = [
+        pb.RequestOp(request_put=put(b"/v/z", b"new")),
+        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"/v/", range_end=b"\x00")),
+    ]
+    await w.kv("Txn", pb.TxnRequest(success=ops))
+    await w.expect(1)
+    nested = [
+        pb.RequestOp(request_txn=pb.TxnRequest(success=[pb.RequestOp(request_put=put(b"k"))])),
+        pb.RequestOp(
+            request_txn=pb.TxnRequest(
+                success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"k"))]
+            )
+        ),
+    ]
+    await w.kv("Txn", pb.TxnRequest(success=nested))
+    await w.expect(2)  # "k" is inside the from-key range too
+    await w.kv("Put", put(b"/v/z", b"back"))
+    await w.expect(1)
+    await w.kv("Txn", pb.TxnRequest(success=ops[::-1]))
+    await w.expect(1)
+    await w.stream.create(b"/v/", b"\x00", prev_kv=True, start_revision=3)
+    await w.expect(5)
+    await w.expect_silence()
+
+
+@scenario
 async def history_then_live(w: WatchRecorder) -> None:
     for i in range(5):
         await w.kv("Put", put(b"h/%d" % (i % 2), b"%d" % i))

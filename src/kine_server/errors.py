@@ -6,7 +6,12 @@ module is what lets clients that match on etcd's strings (clientv3, kube-apiserv
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
+
+from kine_server.drivers.base import DriverError
 
 
 class EtcdError(Exception):
@@ -78,6 +83,35 @@ class Unavailable(EtcdError):
     def database(cls, cause: Exception) -> Unavailable:
         """The error for a failed database call, naming its cause."""
         return cls(f"kine-server: database unavailable: {cause}")
+
+
+class Internal(EtcdError):
+    """A fault of this server or of one statement: retrying the same request would not help, so
+    it is not UNAVAILABLE (which clients retry forever)."""
+
+    code = grpc.StatusCode.INTERNAL
+    message = "kine-server: internal error"
+
+    @classmethod
+    def of(cls, cause: BaseException) -> Internal:
+        return cls(f"kine-server: internal error: {cause}")
+
+
+def database(exc: DriverError) -> EtcdError:
+    """The client's answer to a failed database call: UNAVAILABLE when a retry may succeed (the
+    database is unreachable, busy or timed out), INTERNAL when the statement itself failed."""
+    if exc.retryable:
+        return Unavailable.database(exc)
+    return Internal.of(exc)
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn a DriverError raised inside the block into the client's answer (see `database`)."""
+    try:
+        yield
+    except DriverError as exc:
+        raise database(exc) from exc
 
 
 class Unsupported(EtcdError):

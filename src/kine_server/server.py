@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from kine_server.api import decoding
 from kine_server.api.auth import AuthService
 from kine_server.api.cluster import ClusterService
 from kine_server.api.common import Member
@@ -118,15 +119,16 @@ def member_id(cluster_id: int, name: str) -> int:
 
 class _Services:
     """Stands in for the server while the generated code registers a service: keeps each method,
-    timed for metrics, in a generic handler only.
+    with a deserializer that never raises and timed for metrics, in a generic handler only.
 
     grpcio's aio server waits, for every incoming call, on one request future per *registered*
     method (an asyncio.wait over some 50 futures here: 12% of the event loop at 2,000 writes/s);
     all generic handlers share one future and are found by method name.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, max_txn_ops: int) -> None:
         self._metrics = metrics
+        self._max_txn_ops = max_txn_ops
         self.handlers: list[grpc.GenericRpcHandler] = []
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -135,7 +137,13 @@ class _Services:
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        timed = {name: self._metrics.timed(name, h) for name, h in handlers.items()}
+        self.add(service, handlers)
+
+    def add(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        timed = {
+            name: self._metrics.timed(name, decoding.guarded(handler, self._max_txn_ops))
+            for name, handler in handlers.items()
+        }
         self.handlers.append(grpc.method_handlers_generic_handler(service, timed))
 
 
@@ -174,6 +182,7 @@ class Server:
         self.store.writer.observe = self.metrics.observe_batch
         self.store.writer.slow_threshold = config.slow_sql_threshold
         self.http: HttpEndpoint | None = None
+        self._store_started = False
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
@@ -186,15 +195,20 @@ class Server:
         try:
             await self._serve(address)
         except BaseException:
-            await self.driver.close()
+            await self._undo_start()
             raise
         log.info(
             "kine-server serving etcd v3 on %s (%s)", self.config.listen_address, self.driver.name
         )
 
     async def _serve(self, address: str) -> None:
+        """Start everything, the gRPC port last: once a client can connect, the store, its
+        background tasks and the metrics listener are all up (a TCP probe means ready)."""
         cluster_id = await self.driver.meta("cluster_id") or 1
         name = socket.gethostname()
+        self._store_started = True
+        await self.store.start()
+        await self._start_metrics()
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared
@@ -216,6 +230,7 @@ class Server:
             raise StartupError(f"cannot listen on {self.config.listen_address}: {exc}") from exc
         if self.port == 0:
             raise StartupError(f"cannot listen on {self.config.listen_address}: address in use")
+        # From here to server.start() nothing awaits: connections wait in the listen backlog.
         member = Member(
             cluster_id=cluster_id,
             member_id=member_id(cluster_id, name),
@@ -225,7 +240,7 @@ class Server:
             ],
         )
         store = self.store
-        services = _Services(self.metrics)
+        services = _Services(self.metrics, self.config.max_txn_ops)
         rpc_pb2_grpc.add_KVServicer_to_server(
             KVService(store, member, self.config.max_request_bytes, self.config.max_txn_ops),
             services,
@@ -243,27 +258,38 @@ class Server:
                 max_response_bytes=self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
             ),
         )
-        services.handlers.append(self.watch.handler())
+        services.add("etcdserverpb.Watch", {"Watch": self.watch.handler()})
         self.lease = LeaseService(store, member)
         rpc_pb2_grpc.add_LeaseServicer_to_server(self.lease, services)
         rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), services)
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), services)
         server.add_generic_rpc_handlers(services.handlers)
-        await store.start()
-        await self._start_metrics()
+        self._server = server
         await server.start()
         if address.startswith("unix:"):
             os.chmod(address[len("unix:") :], 0o600)
-        self._server = server
+
+    async def _undo_start(self) -> None:
+        """A start that failed half way: stop what did start, in order, so that its only output
+        is the error that stopped it (not the store's tasks failing on a closed driver)."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self._server is not None:
+            await self._server.stop(0)
+            self._server = None
+        if self._store_started:
+            await self.store.stop()
+        await self.driver.close()
 
     async def _start_metrics(self) -> None:
         address = self.config.metrics_bind_address
         if address in ("", "0"):
             return
-        watch = self.watch
-        assert watch is not None
-
         def watch_stats() -> tuple[int, int, int]:
+            watch = self.watch  # made once the port is open; until then there are no watches
+            if watch is None:
+                return 0, 0, 0
             return watch.stats.streams, watch.stats.watchers, watch.buffered_events()
 
         self.http = HttpEndpoint(

@@ -4,6 +4,7 @@ UNIMPLEMENTED answers that name the call for everything this server does not ser
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -13,6 +14,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from kine_server import errors
 from kine_server.pb import rpc_pb2
+
+log = logging.getLogger(__name__)
 
 #: etcd has no raft term to report; a single member that never changes leader stays at term 1.
 RAFT_TERM = 1
@@ -45,6 +48,12 @@ def etcd_errors(handler: Handler) -> Handler:
             return await handler(self, request, context)
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise  # context.abort() inside the handler: the status is already set
+            # A bug: INTERNAL (never UNKNOWN, never a retryable code), logged with its trace.
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, errors.Internal.of(exc).message)
 
     return wrapper  # type: ignore[return-value]
 

@@ -91,14 +91,13 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         self._streams: set[WatchStream] = set()
         self._closing = asyncio.Event()
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The Watch service, with a serializer that passes pre-encoded responses through."""
-        method = grpc.stream_stream_rpc_method_handler(
+    def handler(self) -> grpc.RpcMethodHandler:
+        """The Watch method, with a serializer that passes pre-encoded responses through."""
+        return grpc.stream_stream_rpc_method_handler(
             self.Watch,
             request_deserializer=rpc_pb2.WatchRequest.FromString,
             response_serializer=encode,
         )
-        return grpc.method_handlers_generic_handler("etcdserverpb.Watch", {"Watch": method})
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE: the server is stopping."""
@@ -162,7 +161,7 @@ class WatchStream:
 
     async def serve(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
         self._stats.streams += 1
-        unsubscribe = self._hub.subscribe(self._on_publish)
+        unsubscribe = self._hub.subscribe(self._on_publish, self._on_skip)
         tasks = [
             asyncio.create_task(self._receive(requests)),
             asyncio.create_task(self._send_loop()),
@@ -279,6 +278,18 @@ class WatchStream:
                 stats.peak_pending_events = peak
                 if not watcher.synced:
                     stats.fallbacks += 1
+        if self._ready:
+            self._wake.set()
+
+    def _on_skip(self, through: int) -> None:
+        """Revisions up to `through` never reach the hub (compacted before this instance saw
+        them): every watch still waiting for one reads from the database, where a watch below
+        the compact revision is cancelled with it, as etcd cancels it."""
+        for watcher in self._watchers.values():
+            if watcher.synced and watcher.next_revision <= through:
+                watcher.fall_behind()
+                self._ready[watcher.watch_id] = watcher
+                self._stats.fallbacks += 1
         if self._ready:
             self._wake.set()
 

@@ -8,10 +8,12 @@ The key table holds one row per change of a key:
 
     key, create_revision, mod_revision, version, value, lease, sub, next_revision
 
-`version == 0` marks a deletion (a tombstone). `sub` orders the changes made by one revision.
-`next_revision` is the revision of the key's following row, or NULL while the row is the newest: the
-state at revision R is then "rows with mod_revision <= R < next_revision", and compaction to R may drop
-every row whose `next_revision <= R` and every tombstone at or below R.
+`version == 0` marks a deletion (a tombstone). `sub` orders the changes made by one revision; one
+key may change twice in one revision (etcd applies `Txn{put k, delete k}`), and then its first row's
+`next_revision` is its own `mod_revision`. `next_revision` is the revision of the key's following
+row, or NULL while the row is the newest: the state at revision R is then "rows with mod_revision
+<= R < next_revision", and compaction to R may drop every row whose `next_revision <= R` and every
+tombstone at or below R.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 1
+#: 2: changes of one key within one revision (a Txn that puts and deletes it) are ordered by
+#: `sub`, so (key, mod_revision) is no longer unique; "never compacted" is -1, as in etcd.
+SCHEMA_VERSION = 2
 
 #: Sentinel end of range: every key at or after the start key.
 OPEN_END = b""
@@ -83,7 +87,8 @@ class Counters(NamedTuple):
     """The store's counters as one consistent read.
 
     revision: the newest committed store revision.
-    compact_revision: reads below it are refused (what etcd calls the compact revision).
+    compact_revision: reads below it are refused (what etcd calls the compact revision); -1
+        while the store has never been compacted, as etcd's compactMainRev.
     compacted_through: history at or below it has been physically removed.
     """
 
@@ -93,7 +98,17 @@ class Counters(NamedTuple):
 
 
 class DriverError(Exception):
-    """The database could not be reached or failed a statement (as opposed to a semantic error)."""
+    """The database could not be reached, or gave up for a reason a retry may cure: the
+    connection is gone, a timeout, a lock held too long. Clients are told UNAVAILABLE and retry."""
+
+    retryable = True
+
+
+class StatementError(DriverError):
+    """The database refused a statement or its data (a constraint, a value out of range): the
+    same request would fail again, so it is an internal error, never a reason to retry."""
+
+    retryable = False
 
 
 class ReadTx(abc.ABC):
@@ -125,13 +140,14 @@ class ReadTx(abc.ABC):
 
     @abc.abstractmethod
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
-        """(granted TTL in seconds, deadline in wall-clock milliseconds), or None."""
+        """(granted TTL in seconds, milliseconds left by the database's clock), or None."""
 
     @abc.abstractmethod
     async def leases(self) -> list[int]: ...
 
     @abc.abstractmethod
-    async def expired_leases(self, now_ms: int, limit: int) -> list[int]: ...
+    async def expired_leases(self, limit: int) -> list[int]:
+        """Leases whose deadline has passed by the database's clock, soonest first."""
 
     @abc.abstractmethod
     async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
@@ -169,26 +185,34 @@ class WriteTx(ReadTx):
 
     @abc.abstractmethod
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
-        """Insert `rows` (all of one revision) and mark each (key, old mod_revision) superseded by it."""
+        """Mark each key's newest row, (key, its mod_revision), superseded by the revision of
+        `rows`, then insert `rows` (all of one revision)."""
 
     @abc.abstractmethod
     async def insert_raw(self, rows: list[RawRow]) -> None: ...
 
     @abc.abstractmethod
-    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
-        """False if the id is taken."""
+    async def insert_lease(self, lease_id: int, ttl: int) -> bool:
+        """A lease due `ttl` seconds from now (the database's clock); False if the id is taken."""
 
     @abc.abstractmethod
-    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
-        """Move the deadline to now + TTL; the TTL, or None if there is no such lease."""
+    async def renew_lease(self, lease_id: int) -> int | None:
+        """Move the deadline to now + TTL; the TTL, or None if there is no such lease (or it is
+        already past its deadline)."""
 
     @abc.abstractmethod
-    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
-        """Delete the lease if its deadline is at or before `expired_by_ms`; False if not."""
+    async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
+        """Delete the lease (with `expired_only`, only if its deadline has passed); False if
+        nothing was deleted."""
 
     @abc.abstractmethod
-    async def extend_leases(self, now_ms: int) -> None:
-        """Give every lease at least its TTL from now, as etcd does when a new leader takes over."""
+    async def resume_leases(self, promise_ms: int) -> None:
+        """Move every deadline on by the time no instance has served the store (since the
+        `lease_served_until` the last one promised), then promise `promise_ms` from now."""
+
+    @abc.abstractmethod
+    async def serve_leases(self, promise_ms: int) -> None:
+        """Promise that an instance counts lease time for `promise_ms` from now (0: a clean stop)."""
 
     @abc.abstractmethod
     async def set_revision(self, revision: int) -> None: ...

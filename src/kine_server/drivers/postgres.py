@@ -29,6 +29,7 @@ from kine_server.drivers.base import (
     RawRow,
     ReadTx,
     Row,
+    StatementError,
     WriteTx,
     change,
 )
@@ -60,7 +61,7 @@ SCHEMA = [
         WHERE next_revision IS NULL AND version > 0""",
     # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
     # next_revision and version of every row of the range in the index, not in the heap.
-    """CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision)
+    """CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev_sub ON kine_kv (key, mod_revision, sub)
         INCLUDE (next_revision, version)""",
     "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub)",
     """CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
@@ -72,7 +73,17 @@ SCHEMA = [
 #: Any number will do, as long as every kine-server uses the same one for schema creation.
 SCHEMA_LOCK_ID = 0x6B696E65
 
-LOCK_REVISION = "SELECT value FROM kine_meta WHERE name = 'revision' FOR UPDATE"
+#: A writer locks the revision row (writers commit in revision order) and the compact revision's
+#: (a periodic compaction cannot move it, and delete the history a write Txn's range at an old
+#: revision is reading, until the writer commits: at READ COMMITTED each statement would see the
+#: deletions). The compactor takes compacted_through first and the compact revision second, so
+#: no two lock orders cross. One round trip returns all three counters.
+LOCK_COUNTERS = (
+    "WITH locked AS (SELECT name, value FROM kine_meta "
+    "WHERE name IN ('compact_revision', 'revision') ORDER BY name FOR UPDATE) "
+    "SELECT name, value FROM locked "
+    "UNION ALL SELECT name, value FROM kine_meta WHERE name = 'compacted_through'"
+)
 CHANNEL = "kine_kv"
 NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
@@ -84,29 +95,55 @@ DATABASE_ERRORS = (
     OSError,  # TimeoutError and ConnectionError included
 )
 
-_COUNTERS = sql.numbered(sql.COUNTERS)
-_META = sql.numbered(sql.META)
-_SET_META = sql.numbered(sql.SET_META)
-_NEWEST = sql.numbered(sql.NEWEST)
-_INSERT = sql.numbered(sql.INSERT)
-_SUPERSEDE = sql.numbered(sql.SUPERSEDE)
-_DELETE_SUPERSEDED = sql.numbered(sql.DELETE_SUPERSEDED)
-_DELETE_TOMBSTONES = sql.numbered(sql.DELETE_TOMBSTONES)
-_CLAIM_COMPACTED = sql.numbered(sql.CLAIM_COMPACTED)
+#: SQLSTATE classes a retry may cure: connection exceptions, transaction rollbacks (serialization,
+#: deadlock), insufficient resources, operator intervention (shutdown, statement timeout), system
+#: errors; and lock_not_available. Every other class (data, integrity, syntax) is the statement's.
+_RETRYABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
+_RETRYABLE_STATES = ("55P03",)
+
+
+def driver_error(exc: BaseException) -> DriverError:
+    if isinstance(exc, asyncpg.DataError):  # a value asyncpg cannot encode, e.g. past int64
+        return StatementError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if not (state[:2] in _RETRYABLE_CLASSES or state in _RETRYABLE_STATES):
+            return StatementError(f"{type(exc).__name__}: {exc}")
+    return DriverError(str(exc) or type(exc).__name__)
+
+
+DIALECT = sql.Dialect(
+    greatest="GREATEST",
+    # clock_timestamp(), not now(): now() is the transaction's start, and a batch may wait.
+    now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    numbered=True,
+)
+_COUNTERS = DIALECT(sql.COUNTERS)
+_META = DIALECT(sql.META)
+_SET_META = DIALECT(sql.SET_META)
+_NEWEST = DIALECT(sql.NEWEST)
+_INSERT = DIALECT(sql.INSERT)
+_SUPERSEDE = DIALECT(sql.SUPERSEDE)
+_DELETE_SUPERSEDED = DIALECT(sql.DELETE_SUPERSEDED)
+_DELETE_TOMBSTONES = DIALECT(sql.DELETE_TOMBSTONES)
+_CLAIM_COMPACTED = DIALECT(sql.CLAIM_COMPACTED)
 _LOCK_COMPACT_REVISION = sql.LOCK_COMPACT_REVISION + " FOR UPDATE"
-_ADVANCE_COMPACT_REVISION = sql.numbered(sql.ADVANCE_COMPACT_REVISION.format(greatest="GREATEST"))
-_DUMP = sql.numbered(sql.DUMP)
-_INSERT_RAW = sql.numbered(sql.INSERT_RAW)
+_ADVANCE_COMPACT_REVISION = DIALECT(sql.ADVANCE_COMPACT_REVISION)
+_DUMP = DIALECT(sql.DUMP)
+_INSERT_RAW = DIALECT(sql.INSERT_RAW)
 _ALL_LEASES = sql.ALL_LEASES
 _ALL_META = sql.ALL_META
-_LEASE = sql.numbered(sql.LEASE)
-_LEASES = sql.numbered(sql.LEASES)
-_EXPIRED_LEASES = sql.numbered(sql.EXPIRED_LEASES)
-_INSERT_LEASE = sql.numbered(sql.INSERT_LEASE)
-_RENEW_LEASE = sql.numbered(sql.RENEW_LEASE)
-_DELETE_LEASE = sql.numbered(sql.DELETE_LEASE)
-_EXTEND_LEASES = sql.numbered(sql.EXTEND_LEASES)
-_LEASED = sql.numbered(sql.LEASED)
+_LEASE = DIALECT(sql.LEASE)
+_LEASES = DIALECT(sql.LEASES)
+_EXPIRED_LEASES = DIALECT(sql.EXPIRED_LEASES)
+_INSERT_LEASE = DIALECT(sql.INSERT_LEASE)
+_RENEW_LEASE = DIALECT(sql.RENEW_LEASE)
+_DELETE_LEASE = DIALECT(sql.DELETE_LEASE)
+_DELETE_EXPIRED_LEASE = DIALECT(sql.DELETE_EXPIRED_LEASE)
+_RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
+_LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
+_LEASED = DIALECT(sql.LEASED)
+_MIGRATE_1_TO_2 = [DIALECT(statement) for statement in sql.MIGRATE_1_TO_2]
 
 
 def _row(record: Sequence[Any]) -> Row:
@@ -156,8 +193,8 @@ class _Read(ReadTx):
     async def leases(self) -> list[int]:
         return [r[0] for r in await self._conn.fetch(_LEASES)]
 
-    async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
-        return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, now_ms, limit)]
+    async def expired_leases(self, limit: int) -> list[int]:
+        return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, limit)]
 
     async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
         records = await self._conn.fetch(_DUMP, after[0], after[0], after[1], limit)
@@ -177,34 +214,39 @@ class _Read(ReadTx):
 
 class _Write(_Read, WriteTx):
     async def lock(self) -> Counters:
-        await self._conn.fetchval(LOCK_REVISION)
-        return await self.counters()
+        values = {r[0]: r[1] for r in await self._conn.fetch(LOCK_COUNTERS)}
+        return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
 
     async def newest(self, key: bytes) -> Row | None:
         record = await self._conn.fetchrow(_NEWEST, key)
         return _row(record) if record is not None else None
 
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
-        await self._conn.executemany(_INSERT, rows)
         if superseded:
             revision = rows[0].mod_revision
             await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
+        await self._conn.executemany(_INSERT, rows)
 
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._conn.executemany(_INSERT_RAW, rows)
 
-    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
-        return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, expires_ms)) == 1
+    async def insert_lease(self, lease_id: int, ttl: int) -> bool:
+        return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, ttl)) == 1
 
-    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
-        ttl = await self._conn.fetchval(_RENEW_LEASE, now_ms, lease_id, now_ms)
+    async def renew_lease(self, lease_id: int) -> int | None:
+        ttl = await self._conn.fetchval(_RENEW_LEASE, lease_id)
         return int(ttl) if ttl is not None else None
 
-    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
-        return _affected(await self._conn.execute(_DELETE_LEASE, lease_id, expired_by_ms)) == 1
+    async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
+        statement = _DELETE_EXPIRED_LEASE if expired_only else _DELETE_LEASE
+        return _affected(await self._conn.execute(statement, lease_id)) == 1
 
-    async def extend_leases(self, now_ms: int) -> None:
-        await self._conn.execute(_EXTEND_LEASES, now_ms, now_ms)
+    async def resume_leases(self, promise_ms: int) -> None:
+        await self._conn.execute(_RESUME_LEASES)
+        await self.serve_leases(promise_ms)
+
+    async def serve_leases(self, promise_ms: int) -> None:
+        await self._conn.execute(_LEASES_SERVED_UNTIL, promise_ms)
 
     async def set_revision(self, revision: int) -> None:
         await self._conn.execute(_SET_META, revision, "revision")
@@ -319,6 +361,9 @@ class PostgresDriver(Driver):
             raise DriverError(
                 f"schema version {found} is newer than this kine-server ({SCHEMA_VERSION})"
             )
+        if found == 1:
+            for statement in _MIGRATE_1_TO_2:
+                await conn.execute(statement)
 
     async def listen(self, on_commit: Callable[[int], None]) -> None:
         if not self.listen_enabled:
@@ -357,7 +402,7 @@ class PostgresDriver(Driver):
             ):
                 yield _Read(conn)
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
@@ -366,7 +411,7 @@ class PostgresDriver(Driver):
             async with self._writers.acquire() as conn, conn.transaction():
                 yield _Write(conn)
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
@@ -379,7 +424,7 @@ class PostgresDriver(Driver):
                 await conn.execute(f"SET LOCAL statement_timeout = {millis}")
                 yield _Compact(conn)
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
 
     async def checkpoint(self) -> None:
         """Nothing to do: autovacuum reclaims the deleted rows' space for reuse."""
@@ -391,14 +436,14 @@ class PostgresDriver(Driver):
                 # VACUUM (not FULL): returns space for reuse without locking writers out.
                 await conn.execute("VACUUM (ANALYZE) kine_kv, kine_meta, kine_lease")
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
 
     async def meta(self, name: str) -> int | None:
         assert self._readers is not None, "driver not open"
         try:
             value = await self._readers.fetchval(_META, name)
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
         return int(value) if value is not None else None
 
     async def size(self) -> tuple[int, int]:
@@ -409,5 +454,5 @@ class PostgresDriver(Driver):
                 "SELECT pg_total_relation_size('kine_kv') + pg_total_relation_size('kine_meta')"
             )
         except DATABASE_ERRORS as exc:
-            raise DriverError(str(exc)) from exc
+            raise driver_error(exc) from exc
         return int(total), int(used)

@@ -38,6 +38,7 @@ from kine_server.drivers.base import (
     RawRow,
     ReadTx,
     Row,
+    StatementError,
     WriteTx,
     change,
 )
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS kine_lease (
 CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at);
 CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
     WHERE next_revision IS NULL AND version > 0;
-CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev ON kine_kv (key, mod_revision);
+CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev_sub ON kine_kv (key, mod_revision, sub);
 -- Reads at a past revision (every page of a paginated LIST after the first) test next_revision
 -- and version of every row of the range: in the index, not by a lookup of each row.
 CREATE INDEX IF NOT EXISTS kine_kv_key_state ON kine_kv (key, mod_revision, next_revision, version);
@@ -90,13 +91,54 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             raise sqlite3.DatabaseError(
                 f"schema version {found[0][0]} is newer than this kine-server ({SCHEMA_VERSION})"
             )
+        if found[0][0] == 1:
+            for statement in sql.MIGRATE_1_TO_2:
+                conn.execute(statement)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
 
 
-ADVANCE_COMPACT_REVISION = sql.ADVANCE_COMPACT_REVISION.format(greatest="max")
+#: julianday('now') is stable within a statement; unixepoch('subsec') needs SQLite 3.42.
+DIALECT = sql.Dialect(
+    greatest="max",
+    now_ms="CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+    numbered=False,
+)
+ADVANCE_COMPACT_REVISION = DIALECT(sql.ADVANCE_COMPACT_REVISION)
+_LEASE = DIALECT(sql.LEASE)
+_EXPIRED_LEASES = DIALECT(sql.EXPIRED_LEASES)
+_INSERT_LEASE = DIALECT(sql.INSERT_LEASE)
+_RENEW_LEASE = DIALECT(sql.RENEW_LEASE)
+_DELETE_EXPIRED_LEASE = DIALECT(sql.DELETE_EXPIRED_LEASE)
+_RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
+_LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
+
+#: Primary result codes that say "not now" rather than "not this statement": the database is
+#: busy, locked, out of memory or space, or cannot be read or written.
+_RETRYABLE = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_INTERRUPT,
+}
+
+
+def driver_error(exc: BaseException) -> DriverError:
+    """A sqlite3 error (or a value sqlite3 cannot bind) as the store sees it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _RETRYABLE:
+        return DriverError(str(exc))
+    return StatementError(f"{type(exc).__name__}: {exc}")
+
+
+#: What a statement can raise: sqlite3's errors, and OverflowError for an integer past 64 bits.
+ERRORS = (sqlite3.Error, OverflowError)
 
 
 def _row(record: Sequence[Any]) -> Row:
@@ -142,14 +184,14 @@ class _Queries(ReadTx):
         return [change(tuple(r)) for r in await self._all(query, params)]
 
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
-        rows = await self._all(sql.LEASE, (lease_id,))
+        rows = await self._all(_LEASE, (lease_id,))
         return (rows[0][0], rows[0][1]) if rows else None
 
     async def leases(self) -> list[int]:
         return [r[0] for r in await self._all(sql.LEASES, ())]
 
-    async def expired_leases(self, now_ms: int, limit: int) -> list[int]:
-        return [r[0] for r in await self._all(sql.EXPIRED_LEASES, (now_ms, limit))]
+    async def expired_leases(self, limit: int) -> list[int]:
+        return [r[0] for r in await self._all(_EXPIRED_LEASES, (limit,))]
 
     async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
         rows = await self._all(sql.DUMP, (after[0], after[0], after[1], limit))
@@ -230,26 +272,31 @@ class _Write(_Queries, WriteTx):
         return _row(rows[0]) if rows else None
 
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
-        await self._many(sql.INSERT, rows)
         if superseded:
             revision = rows[0].mod_revision
             await self._many(sql.SUPERSEDE, [(revision, k, r) for k, r in superseded])
+        await self._many(sql.INSERT, rows)
 
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._many(sql.INSERT_RAW, rows)
 
-    async def insert_lease(self, lease_id: int, ttl: int, expires_ms: int) -> bool:
-        return await self._run(sql.INSERT_LEASE, (lease_id, ttl, expires_ms)) == 1
+    async def insert_lease(self, lease_id: int, ttl: int) -> bool:
+        return await self._run(_INSERT_LEASE, (lease_id, ttl, ttl)) == 1
 
-    async def renew_lease(self, lease_id: int, now_ms: int) -> int | None:
-        rows = await self._all(sql.RENEW_LEASE, (now_ms, lease_id, now_ms))
+    async def renew_lease(self, lease_id: int) -> int | None:
+        rows = await self._all(_RENEW_LEASE, (lease_id,))
         return int(rows[0][0]) if rows else None
 
-    async def delete_lease(self, lease_id: int, expired_by_ms: int) -> bool:
-        return await self._run(sql.DELETE_LEASE, (lease_id, expired_by_ms)) == 1
+    async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
+        statement = _DELETE_EXPIRED_LEASE if expired_only else sql.DELETE_LEASE
+        return await self._run(statement, (lease_id,)) == 1
 
-    async def extend_leases(self, now_ms: int) -> None:
-        await self._run(sql.EXTEND_LEASES, (now_ms, now_ms))
+    async def resume_leases(self, promise_ms: int) -> None:
+        await self._run(_RESUME_LEASES, ())
+        await self.serve_leases(promise_ms)
+
+    async def serve_leases(self, promise_ms: int) -> None:
+        await self._run(_LEASES_SERVED_UNTIL, (promise_ms,))
 
     async def set_revision(self, revision: int) -> None:
         await self._run(sql.SET_META, (revision, "revision"))
@@ -370,8 +417,8 @@ async def _transaction(link: _Link, begin: Awaitable[None]) -> AsyncIterator[Non
         yield
         await link.execute("COMMIT")
         committed = True
-    except sqlite3.Error as exc:
-        raise DriverError(str(exc)) from exc
+    except ERRORS as exc:
+        raise driver_error(exc) from exc
     finally:
         if not committed:
             await link.settle()
@@ -389,6 +436,9 @@ class SQLiteDriver(Driver):
         self._lock_file: IO[bytes] | None = None
         self._writer: _WriterLink | None = None
         self._compactor: _Link | None = None
+        #: The compactor's connection does compaction batches, checkpoints and VACUUM, one at a
+        #: time: VACUUM cannot run inside a batch's transaction, so Defragment waits for it.
+        self._maintenance = asyncio.Lock()
         self._readers: asyncio.Queue[_Link] = asyncio.Queue()
         self._all: list[_Link] = []
 
@@ -404,7 +454,7 @@ class SQLiteDriver(Driver):
             self._compactor = await self._connect("compactor")
             for n in range(self._reader_count):
                 self._readers.put_nowait(await self._connect(f"reader-{n}", query_only=True))
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, *ERRORS) as exc:
             await self.close()
             raise DriverError(f"cannot open SQLite database {self.path}: {exc}") from exc
 
@@ -439,8 +489,8 @@ class SQLiteDriver(Driver):
         link = await self._readers.get()
         try:
             yield _Read(link, begin="BEGIN")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
+        except ERRORS as exc:
+            raise driver_error(exc) from exc
         finally:
             # A snapshot has nothing to commit. The ROLLBACK is queued, not awaited: the thread
             # runs it before anything the next user of the link queues, and it also ends a BEGIN
@@ -468,25 +518,39 @@ class SQLiteDriver(Driver):
             conn.execute(f"PRAGMA busy_timeout={wait_ms}")
             conn.execute("BEGIN IMMEDIATE")
 
-        async with _transaction(link, link.call(begin)):
+        async with self._maintenance, _transaction(link, link.call(begin)):
             yield _Compact(link)
 
     async def defragment(self) -> None:
+        """VACUUM, then give the WAL file back. VACUUM holds the write lock while it runs (as
+        etcd's defrag holds every write); the WAL truncation waits at most a second for readers
+        of an older snapshot and otherwise leaves the file to be reused."""
         link = self._compactor
         assert link is not None, "driver not open"
+
+        def vacuum(conn: sqlite3.Connection) -> None:
+            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA busy_timeout=1000")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
         try:
-            await link.execute("VACUUM")
-            await link.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
+            async with self._maintenance:
+                await link.call(vacuum)
+        except ERRORS as exc:
+            raise driver_error(exc) from exc
 
     async def checkpoint(self) -> None:
+        """Copy what compaction changed from the WAL into the database file, so the WAL's pages
+        can be reused. PASSIVE: it never waits, so it never holds up a writer; TRUNCATE waits
+        for every reader of an older snapshot while blocking writers (a Put took 5.2 s)."""
         link = self._compactor
         assert link is not None, "driver not open"
         try:
-            await link.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise DriverError(str(exc)) from exc
+            async with self._maintenance:
+                await link.call(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        except ERRORS as exc:
+            raise driver_error(exc) from exc
 
     async def meta(self, name: str) -> int | None:
         async with self.read() as tx:

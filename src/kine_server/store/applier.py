@@ -8,13 +8,16 @@ a request that changes nothing does not take a revision.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, ChangeRow, ReadTx, Row, WriteTx
 from kine_server.pb import kv_pb2, rpc_pb2
+
+#: The largest limit SQL can bind with the extra row a Range reads to tell whether there is more.
+MAX_LIMIT = 2**63 - 2
 
 RangeRequest = rpc_pb2.RangeRequest
 Compare = rpc_pb2.Compare
@@ -123,6 +126,10 @@ class Applier:
         #: Each key's newest row (tombstones included) as this transaction has seen or written
         #: it: a create's compare and its put, or a batch's requests on one key, read it once.
         self._newest: dict[bytes, Row | None] = {}
+        #: The live row, before this request, of each key the request has written: a key can
+        #: change twice in one request (put, then delete), and etcd's events give the state
+        #: before the revision as the previous value, not the request's own first change.
+        self._prior: dict[bytes, Row | None] = {}
 
     @property
     def revision(self) -> int:
@@ -134,14 +141,26 @@ class Applier:
         if changes:
             self.begin += 1
             self.changes = []
+            self._prior.clear()
         return changes
 
     # -- reads ---------------------------------------------------------------------------------
 
     def _check_revision(self, revision: int) -> None:
+        """A Range's revision, as etcd's rangeKeys: 0 or less reads the current revision."""
         if revision > self.revision:
             raise errors.FutureRevision()
         if 0 < revision < self.compact_revision:
+            raise errors.Compacted()
+
+    def _check_txn_revision(self, revision: int) -> None:
+        """A Txn's Range, as etcd's checkRange: only 0 means current; a negative revision is
+        below any compact revision (-1 before the first compaction)."""
+        if revision == 0:
+            return
+        if revision > self.revision:
+            raise errors.FutureRevision()
+        if revision < self.compact_revision:
             raise errors.Compacted()
 
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
@@ -162,6 +181,8 @@ class Applier:
         )
         # etcd reads everything when it must sort or filter, else one more than the limit.
         fetch = 0 if (req.sort_order != RangeRequest.NONE or filtered) else req.limit
+        if fetch > MAX_LIMIT:
+            fetch = 0  # more rows than any table holds: no limit (etcd returns them all)
         if fetch > 0:
             fetch += 1
         with_values = not req.keys_only or req.sort_target == RangeRequest.VALUE
@@ -251,6 +272,7 @@ class Applier:
         newest, live = await self._live(req.key)
         if (req.ignore_value or req.ignore_lease) and live is None:
             raise errors.KeyNotFound()
+        self._prior.setdefault(req.key, live)
         value = live.value if (req.ignore_value and live) else req.value
         lease = live.lease if (req.ignore_lease and live) else req.lease
         revision = self.begin + 1
@@ -295,19 +317,23 @@ class Applier:
         for tombstone in tombstones:
             self._newest[tombstone.key] = Row(*tombstone[:6])
         prev = [to_kv(r) for r in rows]
-        self.changes.extend(
-            Event(type=Event.DELETE, kv=KeyValue(key=r.key, mod_revision=revision), prev_kv=p)
-            for r, p in zip(rows, prev, strict=True)
-        )
+        for r, p in zip(rows, prev, strict=True):
+            before = self._prior.setdefault(r.key, r)
+            event = Event(type=Event.DELETE, kv=KeyValue(key=r.key, mod_revision=revision))
+            if before is r:
+                event.prev_kv.CopyFrom(p)
+            elif before is not None:
+                event.prev_kv.CopyFrom(to_kv(before))
+            self.changes.append(event)
         return prev
 
-    async def revoke(self, lease: int, expired_by_ms: int) -> bool:
+    async def revoke(self, lease: int, expired_only: bool) -> bool:
         """Delete a lease and, in this one revision, every key attached to it.
 
-        Only if its deadline is at or before `expired_by_ms` (the database decides, so of several
+        With `expired_only`, only if its deadline has passed (the database decides, so of several
         instances racing to expire it exactly one succeeds). False if there was nothing to revoke.
         """
-        if not await self.write_tx.delete_lease(lease, expired_by_ms):
+        if not await self.write_tx.delete_lease(lease, expired_only):
             return False
         await self._delete(await self.tx.leased(lease))
         return True
@@ -317,7 +343,8 @@ class Applier:
     async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
         path = await self._path(req)
         await self._check(req, path)
-        response = await self._run(req, path)
+        response = rpc_pb2.TxnResponse()
+        await self._run(req, path, response)
         response.header.revision = self.revision
         return response
 
@@ -336,34 +363,55 @@ class Applier:
         return _Path(succeeded, nested)
 
     async def _check(self, req: rpc_pb2.TxnRequest, path: _Path) -> None:
-        """etcd's checkRequests: every error a branch can raise, raised before it writes."""
-        nested = iter(path.nested)
-        for op in req.success if path.succeeded else req.failure:
-            kind = op.WhichOneof("request")
-            if kind == "request_range":
-                self._check_revision(op.request_range.revision)
-            elif kind == "request_put":
-                await self.check_put(op.request_put)
-            elif kind == "request_txn":
-                await self._check(op.request_txn, next(nested))
+        """etcd's checkRequests: every error the chosen branches can raise, raised before they
+        write; as etcd, every Put at any depth first, then every Range."""
+        await self._check_puts(req, path)
+        self._check_ranges(req, path)
 
-    async def _run(self, req: rpc_pb2.TxnRequest, path: _Path) -> rpc_pb2.TxnResponse:
-        # Nested responses carry an empty header, as in etcd; the caller fills the outer one.
-        response = rpc_pb2.TxnResponse(header=header(0), succeeded=path.succeeded)
+    @staticmethod
+    def _branch(
+        req: rpc_pb2.TxnRequest, path: _Path
+    ) -> Iterator[tuple[rpc_pb2.RequestOp, _Path | None]]:
+        """The ops of the branch `path` chose, each nested Txn with its own path."""
         nested = iter(path.nested)
         for op in req.success if path.succeeded else req.failure:
+            inner = next(nested) if op.WhichOneof("request") == "request_txn" else None
+            yield op, inner
+
+    async def _check_puts(self, req: rpc_pb2.TxnRequest, path: _Path) -> None:
+        for op, inner in self._branch(req, path):
+            if inner is not None:
+                await self._check_puts(op.request_txn, inner)
+            elif op.WhichOneof("request") == "request_put":
+                await self.check_put(op.request_put)
+
+    def _check_ranges(self, req: rpc_pb2.TxnRequest, path: _Path) -> None:
+        for op, inner in self._branch(req, path):
+            if inner is not None:
+                self._check_ranges(op.request_txn, inner)
+            elif op.WhichOneof("request") == "request_range":
+                self._check_txn_revision(op.request_range.revision)
+
+    async def _run(
+        self, req: rpc_pb2.TxnRequest, path: _Path, response: rpc_pb2.TxnResponse
+    ) -> None:
+        """Fill `response` in place: copying a nested response (as `add(response_txn=…)`
+        would) makes protobuf parse it again, which fails past 50 levels of nesting."""
+        response.succeeded = path.succeeded
+        for op, inner in self._branch(req, path):
             kind = op.WhichOneof("request")
-            if kind == "request_range":
+            if inner is not None:
+                # Nested responses carry an empty header, as in etcd.
+                nested = response.responses.add().response_txn
+                nested.header.SetInParent()
+                await self._run(op.request_txn, inner, nested)
+            elif kind == "request_range":
                 response.responses.add(response_range=await self.range(op.request_range))
             elif kind == "request_put":
                 response.responses.add(response_put=await self.put(op.request_put))
             elif kind == "request_delete_range":
                 deleted = await self.delete_range(op.request_delete_range)
                 response.responses.add(response_delete_range=deleted)
-            elif kind == "request_txn":
-                inner = await self._run(op.request_txn, next(nested))
-                response.responses.add(response_txn=inner)
-        return response
 
 
 @dataclass(frozen=True, slots=True)

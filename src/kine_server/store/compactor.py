@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kine_server.drivers.base import Driver
+from kine_server.store import supervise
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Compactor:
         self.status = CompactionStatus()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="kine-compactor")
+        self._task = supervise.start("kine-compactor", self._loop)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -2,11 +2,15 @@
 
 The writer publishes each committed batch here in revision order, right after the commit; a
 database poller (other instances' writes) can publish the same way. `revision` is the newest
-revision published: everything at or below it has been handed to every subscriber.
+revision published: everything at or below it has been handed to every subscriber, or skipped:
+revisions compacted away before this hub saw them (an instance that lagged behind another's
+compaction) are never published, and subscribers are told to read what they still need from
+the database, where a watch below the compact revision is cancelled as etcd cancels it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from kine_server.pb import kv_pb2
@@ -55,9 +59,14 @@ def _field(payload: bytes) -> bytes:
     return _EVENTS_KEY + _varint(len(payload)) + payload
 
 
+log = logging.getLogger(__name__)
+
 #: The events of one revision, in the order the request made them.
 Group = tuple[int, list[WireEvent]]
-Subscriber = Callable[[list[Group]], None]
+#: Given the groups of newly published revisions.
+Published = Callable[[list[Group]], None]
+#: Told that revisions up to this one will never be published.
+Skipped = Callable[[int], None]
 
 
 def by_revision(events: list[kv_pb2.Event]) -> list[Group]:
@@ -77,14 +86,14 @@ class EventHub:
 
     def __init__(self, revision: int = 0) -> None:
         self.revision = revision
-        self._subscribers: dict[int, Subscriber] = {}
+        self._subscribers: dict[int, tuple[Published, Skipped]] = {}
         self._next_id = 0
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        """Register `subscriber`; returns the function that unregisters it."""
+    def subscribe(self, published: Published, skipped: Skipped) -> Callable[[], None]:
+        """Register a subscriber; returns the function that unregisters it."""
         token = self._next_id
         self._next_id += 1
-        self._subscribers[token] = subscriber
+        self._subscribers[token] = (published, skipped)
 
         def unsubscribe() -> None:
             self._subscribers.pop(token, None)
@@ -104,9 +113,33 @@ class EventHub:
         if groups[0][0] != self.revision + 1:
             return False
         self.revision = groups[-1][0]
-        for subscriber in list(self._subscribers.values()):
-            subscriber(groups)
+        for token, (published, _) in list(self._subscribers.items()):
+            try:
+                published(groups)
+            except Exception:
+                # One broken subscriber must not cost the others their events: it reads them
+                # back from the database instead, or is dropped if even that fails.
+                log.exception("watch subscriber failed on revision %d; resyncing it", self.revision)
+                self._skip_one(token, self.revision)
         return True
+
+    def skip(self, through: int) -> None:
+        """Revisions up to `through` will never be published: move on, and tell subscribers."""
+        if through <= self.revision:
+            return
+        self.revision = through
+        for token in list(self._subscribers):
+            self._skip_one(token, through)
+
+    def _skip_one(self, token: int, through: int) -> None:
+        subscriber = self._subscribers.get(token)
+        if subscriber is None:
+            return
+        try:
+            subscriber[1](through)
+        except Exception:
+            log.exception("watch subscriber failed; dropping it")
+            self._subscribers.pop(token, None)
 
     @property
     def subscriber_count(self) -> int:

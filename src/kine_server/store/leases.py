@@ -1,10 +1,17 @@
 """Leases, kept in the database: granted, renewed, revoked and expired through the writer.
 
-Deadlines are wall-clock milliseconds in the lease table, so any instance can renew a lease and
+Deadlines are milliseconds of the database's own clock, so every instance on one PostgreSQL
+agrees on them (one instance's clock step expires nothing) and any instance can renew a lease;
 the database decides which instance expires it: expiry deletes the lease row only if its deadline
 has passed, in the same transaction (and revision) that deletes the lease's keys. The expiry loop
 asks the database for due leases twice a second; it holds nothing per lease in memory, so its cost
 does not grow with the number of live leases.
+
+Time when no instance serves the store does not count against a lease: every instance keeps
+promising (`lease_served_until`, renewed every `promise` seconds while it runs, set to now by a
+clean stop) and a starting instance moves every deadline on by the time since the last promise
+ran out. A lease so never expires early because the server was down, and an instance that crash
+loops does not keep it alive forever either (etcd's new leaders grant every lease its full TTL).
 """
 
 from __future__ import annotations
@@ -12,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kine_server import errors
-from kine_server.drivers.base import Driver, DriverError
+from kine_server.drivers.base import Driver
+from kine_server.store import supervise
 from kine_server.store.applier import Applier
 from kine_server.store.writer import Writer
 
@@ -27,8 +34,6 @@ log = logging.getLogger(__name__)
 MIN_TTL = 2
 #: etcd's MaxLeaseTTL.
 MAX_TTL = 9_000_000_000
-#: Revoking is never conditional on the deadline: any deadline is "before" this one.
-ANY_DEADLINE = 2**62
 
 
 @dataclass(frozen=True)
@@ -41,38 +46,40 @@ class LeaseStatus:
 
 class Lessor:
     def __init__(
-        self,
-        driver: Driver,
-        writer: Writer,
-        clock: Callable[[], float] = time.time,
-        expiry_interval: float = 0.5,
+        self, driver: Driver, writer: Writer, expiry_interval: float = 0.5, promise: float = 2.0
     ) -> None:
         self._driver = driver
         self._writer = writer
-        self._clock = clock
         self._interval = expiry_interval
+        self._promise_ms = int(promise * 1000)
         self._task: asyncio.Task[None] | None = None
         self.expired_total = 0
 
-    def now_ms(self) -> int:
-        return int(self._clock() * 1000)
-
     async def start(self) -> None:
-        """Give every lease its TTL again (etcd does this when a new leader takes over), so that
-        time spent down never expires a lease early; then start expiring."""
-        now = self.now_ms()
+        """Move deadlines on by the time nobody served the store, then start expiring."""
 
-        async def extend(applier: Applier) -> None:
-            await applier.write_tx.extend_leases(now)
+        async def resume(applier: Applier) -> None:
+            await applier.write_tx.resume_leases(self._promise_ms)
 
-        await self._writer.submit(extend)
-        self._task = asyncio.create_task(self._expiry_loop(), name="kine-lease-expiry")
+        await self._writer.submit(resume)
+        self._task = supervise.start("kine-lease-expiry", self._expiry_loop)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            # A clean stop: lease time stops counting now, not when the last promise runs out.
+            await self._promise(0)
+
+    async def _promise(self, promise_ms: int) -> None:
+        async def serve(applier: Applier) -> None:
+            await applier.write_tx.serve_leases(promise_ms)
+
+        try:
+            await self._writer.submit(serve)
+        except errors.EtcdError as exc:
+            log.warning("cannot record that leases are being served: %s", exc.message)
 
     async def grant(self, lease_id: int, ttl: int) -> tuple[int, int]:
         """(id, ttl actually granted)."""
@@ -82,22 +89,25 @@ class Lessor:
 
         async def insert(applier: Applier) -> int:
             tx = applier.write_tx
-            expires = self.now_ms() + ttl * 1000
-            if lease_id:
-                if not await tx.insert_lease(lease_id, ttl, expires):
+            granted = lease_id
+            if granted:
+                if not await tx.insert_lease(granted, ttl):
                     raise errors.LeaseExists()
-                return lease_id
-            while True:  # a random positive 63-bit id, as etcd generates them
-                candidate = secrets.randbits(63) or 1
-                if await tx.insert_lease(candidate, ttl, expires):
-                    return candidate
+            else:
+                while True:  # a random positive 63-bit id, as etcd generates them
+                    granted = secrets.randbits(63) or 1
+                    if await tx.insert_lease(granted, ttl):
+                        break
+            # The promise is not renewed while no lease exists: it may be stale.
+            await tx.serve_leases(self._promise_ms)
+            return granted
 
         granted: int = await self._writer.submit(insert)
         return granted, ttl
 
     async def revoke(self, lease_id: int) -> None:
         async def revoke(applier: Applier) -> None:
-            if not await applier.revoke(lease_id, ANY_DEADLINE):
+            if not await applier.revoke(lease_id, expired_only=False):
                 raise errors.LeaseNotFound()
 
         await self._writer.submit(revoke)
@@ -106,40 +116,35 @@ class Lessor:
         """The lease's TTL after renewing it, or 0 if it does not exist (expired or revoked)."""
 
         async def renew(applier: Applier) -> int:
-            ttl = await applier.write_tx.renew_lease(lease_id, self.now_ms())
+            ttl = await applier.write_tx.renew_lease(lease_id)
             return ttl or 0
 
         ttl: int = await self._writer.submit(renew)
         return ttl
 
     async def time_to_live(self, lease_id: int, with_keys: bool) -> LeaseStatus | None:
-        try:
+        with errors.database_errors():
             async with self._driver.read() as tx:
                 found = await tx.lease(lease_id)
                 if found is None:
                     return None
                 keys = [row.key for row in await tx.leased(lease_id)] if with_keys else []
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
-        ttl, expires = found
-        remaining = max(0, (expires - self.now_ms()) // 1000)
-        return LeaseStatus(lease_id, ttl, remaining, keys)
+        ttl, remaining_ms = found
+        return LeaseStatus(lease_id, ttl, max(0, remaining_ms) // 1000, keys)
 
     async def leases(self) -> list[int]:
-        try:
+        with errors.database_errors():
             async with self._driver.read() as tx:
                 return await tx.leases()
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def expire_due(self, limit: int = 1000) -> int:
         """Revoke every lease whose deadline has passed; returns how many this call expired."""
-        now = self.now_ms()
-        async with self._driver.read() as tx:
-            due = await tx.expired_leases(now, limit)
+        with errors.database_errors():
+            async with self._driver.read() as tx:
+                due = await tx.expired_leases(limit)
 
         def expire(lease_id: int) -> Callable[[Applier], Awaitable[bool]]:
-            return lambda applier: applier.revoke(lease_id, now)
+            return lambda applier: applier.revoke(lease_id, expired_only=True)
 
         # Submitted together, so one transaction (each lease its own revision) expires them all.
         results = await asyncio.gather(*(self._writer.submit(expire(i)) for i in due))
@@ -148,9 +153,14 @@ class Lessor:
         return expired
 
     async def _expiry_loop(self) -> None:
+        promised = asyncio.get_running_loop().time()
         while True:
             await asyncio.sleep(self._interval)
             try:
                 await self.expire_due()
-            except (DriverError, errors.EtcdError) as exc:
-                log.warning("lease expiry pass failed, retrying: %s", exc)
+            except errors.EtcdError as exc:
+                log.warning("lease expiry pass failed, retrying: %s", exc.message)
+            now = asyncio.get_running_loop().time()
+            if now - promised >= self._promise_ms / 2000:  # renewed at half its length
+                promised = now
+                await self._promise(self._promise_ms)

@@ -5,7 +5,10 @@ nothing to do. When several instances share one PostgreSQL, the others' writes c
 woken at once by the database's notification of a commit (LISTEN/NOTIFY), or by the writer when
 its own batch did not follow on from the hub's revision, and every `interval` in case a
 notification was lost. Revisions are dense and commit-ordered in the table, so reading everything
-after the hub's revision up to the current one never leaves a gap.
+after the hub's revision up to the current one never leaves a gap, except where compaction has
+already removed history this instance had not yet read (it was stopped or cut off while another
+compacted): then the hub skips to the compact revision, and the watches that needed what is gone
+are cancelled with it, as etcd cancels a watch below its compact revision.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 
-from kine_server.drivers.base import OPEN_END, Driver, DriverError
+from kine_server.drivers.base import OPEN_END, Change, Driver, DriverError, ReadTx
+from kine_server.store import supervise
 from kine_server.store.hub import EventHub
 from kine_server.store.watch import change_event, whole_revisions
 
@@ -38,7 +42,7 @@ class Poller:
 
     async def start(self) -> None:
         await self._driver.listen(self.notified)
-        self._task = asyncio.create_task(self._loop(), name="kine-poller")
+        self._task = supervise.start("kine-poller", self._loop)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -70,18 +74,39 @@ class Poller:
         while True:
             after = self._hub.revision
             async with self._driver.read() as tx:
-                current = (await tx.counters()).revision
-                if current <= after:
+                counters = await tx.counters()
+                if counters.revision <= after:
                     return
-                changes = await tx.changes(after, current, ALL_KEYS, OPEN_END, self._batch_size)
-                if len(changes) >= self._batch_size:
-                    whole = whole_revisions(changes)
-                    if not whole:  # one revision larger than a page
-                        through = changes[0].row.mod_revision
-                        whole = await tx.changes(after, through, ALL_KEYS, OPEN_END, 2**62)
-                    changes = whole
-            before = self._hub.revision
-            if not self._hub.publish([change_event(c) for c in changes]):
-                # The hub moved on meanwhile (the writer published); read again from there.
+                if after < counters.compact_revision:
+                    gap = counters.compact_revision
+                else:
+                    gap = 0
+                    changes = await self._page(tx, after, counters.revision)
+            if gap:
+                log.warning(
+                    "revisions %d to %d were compacted before this instance saw them; "
+                    "cancelling the watches that needed them",
+                    after + 1,
+                    gap,
+                )
+                self._hub.skip(gap)
                 continue
-            self.published_revisions += self._hub.revision - before
+            if self._hub.publish([change_event(c) for c in changes]) and changes:
+                self.published_revisions += max(0, self._hub.revision - after)
+            elif self._hub.revision == after:
+                # Not compaction, and nobody else moved the hub: revisions are missing from
+                # the table itself. Never stall on it; watchers re-read what is there.
+                through = changes[0].row.mod_revision - 1 if changes else counters.revision
+                log.error("revisions %d to %d are missing from the table", after + 1, through)
+                self._hub.skip(through)
+            # else: the writer published meanwhile; read on from where the hub is now
+
+    async def _page(self, tx: ReadTx, after: int, current: int) -> list[Change]:
+        changes = await tx.changes(after, current, ALL_KEYS, OPEN_END, self._batch_size)
+        if len(changes) < self._batch_size:
+            return changes
+        whole = whole_revisions(changes)
+        if whole:
+            return whole
+        through = changes[0].row.mod_revision  # one revision larger than a page
+        return await tx.changes(after, through, ALL_KEYS, OPEN_END, 2**62)

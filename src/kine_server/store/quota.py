@@ -14,7 +14,8 @@ import contextlib
 import logging
 
 from kine_server import errors
-from kine_server.drivers.base import Driver, DriverError
+from kine_server.drivers.base import Driver
+from kine_server.store import supervise
 from kine_server.store.applier import Applier
 from kine_server.store.writer import Writer
 
@@ -35,7 +36,7 @@ class Quota:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="kine-quota")
+        self._task = supervise.start("kine-quota", self._loop)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -45,16 +46,14 @@ class Quota:
 
     async def refresh(self) -> None:
         """Re-read the database size and the alarm (another instance may have changed it)."""
-        try:
+        with errors.database_errors():
             self.size, _ = await self._driver.size()
             self.nospace = bool(await self._driver.meta(NOSPACE))
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            with contextlib.suppress(errors.Unavailable):
+            with contextlib.suppress(errors.EtcdError):
                 await self.refresh()
 
     async def check(self, request_bytes: int) -> None:

@@ -52,8 +52,9 @@ async def copy_store(source: Driver, target: Driver) -> Counters:
         while rows := await reader.dump(after, PAGE):
             await writer.insert_raw(rows)
             after = (rows[-1].mod_revision, rows[-1].sub)
-        for lease_id, ttl, expires in await reader.all_leases():
-            await writer.insert_lease(lease_id, ttl, expires)
+        # A restored lease starts its TTL again, as etcd's restored leases do.
+        for lease_id, ttl, _ in await reader.all_leases():
+            await writer.insert_lease(lease_id, ttl)
         meta = await reader.all_meta()
         for name in COPIED_META:
             await writer.set_meta(name, meta[name])

@@ -10,7 +10,7 @@ import struct
 import zlib
 
 from kine_server import errors
-from kine_server.drivers.base import OPEN_END, Counters, Driver, DriverError
+from kine_server.drivers.base import OPEN_END, Counters, Driver
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, is_read_only
@@ -65,26 +65,22 @@ class Store:
             self.poller.wake()
 
     async def counters(self) -> Counters:
-        try:
+        with errors.database_errors():
             async with self.driver.read() as tx:
                 return await tx.counters()
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
-        try:
+        with errors.database_errors():
             async with self.driver.read() as tx:
                 counters = await tx.counters()
                 return await Applier(tx, counters.revision, counters.compact_revision).range(req)
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def history(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
     ) -> HistoryPage:
         """The changes of a key range after `after`, at most about `limit` of them, whole
         revisions only, read from one snapshot; `page.through` says how far the page reaches."""
-        try:
+        with errors.database_errors():
             async with self.driver.read() as tx:
                 counters = await tx.counters()
                 if after + 1 < counters.compact_revision:
@@ -98,33 +94,26 @@ class Store:
                     whole = await tx.changes(after, through, key, end, 2**62)
                 else:
                     through = whole[-1].row.mod_revision
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
         return HistoryPage(counters.compact_revision, whole, through)
 
     async def snapshot(self, path: str) -> Counters:
         """Write a consistent copy of the store to a new SQLite file at `path`."""
         target = SQLiteDriver(path, readers=1)
         try:
-            await target.open()
-            return await copy_store(self.driver, target)
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
+            with errors.database_errors():
+                await target.open()
+                return await copy_store(self.driver, target)
         finally:
             await target.close()
 
     async def size(self) -> tuple[int, int]:
         """(bytes the database occupies, bytes in use)."""
-        try:
+        with errors.database_errors():
             return await self.driver.size()
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def defragment(self) -> None:
-        try:
+        with errors.database_errors():
             await self.driver.defragment()
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
 
     async def hash_kv(self, revision: int) -> tuple[int, int, int]:
         """(crc32 of the key space as of `revision`, that revision, compact revision).
@@ -133,14 +122,16 @@ class Store:
         every instance and across restarts, since it is computed from the table alone.
         """
         crc = 0
-        try:
+        with errors.database_errors():
             async with self.driver.read() as tx:
                 counters = await tx.counters()
-                at = revision or counters.revision
-                if at > counters.revision:
-                    raise errors.FutureRevision()
-                if at < counters.compact_revision:
+                # As etcd's HashByRev: 0 is the current revision, the compact revision itself
+                # is compacted, and a negative one hashes nothing (it is not an error).
+                if revision > 0 and revision <= counters.compact_revision:
                     raise errors.Compacted()
+                if revision > counters.revision:
+                    raise errors.FutureRevision()
+                at = revision or counters.revision
                 key = b"\x00"
                 while True:
                     rows = await tx.range(key, OPEN_END, at, 1000)
@@ -153,8 +144,6 @@ class Store:
                     if len(rows) < 1000:
                         break
                     key = rows[-1].key + b"\x00"
-        except DriverError as exc:
-            raise errors.Unavailable.database(exc) from exc
         return crc, at, counters.compact_revision
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
@@ -169,13 +158,11 @@ class Store:
 
     async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
         if is_read_only(req):
-            try:
+            with errors.database_errors():
                 async with self.driver.read() as tx:
                     counters = await tx.counters()
                     applier = Applier(tx, counters.revision, counters.compact_revision)
                     return await applier.txn(req)
-            except DriverError as exc:
-                raise errors.Unavailable.database(exc) from exc
         response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
         return response
 

@@ -82,15 +82,20 @@ class Watcher:
                 continue
             if self.pending_events + len(chosen) > max_pending:
                 # Too slow to keep in memory: forget the queue, read it back from the database.
-                self.pending.clear()
-                self.pending_events = 0
-                self.synced = False
+                self.fall_behind()
                 return True
             self.pending.append(group if chosen is events else (revision, chosen))
             self.pending_events += len(chosen)
             queued = True
         self.peak_pending_events = max(self.peak_pending_events, self.pending_events)
         return queued
+
+    def fall_behind(self) -> None:
+        """Stop taking the live feed: what is queued and what follows is read from the database,
+        from `next_revision` on, until the watcher is current again."""
+        self.pending.clear()
+        self.pending_events = 0
+        self.synced = False
 
     def take(self) -> Group | None:
         if not self.pending:

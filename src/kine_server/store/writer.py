@@ -18,6 +18,7 @@ from typing import Any
 from kine_server import errors
 from kine_server.drivers.base import Driver, DriverError
 from kine_server.pb import kv_pb2
+from kine_server.store import supervise
 from kine_server.store.applier import Applier
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Writer:
         self.requests = 0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="kine-writer")
+        self._task = supervise.start("kine-writer", self._loop)
 
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, then stop."""
@@ -78,14 +79,32 @@ class Writer:
             while self._queue:
                 count = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(count)]
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except BaseException as exc:
+                    # A bug here must not leave callers waiting: answer them, then let the
+                    # supervisor log it and start the loop again for the rest of the queue.
+                    self._fail(batch, errors.Internal.of(exc))
+                    raise
             if self._closing:
                 return
 
     async def _commit(self, batch: list[_Job]) -> None:
+        """Apply and commit `batch`. A request that fails on its own account (an error after it
+        wrote, a statement the database refused, a bug) gets its own error, and the batch is
+        redone without it: one bad request never fails the others, and the common case pays
+        for no savepoints."""
+        while batch:
+            culprit = await self._attempt(batch)
+            if culprit is None:
+                return
+            batch = [job for job in batch if job is not culprit]
+
+    async def _attempt(self, batch: list[_Job]) -> _Job | None:
+        """One transaction for `batch`; the request to leave out if it failed on its own."""
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         events: list[kv_pb2.Event] = []
-        committing = False
+        current: _Job | None = None
         began = time.perf_counter()
         try:
             async with self._driver.write() as tx:
@@ -94,32 +113,39 @@ class Writer:
                 for job in batch:
                     if job.future.cancelled():
                         continue
+                    current = job
                     try:
                         result = await job.op(applier)
                     except errors.EtcdError as exc:
                         if applier.changes:
-                            raise  # written half: nothing of this batch may commit
+                            raise  # it wrote half: nothing of it may commit
                         outcomes.append((job, None, exc))
                         continue
                     events.extend(applier.take_changes())
                     outcomes.append((job, result, None))
+                current = None
                 if applier.begin != counters.revision:
                     await tx.set_revision(applier.begin)
-                committing = True
+        except errors.EtcdError as exc:
+            assert current is not None
+            self._fail([current], exc)
+            return current
         except DriverError as exc:
-            if len(batch) > 1 and not committing:
-                # One request may be at fault: give each its own transaction, so that only it fails.
-                log.warning("write batch of %d failed, retrying one by one: %s", len(batch), exc)
-                for job in batch:
-                    await self._commit([job])
-                return
-            log.warning("write request failed: %s", exc)
-            self._fail(batch, errors.Unavailable.database(exc))
-            return
+            if current is not None and not exc.retryable:
+                log.warning("write request failed, redoing its batch without it: %s", exc)
+                self._fail([current], errors.database(exc))
+                return current
+            log.warning("write batch of %d requests failed: %s", len(batch), exc)
+            self._fail(batch, errors.database(exc))
+            return None
         except Exception as exc:
+            if current is not None:
+                log.exception("write request failed, redoing its batch without it")
+                self._fail([current], errors.Internal.of(exc))
+                return current
             log.exception("write batch of %d requests failed", len(batch))
-            self._fail(batch, errors.EtcdError(f"kine-server: internal error: {exc}"))
-            return
+            self._fail(batch, errors.Internal.of(exc))
+            return None
         self.batches += 1
         self.requests += len(outcomes)
         took = time.perf_counter() - began
@@ -136,6 +162,7 @@ class Writer:
                 job.future.set_result(result)
         if events:
             self._on_commit(counters.revision, events)
+        return None
 
     @staticmethod
     def _fail(batch: list[_Job], error: errors.EtcdError) -> None:
