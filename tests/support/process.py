@@ -18,8 +18,12 @@ from tests.support.ports import free_port
 class KineProcess:
     """`python -m kine_server` on a free loopback port, logging to a file."""
 
-    def __init__(self, endpoint: str, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self, endpoint: str, log_dir: Path, *args: str, prefix: list[str] | None = None
+    ) -> None:
         self.endpoint = endpoint
+        #: A command the server runs under, e.g. faketime's.
+        self.prefix = prefix or []
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.args = list(args)
@@ -33,6 +37,7 @@ class KineProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "kine_server",

@@ -52,7 +52,7 @@ EXPIRED_LEASES = (
     "SELECT id FROM kine_lease WHERE expires_at <= {now_ms} ORDER BY expires_at LIMIT ?"
 )
 INSERT_LEASE = (
-    "INSERT INTO kine_lease (id, ttl, expires_at) VALUES (?, ?, {now_ms} + ? * 1000) "
+    "INSERT INTO kine_lease (id, ttl, expires_at) VALUES (?, ?, {now_ms} + CAST(? AS BIGINT) * 1000) "
     "ON CONFLICT (id) DO NOTHING"
 )
 # An expired lease is not renewed, even before the expiry pass has revoked it (as etcd's Renew).
