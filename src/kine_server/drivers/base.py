@@ -146,6 +146,9 @@ class ReadTx(abc.ABC):
     async def leases(self) -> list[int]: ...
 
     @abc.abstractmethod
+    async def any_lease(self) -> bool: ...
+
+    @abc.abstractmethod
     async def expired_leases(self, limit: int) -> list[int]:
         """Leases whose deadline has passed by the database's clock, soonest first."""
 

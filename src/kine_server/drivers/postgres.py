@@ -193,6 +193,9 @@ class _Read(ReadTx):
     async def leases(self) -> list[int]:
         return [r[0] for r in await self._conn.fetch(_LEASES)]
 
+    async def any_lease(self) -> bool:
+        return bool(await self._conn.fetchval(sql.ANY_LEASE))
+
     async def expired_leases(self, limit: int) -> list[int]:
         return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, limit)]
 

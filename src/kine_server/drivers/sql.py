@@ -48,6 +48,7 @@ SUPERSEDE = (
 # Leases: deadlines are milliseconds of the database's clock, shared by every instance.
 LEASE = "SELECT ttl, expires_at - {now_ms} FROM kine_lease WHERE id = ?"
 LEASES = "SELECT id FROM kine_lease ORDER BY id"
+ANY_LEASE = "SELECT EXISTS (SELECT 1 FROM kine_lease)"
 EXPIRED_LEASES = (
     "SELECT id FROM kine_lease WHERE expires_at <= {now_ms} ORDER BY expires_at LIMIT ?"
 )

@@ -190,6 +190,9 @@ class _Queries(ReadTx):
     async def leases(self) -> list[int]:
         return [r[0] for r in await self._all(sql.LEASES, ())]
 
+    async def any_lease(self) -> bool:
+        return bool((await self._all(sql.ANY_LEASE, ()))[0][0])
+
     async def expired_leases(self, limit: int) -> list[int]:
         return [r[0] for r in await self._all(_EXPIRED_LEASES, (limit,))]
 

@@ -54,6 +54,9 @@ class Lessor:
         self._promise_ms = int(promise * 1000)
         self._task: asyncio.Task[None] | None = None
         self.expired_total = 0
+        #: Whether the last expiry pass found any lease: only then is the promise renewed, so an
+        #: idle store gets no writes (and a paused instance holds no lock other writers need).
+        self._any = True
 
     async def start(self) -> None:
         """Move deadlines on by the time nobody served the store, then start expiring."""
@@ -142,6 +145,7 @@ class Lessor:
         with errors.database_errors():
             async with self._driver.read() as tx:
                 due = await tx.expired_leases(limit)
+                self._any = bool(due) or await tx.any_lease()
 
         def expire(lease_id: int) -> Callable[[Applier], Awaitable[bool]]:
             return lambda applier: applier.revoke(lease_id, expired_only=True)
@@ -161,6 +165,6 @@ class Lessor:
             except errors.EtcdError as exc:
                 log.warning("lease expiry pass failed, retrying: %s", exc.message)
             now = asyncio.get_running_loop().time()
-            if now - promised >= self._promise_ms / 2000:  # renewed at half its length
+            if self._any and now - promised >= self._promise_ms / 2000:  # at half its length
                 promised = now
                 await self._promise(self._promise_ms)
