@@ -356,10 +356,15 @@ def http_get(port: int, path: str) -> bytes:
 async def test_once_the_grpc_port_accepts_the_metrics_listener_is_up(
     tmp_path: Path, attempt: int
 ) -> None:
+    """Probed as a supervisor would, the moment the port accepts: everything else is up."""
     metrics = free_port()
     endpoint = f"sqlite://{tmp_path}/db/state.db"
-    with KineProcess(endpoint, tmp_path, "--metrics-bind-address", f"127.0.0.1:{metrics}"):
+    server = KineProcess(endpoint, tmp_path, "--metrics-bind-address", f"127.0.0.1:{metrics}")
+    server.start(probe_interval=0.0005)
+    try:
         assert http_get(metrics, "/health").startswith(b"HTTP/1.1 200")
+    finally:
+        server.kill()
 
 
 def test_a_failed_start_prints_one_line(tmp_path: Path) -> None:

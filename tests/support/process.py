@@ -32,7 +32,7 @@ class KineProcess:
         self.log_path = log_dir / f"kine-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, probe_interval: float = 0.05) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KINE_")}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -59,7 +59,7 @@ class KineProcess:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
-            time.sleep(0.05)
+            time.sleep(probe_interval)
         raise RuntimeError(f"kine-server did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
