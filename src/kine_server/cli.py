@@ -92,6 +92,13 @@ def setup_logging(config: Config) -> None:
     root.setLevel(logging.DEBUG if config.debug else logging.INFO)
 
 
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -202,6 +209,15 @@ FLAGS = [
         "compact_timeout",
         "Time limit of one compaction batch (Go duration)",
         parse_duration,
+        format_duration,
+    ),
+    Flag(
+        "datastore-timeout",
+        "datastore_timeout",
+        "PostgreSQL: time limit of connecting, of waiting for a pooled connection and of each "
+        "statement; a request to a database that stops answering fails with UNAVAILABLE after "
+        "about this long (Go duration)",
+        _positive_duration,
         format_duration,
     ),
     Flag("debug", "debug", "Log at debug level", _bool),

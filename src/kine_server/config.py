@@ -40,6 +40,9 @@ class Config:
     compact_batch_size: int = 1000
     compact_timeout: float = 5.0
     shutdown_grace: float = 10.0
+    #: PostgreSQL: connecting, waiting for a pooled connection and each statement give up after
+    #: this long (kine_server.drivers.postgres.DEFAULT_TIMEOUT says why 10 s).
+    datastore_timeout: float = 10.0
     debug: bool = False
     log_format: str = "plain"
     slow_sql_threshold: float = 1.0

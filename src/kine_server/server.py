@@ -141,7 +141,9 @@ class _Services:
 
     def add(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         timed = {
-            name: self._metrics.timed(name, decoding.guarded(handler, self._max_txn_ops))
+            name: self._metrics.timed(
+                name, decoding.guarded(f"/{service}/{name}", handler, self._max_txn_ops)
+            )
             for name, handler in handlers.items()
         }
         self.handlers.append(grpc.method_handlers_generic_handler(service, timed))
@@ -154,7 +156,7 @@ class Server:
         self.config = config
         try:
             tls = DatabaseTLS(config.ca_file, config.cert_file, config.key_file, config.skip_verify)
-            self.driver = driver or make_driver(config.endpoint, tls)
+            self.driver = driver or make_driver(config.endpoint, tls, config.datastore_timeout)
         except EndpointError as exc:
             raise StartupError(str(exc)) from exc
         self.store = Store(
@@ -219,6 +221,12 @@ class Server:
                 ("grpc.max_send_message_length", 2**31 - 1),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                # The aio server asks gRPC core for one incoming call at a time; calls that
+                # arrive faster wait in core's pending queue, which by default sheds them past
+                # 1,000 (every one past 3,000) by dropping the call: the client sees CANCELLED,
+                # which it does not retry. etcd queues them (a goroutine per stream); so do we.
+                ("grpc.server.max_pending_requests", 2**31 - 1),
+                ("grpc.server.max_pending_requests_hard_limit", 2**31 - 1),
             ],
         )
         try:
@@ -286,6 +294,7 @@ class Server:
         address = self.config.metrics_bind_address
         if address in ("", "0"):
             return
+
         def watch_stats() -> tuple[int, int, int]:
             watch = self.watch  # made once the port is open; until then there are no watches
             if watch is None:
@@ -301,7 +310,10 @@ class Server:
             raise StartupError(f"cannot serve metrics on {address}: {exc}") from exc
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, then close the store and the database."""
+        """Stop accepting, let in-flight requests finish, then close the store and the database:
+        all within --shutdown-grace (and the second the database connections get to close)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace
         if self.http is not None:
             await self.http.stop()
             self.http = None
@@ -313,7 +325,7 @@ class Server:
                     service.shutdown()
             await self._server.stop(self.config.shutdown_grace)
             self._server = None
-        await self.store.stop()
+        await self.store.stop(max(0.0, deadline - loop.time()))
         await self.driver.close()
 
     async def wait(self) -> None:

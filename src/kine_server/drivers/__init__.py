@@ -39,8 +39,11 @@ class DatabaseTLS:
         return context
 
 
-def make_driver(endpoint: str, tls: DatabaseTLS | None = None) -> Driver:
-    """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened)."""
+def make_driver(
+    endpoint: str, tls: DatabaseTLS | None = None, timeout: float | None = None
+) -> Driver:
+    """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened);
+    `timeout` bounds every PostgreSQL wait (--datastore-timeout; None: the driver's default)."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         raise EndpointError(
@@ -54,11 +57,15 @@ def make_driver(endpoint: str, tls: DatabaseTLS | None = None) -> Driver:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no SQLite file path")
         return SQLiteDriver(path)
     if scheme in ("postgres", "postgresql"):
-        from kine_server.drivers.postgres import PostgresDriver
+        from kine_server.drivers.postgres import DEFAULT_TIMEOUT, PostgresDriver
 
         if not rest.split("/", 1)[0]:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no PostgreSQL host")
-        return PostgresDriver(endpoint, ssl=tls.context() if tls else None)
+        return PostgresDriver(
+            endpoint,
+            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            ssl=tls.context() if tls else None,
+        )
     raise EndpointError(
         f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"
     )

@@ -111,6 +111,13 @@ class StatementError(DriverError):
     retryable = False
 
 
+class DatabaseUnreachable(DriverError):
+    """The database gave no answer: unreachable, no reply in time, or the connection was lost.
+
+    No request is at fault, so none is worth retrying on its own at once: it would only wait for
+    the same silence again."""
+
+
 class ReadTx(abc.ABC):
     """A consistent snapshot of the store.
 

@@ -7,6 +7,7 @@ from. Reads run in REPEATABLE READ so the counters and the rows they read come f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -24,6 +25,7 @@ from kine_server.drivers.base import (
     ChangeRow,
     CompactTx,
     Counters,
+    DatabaseUnreachable,
     Driver,
     DriverError,
     RawRow,
@@ -95,6 +97,31 @@ DATABASE_ERRORS = (
     OSError,  # TimeoutError and ConnectionError included
 )
 
+#: Of those, the ones that mean no answer came (as opposed to an error the server answered with):
+#: the connection cannot be trusted any more, and no request is at fault.
+UNANSWERED = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
+#: --datastore-timeout's default: connecting, waiting for a pooled connection and each statement
+#: give up after this long (etcd itself gives up on a request after about 7 s).
+DEFAULT_TIMEOUT = 10.0
+#: close() waits this long for connections to end cleanly, then drops them.
+CLOSE_TIMEOUT = 1.0
+#: VACUUM of a large store may run for many minutes: the Defragment caller's deadline bounds it.
+DEFRAGMENT_TIMEOUT = 3600.0
+#: A quiet LISTEN connection is checked this often: a NAT or firewall may drop an idle connection
+#: without a word to either side, and nothing else would ever notice.
+LISTEN_CHECK_INTERVAL = 10.0
+#: Attempts to LISTEN again back off up to this.
+LISTEN_RETRY_MAX = 5.0
+
 #: SQLSTATE classes a retry may cure: connection exceptions, transaction rollbacks (serialization,
 #: deadlock), insufficient resources, operator intervention (shutdown, statement timeout), system
 #: errors; and lock_not_available. Every other class (data, integrity, syntax) is the statement's.
@@ -102,14 +129,24 @@ _RETRYABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
 _RETRYABLE_STATES = ("55P03",)
 
 
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer from PostgreSQL in time"
+    return str(exc) or type(exc).__name__
+
+
 def driver_error(exc: BaseException) -> DriverError:
+    """What an asyncpg or network error means to the store: no answer at all, an error a
+    retry may cure, or the statement's own fault."""
     if isinstance(exc, asyncpg.DataError):  # a value asyncpg cannot encode, e.g. past int64
         return StatementError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, UNANSWERED):
+        return DatabaseUnreachable(describe(exc))
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         if not (state[:2] in _RETRYABLE_CLASSES or state in _RETRYABLE_STATES):
             return StatementError(f"{type(exc).__name__}: {exc}")
-    return DriverError(str(exc) or type(exc).__name__)
+    return DriverError(describe(exc))
 
 
 DIALECT = sql.Dialect(
@@ -267,16 +304,31 @@ class _Write(_Read, WriteTx):
 
 
 class _Compact(_Read, CompactTx):
+    def __init__(self, conn: asyncpg.Connection, timeout: float) -> None:
+        super().__init__(conn)
+        #: The batch's own limit (the server's statement_timeout) and a second for its answer:
+        #: --datastore-timeout must not cut short a batch that --compact-timeout allows.
+        self._limit = timeout + 1.0
+
     async def delete_history(self, after: int, through: int) -> int:
-        superseded = await self._conn.execute(_DELETE_SUPERSEDED, after, through)
-        tombstones = await self._conn.execute(_DELETE_TOMBSTONES, after, through)
+        t = self._limit
+        superseded = await self._conn.execute(_DELETE_SUPERSEDED, after, through, timeout=t)
+        tombstones = await self._conn.execute(_DELETE_TOMBSTONES, after, through, timeout=t)
         return _affected(superseded) + _affected(tombstones)
 
     async def claim(self, expected: int, through: int) -> bool:
-        return _affected(await self._conn.execute(_CLAIM_COMPACTED, through, expected)) == 1
+        claimed = await self._conn.execute(_CLAIM_COMPACTED, through, expected, timeout=self._limit)
+        return _affected(claimed) == 1
 
     async def advance_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision)
+        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision, timeout=self._limit)
+
+
+def _drop(conn: asyncpg.Connection) -> None:
+    """Close a connection without a word to the server (nothing to do if it is gone already:
+    asyncpg gives a lost connection back to its pool by itself)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 def database_name(dsn: str) -> str:
@@ -291,7 +343,15 @@ def with_database(dsn: str, name: str) -> str:
 
 
 class PostgresDriver(Driver):
-    """A store in one PostgreSQL database, shareable by several kine-server instances."""
+    """A store in one PostgreSQL database, shareable by several kine-server instances.
+
+    Every wait on the database is bounded by `timeout` (--datastore-timeout): connecting, waiting
+    for a pooled connection, and each statement (asyncpg's command_timeout). A connection that
+    stopped answering is dropped at once, never rolled back or reset with a round trip that would
+    wait as long again. So a request to a database that no longer answers (a partition, a stalled
+    server or proxy: the sockets stay open, nothing comes back) fails with UNAVAILABLE after about
+    `timeout`, and close() never waits for more than CLOSE_TIMEOUT.
+    """
 
     name = "postgres"
 
@@ -299,30 +359,36 @@ class PostgresDriver(Driver):
         self,
         dsn: str,
         pool_size: int = 8,
-        connect_timeout: float = 10.0,
+        timeout: float = DEFAULT_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.dsn = with_database(dsn, database_name(dsn))
         #: Passed to every connection; None leaves TLS to the DSN's sslmode.
         self._connect_options: dict[str, Any] = {"ssl": ssl} if ssl is not None else {}
         self._pool_size = pool_size
-        self._timeout = connect_timeout
+        self._timeout = timeout
         self._readers: asyncpg.Pool | None = None
         self._writers: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
+        self._listener_lost = asyncio.Event()
+        self._listening: asyncio.Task[None] | None = None
+        self._on_commit: Callable[[int], None] | None = None
+        #: Releases of connections whose acquiring caller was cancelled (see _connection).
+        self._handing_back: set[asyncio.Task[None]] = set()
         #: Tests turn this off to prove the periodic poll alone converges.
         self.listen_enabled = True
+        self.listen_check_interval = LISTEN_CHECK_INTERVAL
 
     async def open(self) -> None:
         try:
             await self._create_database()
             self._writers = await self._pool(3)
             self._readers = await self._pool(self._pool_size)
-            async with self._writers.acquire() as conn, conn.transaction():
+            async with self._writers.acquire(timeout=self._timeout) as conn, conn.transaction():
                 await self._create_schema(conn)
         except DATABASE_ERRORS as exc:
             await self.close()
-            raise DriverError(f"cannot open PostgreSQL database: {exc}") from exc
+            raise DriverError(f"cannot open PostgreSQL database: {describe(exc)}") from exc
 
     async def _pool(self, size: int) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
@@ -330,28 +396,31 @@ class PostgresDriver(Driver):
             min_size=1,
             max_size=size,
             timeout=self._timeout,
-            command_timeout=None,
+            command_timeout=self._timeout,
             **self._connect_options,
         )
         assert pool is not None
         return pool
 
+    async def _connect(self, dsn: str) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            dsn, timeout=self._timeout, command_timeout=self._timeout, **self._connect_options
+        )
+
     async def _create_database(self) -> None:
         """kine creates the database when it is missing; so do we."""
         try:
-            conn = await asyncpg.connect(self.dsn, timeout=self._timeout, **self._connect_options)
+            conn = await self._connect(self.dsn)
         except asyncpg.InvalidCatalogNameError:
-            admin = await asyncpg.connect(
-                with_database(self.dsn, "postgres"), timeout=self._timeout, **self._connect_options
-            )
+            admin = await self._connect(with_database(self.dsn, "postgres"))
             try:
                 name = database_name(self.dsn).replace('"', '""')
                 with contextlib.suppress(asyncpg.DuplicateDatabaseError):
                     await admin.execute(f'CREATE DATABASE "{name}"')
             finally:
-                await admin.close()
+                await admin.close(timeout=CLOSE_TIMEOUT)
             return
-        await conn.close()
+        await conn.close(timeout=CLOSE_TIMEOUT)
 
     async def _create_schema(self, conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_ID)
@@ -371,91 +440,192 @@ class PostgresDriver(Driver):
     async def listen(self, on_commit: Callable[[int], None]) -> None:
         if not self.listen_enabled:
             return
-
-        def notified(conn: object, pid: int, channel: str, payload: str) -> None:
-            on_commit(int(payload))
-
+        self._on_commit = on_commit
         try:
-            self._listener = await asyncpg.connect(
-                self.dsn, timeout=self._timeout, **self._connect_options
-            )
-            await self._listener.add_listener(CHANNEL, notified)
+            await self._listen()
         except DATABASE_ERRORS as exc:
             # Not fatal: the poller's interval still brings every commit, only later.
-            log.warning("cannot LISTEN for commits, relying on the poll interval: %s", exc)
+            log.warning(
+                "cannot LISTEN for commits, relying on the poll interval until it can: %s",
+                describe(exc),
+            )
+        self._listening = asyncio.create_task(self._keep_listening(), name="kine-listen")
+
+    async def _listen(self) -> None:
+        """Open the LISTEN connection, then announce the newest revision: commits made while no
+        connection listened were announced to nobody."""
+        conn = await self._connect(self.dsn)
+        try:
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _: lost.set())
+            await conn.add_listener(CHANNEL, self._notified)
+            revision = await conn.fetchval(_META, "revision")
+        except BaseException:
+            _drop(conn)
+            raise
+        self._listener, self._listener_lost = conn, lost
+        if self._on_commit is not None and revision is not None:
+            self._on_commit(int(revision))
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if self._on_commit is not None:
+            self._on_commit(int(payload))
+
+    async def _keep_listening(self) -> None:
+        """LISTEN again whenever the connection is lost (a database restart, a network fault),
+        and check a quiet one every `listen_check_interval`: a connection dropped silently (by a
+        NAT, a firewall, a partition) would otherwise never be noticed, and other instances'
+        commits would reach this one only at the poll interval, for good."""
+        delay = 0.0
+        while True:
+            conn = self._listener
+            if conn is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._listener_lost.wait(), self.listen_check_interval)
+                if not conn.is_closed():
+                    try:
+                        await conn.fetchval("SELECT 1")  # bounded by command_timeout
+                        continue
+                    except DATABASE_ERRORS:
+                        pass
+                _drop(conn)
+                self._listener = None
+                log.warning("the LISTEN connection was lost; listening again")
+                delay = 0.0
+            await asyncio.sleep(delay)
+            try:
+                await self._listen()
+            except DATABASE_ERRORS as exc:
+                delay = min(max(delay * 2, 0.5), LISTEN_RETRY_MAX)
+                log.debug("cannot LISTEN yet, retrying in %.1fs: %s", delay, describe(exc))
+            else:
+                log.info("listening for commits again")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
-            self._listener = None
-        for pool in (self._readers, self._writers):
-            if pool is not None:
-                with contextlib.suppress(Exception):
-                    await pool.close()
+        """Close every connection, waiting at most CLOSE_TIMEOUT for them to end cleanly."""
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+            self._listening = None
+        listener, self._listener = self._listener, None
+        pools = [pool for pool in (self._readers, self._writers) if pool is not None]
         self._readers = self._writers = None
+        closing = [self._close_pool(pool) for pool in pools]
+        if listener is not None:
+            closing.append(listener.close(timeout=CLOSE_TIMEOUT))  # aborts when it times out
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    @staticmethod
+    async def _close_pool(pool: asyncpg.Pool) -> None:
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except Exception:
+            pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, within --datastore-timeout, and dropped at once (not released
+        with a reset, a round trip that would wait as long again) if it stopped answering.
+
+        A caller cancelled while the pool opens a connection lets the opening finish and hands
+        the connection back before the cancellation goes on: asyncpg cancelled during a TLS
+        negotiation (sslmode=prefer, the default) leaves a future whose ConnectionError nobody
+        retrieves, which asyncio logs at ERROR."""
+        acquiring = asyncio.ensure_future(pool.acquire(timeout=self._timeout))
+        try:
+            conn = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            # Not waited for (a shutdown must not wait out a connect): handed back when done.
+            acquiring.add_done_callback(lambda done: self._hand_back(pool, done))
+            raise
+        except DATABASE_ERRORS as exc:
+            raise DatabaseUnreachable(describe(exc)) from exc
+        try:
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, (*UNANSWERED, asyncio.CancelledError)):
+                # Its transaction ends with the connection, on the server's side; on ours the
+                # pool opens a new one when next needed.
+                _drop(conn)
+            if isinstance(exc, DATABASE_ERRORS):
+                raise driver_error(exc) from exc
+            raise
+        finally:
+            # A failed reset drops the connection; a request that got its answer keeps it.
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await pool.release(conn)
+
+    def _hand_back(self, pool: asyncpg.Pool, acquired: asyncio.Future[Any]) -> None:
+        if acquired.cancelled() or acquired.exception() is not None:
+            return  # retrieved: nothing is left for asyncio to log
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):  # a closed pool has nothing to take back
+                await pool.release(acquired.result())
+
+        task = asyncio.ensure_future(release())
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, pool: asyncpg.Pool, isolation: str | None = None, readonly: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection(pool) as conn:
+            tx = conn.transaction(isolation=isolation, readonly=readonly)
+            await tx.start()
+            try:
+                yield conn
+            except BaseException as exc:
+                if not isinstance(exc, (*UNANSWERED, asyncio.CancelledError)):
+                    await tx.rollback()  # the server answered: the connection is fine
+                raise
+            await tx.commit()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[ReadTx]:
         assert self._readers is not None, "driver not open"
-        try:
-            async with (
-                self._readers.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                yield _Read(conn)
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
+        async with self._transaction(self._readers, "repeatable_read", readonly=True) as conn:
+            yield _Read(conn)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
         assert self._writers is not None, "driver not open"
-        try:
-            async with self._writers.acquire() as conn, conn.transaction():
-                yield _Write(conn)
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
+        async with self._transaction(self._writers) as conn:
+            yield _Write(conn)
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
         assert self._writers is not None, "driver not open"
         millis = max(1, int(timeout * 1000))
-        try:
-            async with self._writers.acquire() as conn, conn.transaction():
-                # A batch gives up rather than wait on row locks or run long: writers first.
-                await conn.execute(f"SET LOCAL lock_timeout = {millis}")
-                await conn.execute(f"SET LOCAL statement_timeout = {millis}")
-                yield _Compact(conn)
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
+        async with self._transaction(self._writers) as conn:
+            # A batch gives up rather than wait on row locks or run long: writers first.
+            await conn.execute(f"SET LOCAL lock_timeout = {millis}")
+            await conn.execute(f"SET LOCAL statement_timeout = {millis}")
+            yield _Compact(conn, timeout)
 
     async def checkpoint(self) -> None:
         """Nothing to do: autovacuum reclaims the deleted rows' space for reuse."""
 
     async def defragment(self) -> None:
         assert self._writers is not None, "driver not open"
-        try:
-            async with self._writers.acquire() as conn:
-                # VACUUM (not FULL): returns space for reuse without locking writers out.
-                await conn.execute("VACUUM (ANALYZE) kine_kv, kine_meta, kine_lease")
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
+        async with self._connection(self._writers) as conn:
+            # VACUUM (not FULL): returns space for reuse without locking writers out.
+            await conn.execute(
+                "VACUUM (ANALYZE) kine_kv, kine_meta, kine_lease", timeout=DEFRAGMENT_TIMEOUT
+            )
 
     async def meta(self, name: str) -> int | None:
         assert self._readers is not None, "driver not open"
-        try:
-            value = await self._readers.fetchval(_META, name)
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
+        async with self._connection(self._readers) as conn:
+            value = await conn.fetchval(_META, name)
         return int(value) if value is not None else None
 
     async def size(self) -> tuple[int, int]:
         assert self._readers is not None, "driver not open"
-        try:
-            total = await self._readers.fetchval("SELECT pg_database_size(current_database())")
-            used = await self._readers.fetchval(
+        async with self._connection(self._readers) as conn:
+            total = await conn.fetchval("SELECT pg_database_size(current_database())")
+            used = await conn.fetchval(
                 "SELECT pg_total_relation_size('kine_kv') + pg_total_relation_size('kine_meta')"
             )
-        except DATABASE_ERRORS as exc:
-            raise driver_error(exc) from exc
         return int(total), int(used)

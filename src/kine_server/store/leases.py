@@ -17,6 +17,7 @@ loops does not keep it alive forever either (etcd's new leaders grant every leas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -67,13 +68,15 @@ class Lessor:
         await self._writer.submit(resume)
         self._task = supervise.start("kine-lease-expiry", self._expiry_loop)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-            # A clean stop: lease time stops counting now, not when the last promise runs out.
-            await self._promise(0)
+            # A clean stop: lease time stops counting now, not when the last promise runs out
+            # (if the database answers in time; else the promise simply runs out).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._promise(0), timeout)
 
     async def _promise(self, promise_ms: int) -> None:
         async def serve(applier: Applier) -> None:

@@ -6,6 +6,7 @@ compaction is marked through the writer and carried out by the compactor task.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
 
@@ -50,10 +51,18 @@ class Store:
         self.compactor.start()
         self.compactor.wake()  # finish any compaction a previous run left half done
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop every task; the writes still queued, the lessor's last one included, get
+        `timeout` seconds (None: as long as they take) to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         await self.quota.stop()
-        await self.lessor.stop()
-        await self.writer.stop()
+        await self.lessor.stop(left())
+        await self.writer.stop(left())
         await self.poller.stop()
         await self.compactor.stop()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kine_server import errors
-from kine_server.drivers.base import Driver, DriverError
+from kine_server.drivers.base import DatabaseUnreachable, Driver, DriverError
 from kine_server.pb import kv_pb2
 from kine_server.store import supervise
 from kine_server.store.applier import Applier
@@ -55,14 +55,21 @@ class Writer:
     def start(self) -> None:
         self._task = supervise.start("kine-writer", self._loop)
 
-    async def stop(self) -> None:
-        """Refuse new requests, finish the queued ones, then stop."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, then stop; after `timeout` seconds, give
+        up on what is left (it fails with UNAVAILABLE)."""
         task, self._task = self._task, None
         if task is None:
             return
         self._closing = True
         self._wake.set()
-        await task
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        queued = list(self._queue)
+        self._queue.clear()
+        self._fail(queued, errors.Unavailable("kine-server: shutting down"))
 
     async def submit(self, op: WriteOp) -> Any:
         if self._task is None:
@@ -81,6 +88,9 @@ class Writer:
                 batch = [self._queue.popleft() for _ in range(count)]
                 try:
                     await self._commit(batch)
+                except asyncio.CancelledError:  # stop() ran out of time
+                    self._fail(batch, errors.Unavailable("kine-server: shutting down"))
+                    raise
                 except BaseException as exc:
                     # A bug here must not leave callers waiting: answer them, then let the
                     # supervisor log it and start the loop again for the rest of the queue.
@@ -136,6 +146,11 @@ class Writer:
                 self._fail([current], errors.database(exc))
                 return current
             log.warning("write batch of %d requests failed: %s", len(batch), exc)
+            if isinstance(exc, DatabaseUnreachable):
+                # What queued up meanwhile waited on the same silent database: fail it now,
+                # not one more timeout per batch later. Clients retry UNAVAILABLE.
+                batch += self._queue
+                self._queue.clear()
             self._fail(batch, errors.database(exc))
             return None
         except Exception as exc:
