@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,15 @@ from kine_server import errors
 from kine_server.store.store import Store
 
 log = logging.getLogger(__name__)
+
+#: Connections the metrics listener serves at once; scrapers and probes need a handful.
+MAX_CONNECTIONS = 64
+LISTEN_BACKLOG = 128
+#: A request must arrive, and a TLS handshake finish, within this time.
+REQUEST_TIMEOUT_SECONDS = 10.0
+MAX_REQUEST_BYTES = 64 * 1024
+ACCEPT_RETRY_SECONDS = 0.5
+REFUSAL_QUIET_SECONDS = 60.0
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -186,25 +196,92 @@ class HttpEndpoint:
         self._address = address
         self._ssl = ssl_context
         self._watch_stats = watch_stats
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._last_refusal = -REFUSAL_QUIET_SECONDS
         self.port = 0
 
     async def start(self) -> None:
         host, _, port = self._address.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._serve, host.strip("[]") or "0.0.0.0", int(port), ssl=self._ssl
+        infos = socket.getaddrinfo(
+            host.strip("[]") or "0.0.0.0",
+            int(port),
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._acceptor = asyncio.create_task(self._accept(listener))
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            for task in self._connections:
+                task.cancel()
+            await asyncio.gather(self._acceptor, *self._connections, return_exceptions=True)
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Accept connections, at most MAX_CONNECTIONS at once (counting TLS handshakes): one
+        past the limit is closed at once. A flood so costs no file descriptors that gRPC or the
+        database need, and is logged once (asyncio's own accept loop logs a traceback for every
+        connection it cannot accept once the process is out of descriptors)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: let connections end first
+                self._refused(f"cannot accept connections: {exc.strerror}")
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            if len(self._connections) >= MAX_CONNECTIONS:
+                conn.close()
+                self._refused(f"more than {MAX_CONNECTIONS} connections at once")
+                continue
+            task = asyncio.create_task(self._connection(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def _refused(self, why: str) -> None:
+        """One warning per flood: none again until REFUSAL_QUIET_SECONDS pass without refusals."""
+        now = time.monotonic()
+        if now - self._last_refusal > REFUSAL_QUIET_SECONDS:
+            log.warning("metrics listener: %s; closing new connections", why)
+        self._last_refusal = now
+
+    async def _connection(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_REQUEST_BYTES)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=REQUEST_TIMEOUT_SECONDS if self._ssl else None,
+            )
+        except (OSError, TimeoutError):  # ssl.SSLError included: a refused handshake
+            conn.close()
+            return
+        await self._serve(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
             path = request.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
             status, kind, body = await self._respond(path)
             head = (
@@ -237,14 +314,13 @@ class HttpEndpoint:
             try:
                 await self._store.counters()
             except errors.EtcdError as exc:
+                # The cause (the driver's text) can name the database's host and port: it is for
+                # the operator's log, not for whoever can reach this port.
+                log.debug("%s: %s", path, exc.message)
                 return (
                     "503 Service Unavailable",
                     "application/json",
-                    (
-                        b'{"health":"false","reason":"'
-                        + exc.message.replace('"', "'").encode()
-                        + b'"}'
-                    ),
+                    b'{"health":"false","reason":"database unavailable"}',
                 )
             return "200 OK", "application/json", b'{"health":"true","reason":""}'
         return "404 Not Found", "text/plain", b"not found\n"

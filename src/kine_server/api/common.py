@@ -58,6 +58,19 @@ def etcd_errors(handler: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
+async def send(context: grpc.aio.ServicerContext, response: Any) -> bool:
+    """Write one response of a stream; False if the call is over. A client that goes away makes
+    the write fail, as InvalidStateError once the call has ended, or as grpc's own
+    ExecuteBatchError while the write is in flight: either way nothing more can be sent, and it
+    is no error of the server's (grpc would log it at ERROR with a traceback)."""
+    try:
+        await context.write(response)
+    except Exception as exc:
+        log.debug("stream ended while writing to %s: %s", context.peer(), type(exc).__name__)
+        return False
+    return True
+
+
 def _unsupported(full_name: str) -> Callable[..., Awaitable[Any]]:
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, errors.Unsupported(full_name).message)

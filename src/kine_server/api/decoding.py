@@ -137,15 +137,20 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-async def _requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _requests(
+    method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
     async for request in requests:
         if isinstance(request, Undecodable):
-            log.debug("undecodable request on a stream: %s", request.error.message)
-            raise request.error
+            # Go's gRPC words it differently on a stream than for a unary call.
+            cause = request.error.message.removeprefix("grpc: error unmarshalling request: ")
+            error = errors.Internal(f"grpc: failed to unmarshal the received message {cause}")
+            log.debug("%s: undecodable request from %s: %s", method, context.peer(), cause)
+            raise error
         yield request
 
 
-def guarded(handler: grpc.RpcMethodHandler, max_txn_ops: int) -> grpc.RpcMethodHandler:
+def guarded(method: str, handler: grpc.RpcMethodHandler, max_txn_ops: int) -> grpc.RpcMethodHandler:
     """`handler` with a deserializer that never raises, and behaviour that answers an
     Undecodable request with its error (a stream's with the error that ends the stream)."""
     decode = deserializer(handler.request_deserializer, max_txn_ops)
@@ -153,7 +158,7 @@ def guarded(handler: grpc.RpcMethodHandler, max_txn_ops: int) -> grpc.RpcMethodH
         behavior = handler.stream_stream or handler.stream_unary
 
         async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(_requests(requests), context)
+            return await behavior(_requests(method, requests, context), context)
 
         if handler.stream_stream is not None:
             return handler._replace(request_deserializer=decode, stream_stream=streaming)
@@ -161,7 +166,9 @@ def guarded(handler: grpc.RpcMethodHandler, max_txn_ops: int) -> grpc.RpcMethodH
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Undecodable):
-            log.debug("undecodable request: %s", request.error.message)
+            log.debug(
+                "%s: undecodable request from %s: %s", method, context.peer(), request.error.message
+            )
             await context.abort(request.error.code, request.error.message)
 
     if handler.unary_stream is not None:

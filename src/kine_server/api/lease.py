@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 
 from kine_server import errors
-from kine_server.api.common import Member, etcd_errors
+from kine_server.api.common import Member, etcd_errors, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Cancel `future` and take its outcome whenever it comes. When the client goes away the
+    call is cancelled while the next read is pending; that read ends later (StopAsyncIteration),
+    and asyncio would log it at ERROR as "Task exception was never retrieved"."""
+    future.cancel()
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
@@ -56,12 +64,12 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     ) -> None:
         requests = aiter(request_iterator)
         closing = asyncio.ensure_future(self._closing.wait())
+        following: asyncio.Future[rpc_pb2.LeaseKeepAliveRequest] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(anext(requests))
                 await asyncio.wait({following, closing}, return_when=asyncio.FIRST_COMPLETED)
                 if closing.done():
-                    following.cancel()
                     raise errors.Unavailable("kine-server: shutting down")
                 try:
                     request = following.result()
@@ -70,11 +78,14 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
                 ttl = await self._lessor.keep_alive(request.ID)
                 response = rpc_pb2.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
                 self._header(response.header)
-                await context.write(response)
+                if not await send(context, response):
+                    return  # the client went away
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
         finally:
             closing.cancel()
+            if following is not None:
+                _discard(following)
 
     @etcd_errors
     async def LeaseTimeToLive(

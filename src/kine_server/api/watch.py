@@ -16,7 +16,7 @@ from typing import TypeAlias
 import grpc
 
 from kine_server import errors
-from kine_server.api.common import Member
+from kine_server.api.common import Member, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import range_end
 from kine_server.store.hub import Group, WireEvent
@@ -39,6 +39,9 @@ class WatchSettings:
     max_pending_events: int = 1024
     #: Rows read from the database per catch-up step.
     page_size: int = 100
+    #: Control responses (created, canceled, progress) a stream may queue before it stops reading
+    #: requests until the client reads: etcd's ctrlStreamBufLen.
+    max_queued_control: int = 16
 
 
 @dataclass
@@ -49,6 +52,8 @@ class WatchStats:
     watchers: int = 0
     peak_pending_events: int = 0
     fallbacks: int = 0
+    #: Times a stream stopped reading requests because its client was not reading responses.
+    receive_pauses: int = 0
 
 
 class Headers:
@@ -153,6 +158,9 @@ class WatchStream:
         self._ready: dict[int, Watcher] = {}
         self._control: collections.deque[rpc_pb2.WatchResponse] = collections.deque()
         self._wake = asyncio.Event()
+        #: Set while the control queue has room; the receiver waits on it (see _receive).
+        self._room = asyncio.Event()
+        self._room.set()
         self._progress_requested = False
         self._next_id = 0
 
@@ -194,6 +202,7 @@ class WatchStream:
     # -- requests ------------------------------------------------------------------------------
 
     async def _receive(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
+        limit = self._settings.max_queued_control
         async for request in requests:
             kind = request.WhichOneof("request_union")
             if kind == "create_request":
@@ -203,6 +212,13 @@ class WatchStream:
             elif kind == "progress_request":
                 self._progress_requested = True
             self._wake.set()
+            # As etcd's recvLoop blocks on its bounded control channel: a client that writes
+            # without reading stops being read (gRPC flow control then stops it), instead of
+            # growing this stream without bound.
+            if len(self._control) >= limit:
+                self._stats.receive_pauses += 1
+                self._room.clear()
+                await self._room.wait()
 
     def _create(self, create: rpc_pb2.WatchCreateRequest) -> None:
         key = create.key or b"\x00"  # etcd: an empty key is the smallest key
@@ -299,8 +315,7 @@ class WatchStream:
             # the loop: each pass either writes (and so waits for gRPC) or empties `_ready`.
             await self._wake.wait()
             self._wake.clear()
-            while self._control:
-                await self._write(self._control.popleft())
+            await self._flush_control()
             for watcher in list(self._ready.values()):
                 if not self._current(watcher):
                     self._unready(watcher)
@@ -308,13 +323,19 @@ class WatchStream:
                     await self._drain(watcher)
                 else:
                     await self._catch_up(watcher)
-                while self._control:
-                    await self._write(self._control.popleft())
+                await self._flush_control()
             if self._ready:
                 self._wake.set()
             elif self._progress_requested:
                 self._progress_requested = False
                 await self._write(self._response(self._hub.revision, watch_id=-1))
+
+    async def _flush_control(self) -> None:
+        while self._control:
+            await self._write(self._control.popleft())
+            if len(self._control) < self._settings.max_queued_control:
+                self._room.set()
+        self._room.set()
 
     async def _drain(self, watcher: Watcher) -> None:
         while self._current(watcher) and watcher.synced and (group := watcher.take()) is not None:
@@ -413,8 +434,5 @@ class WatchStream:
         return self._headers.encoded(revision) + own
 
     async def _write(self, response: rpc_pb2.WatchResponse | bytes) -> None:
-        try:
-            await self._context.write(response)
-        except asyncio.InvalidStateError:
-            # The call is over (the client went away): end the stream, do not spin on it.
-            raise _StreamClosed() from None
+        if not await send(self._context, response):
+            raise _StreamClosed()  # the client went away: end the stream, do not spin on it
