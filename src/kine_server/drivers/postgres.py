@@ -382,7 +382,12 @@ class PostgresDriver(Driver):
     async def open(self) -> None:
         try:
             await self._create_database()
-            self._writers = await self._pool(3)
+            # A writer holds the revision lock every instance needs. If its instance is cut off
+            # or paused inside a transaction, PostgreSQL ends that session after twice the
+            # datastore timeout (it would otherwise wait for TCP keepalive, about two hours):
+            # no statement of ours leaves a transaction idle for anything like that long.
+            idle = {"idle_in_transaction_session_timeout": str(int(self._timeout * 2000))}
+            self._writers = await self._pool(3, idle)
             self._readers = await self._pool(self._pool_size)
             async with self._writers.acquire(timeout=self._timeout) as conn, conn.transaction():
                 await self._create_schema(conn)
@@ -390,13 +395,14 @@ class PostgresDriver(Driver):
             await self.close()
             raise DriverError(f"cannot open PostgreSQL database: {describe(exc)}") from exc
 
-    async def _pool(self, size: int) -> asyncpg.Pool:
+    async def _pool(self, size: int, settings: dict[str, str] | None = None) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
             self.dsn,
             min_size=1,
             max_size=size,
             timeout=self._timeout,
             command_timeout=self._timeout,
+            server_settings=settings,
             **self._connect_options,
         )
         assert pool is not None
