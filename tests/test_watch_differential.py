@@ -154,6 +154,23 @@ async def compacted_start(w: WatchRecorder) -> None:
 
 
 @scenario
+async def negative_start_revisions(w: WatchRecorder) -> None:
+    """Before any compaction etcd's compact revision is -1: a watch from -1 reads all history,
+    one from below it is cancelled with compact_revision -1; after one, every negative start is."""
+    await w.kv("Put", put(b"n", b"1"))
+    await w.stream.create(b"n", start_revision=-1, watch_id=1)
+    await w.expect(2)
+    await w.stream.create(b"n", start_revision=-5, watch_id=2)
+    await w.expect(2)
+    await w.kv("Put", put(b"n", b"2"))
+    await w.expect(1)
+    await w.kv("Compact", pb.CompactionRequest(revision=2))
+    await w.stream.create(b"n", start_revision=-1, watch_id=3)
+    await w.expect(2)
+    await w.expect_silence()
+
+
+@scenario
 async def progress_request(w: WatchRecorder) -> None:
     await w.stream.create(b"a")
     await w.expect(1)

@@ -366,10 +366,15 @@ class WatchStream:
                     )
                 )
                 return
-            events = watcher.select([WireEvent(change_event(c)) for c in history.changes])
-            if events:
-                await self._send_events(watcher, current, events)
-            watcher.sent(history.through)
+            if watcher.next_revision < 0:
+                # etcd reads history from a negative start as from the largest revision (its
+                # revision keys are unsigned): nothing, and the watch goes live from here.
+                watcher.sent(through)
+            else:
+                events = watcher.select([WireEvent(change_event(c)) for c in history.changes])
+                if events:
+                    await self._send_events(watcher, current, events)
+                watcher.sent(history.through)
         # Rejoin the live feed only when nothing was published while we read and sent.
         if watcher.next_revision > self._hub.revision:
             watcher.synced = True
