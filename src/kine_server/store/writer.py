@@ -81,8 +81,11 @@ class Writer:
 
     async def _loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not self._queue:  # checked first: a restarted loop may find work, or a stop
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
             while self._queue:
                 count = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(count)]
@@ -96,8 +99,6 @@ class Writer:
                     # supervisor log it and start the loop again for the rest of the queue.
                     self._fail(batch, errors.Internal.of(exc))
                     raise
-            if self._closing:
-                return
 
     async def _commit(self, batch: list[_Job]) -> None:
         """Apply and commit `batch`. A request that fails on its own account (an error after it
