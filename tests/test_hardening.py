@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from kine_server import errors
@@ -392,3 +393,36 @@ def test_a_failed_start_prints_one_line(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert "cannot serve metrics" in lines[0]
+
+
+async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_silence(
+    kine: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug while a stream takes a committed revision: the stream ends with INTERNAL, so the
+    client watches again, instead of staying open and deaf; other streams are unaffected."""
+    from kine_server.store.watch import Watcher
+
+    healthy = WatchStream(kine)
+    await healthy.create(b"h")
+    assert (await healthy.read(5)) is not None
+    broken = kine.watch.Watch()
+    await broken.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"w")))
+    assert (await broken.read()).created
+    offer = Watcher.offer
+
+    def buggy(self: Watcher, groups: Any, max_pending: int) -> bool:
+        if self.spec.key == b"w":
+            raise RuntimeError("injected bug in a watch stream")
+        return offer(self, groups, max_pending)
+
+    monkeypatch.setattr(Watcher, "offer", buggy)
+    with caplog.at_level(logging.ERROR):
+        await kine.kv.Put(put(b"w", b"1"))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(broken.read(), 10)
+        await kine.kv.Put(put(b"h", b"1"))
+        event = await healthy.read(5)
+    assert ended.value.code() == grpc.StatusCode.INTERNAL
+    assert "watch stream failed" in caplog.text
+    assert event is not None and event.events[0].kv.key == b"h"
+    await healthy.close()

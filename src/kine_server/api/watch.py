@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -22,6 +23,8 @@ from kine_server.store.applier import range_end
 from kine_server.store.hub import Group, WireEvent
 from kine_server.store.store import Store
 from kine_server.store.watch import Watcher, WatchSpec, change_event
+
+log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Create = rpc_pb2.WatchCreateRequest
@@ -169,12 +172,30 @@ class WatchStream:
 
     async def serve(self, requests: AsyncIterator[rpc_pb2.WatchRequest]) -> None:
         self._stats.streams += 1
-        unsubscribe = self._hub.subscribe(self._on_publish, self._on_skip)
-        tasks = [
+        failed = asyncio.get_running_loop().create_future()
+
+        def guarded(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+            """A hub handler that can never fail silently: if it raises, the stream ends with
+            INTERNAL (the client watches again from its last revision) instead of being left
+            subscribed to nothing."""
+
+            def call(argument: Any) -> None:
+                try:
+                    handler(argument)
+                except Exception as exc:
+                    log.exception("watch stream failed on a committed revision")
+                    if not failed.done():
+                        failed.set_exception(errors.Internal.of(exc))
+
+            return call
+
+        unsubscribe = self._hub.subscribe(guarded(self._on_publish), guarded(self._on_skip))
+        tasks: list[asyncio.Future[None]] = [
             asyncio.create_task(self._receive(requests)),
             asyncio.create_task(self._send_loop()),
             asyncio.create_task(self._progress_loop()),
             asyncio.create_task(self._until_closing()),
+            failed,
         ]
         try:
             running = set(tasks)
