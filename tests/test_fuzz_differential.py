@@ -127,6 +127,14 @@ def covers(key: bytes, end: bytes, other: bytes) -> bool:
     return key <= other < end
 
 
+def crashes_etcd(request: Any) -> bool:
+    """A Put with ignore_value or ignore_lease that overlaps an earlier delete of its Txn (one
+    etcd's duplicate check lets through, e.g. a "\0" range end) passes etcd's checks, made on
+    the state before the Txn, and then panics etcd 3.4 when applied: the key is gone. kine-server
+    refuses the whole Txn with "key not found". Never generated, or the oracle dies."""
+    return isinstance(request, pb.PutRequest) and (request.ignore_value or request.ignore_lease)
+
+
 @dataclass
 class Writes:
     """Keys a Txn under construction puts and spans it deletes, at every depth, both branches."""
@@ -365,7 +373,9 @@ class Sequence:
                     request = self.delete_request()
                 else:
                     request = self.txn_request(state, depth + 1, writes)
-                if writes.overlaps(request) and not self.chance(OVERLAP_CHANCE):
+                if writes.overlaps(request) and (
+                    crashes_etcd(request) or not self.chance(OVERLAP_CHANCE)
+                ):
                     continue
                 writes.add(request)
                 ops.append(op(request))

@@ -426,3 +426,23 @@ async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_si
     assert "watch stream failed" in caplog.text
     assert event is not None and event.events[0].kv.key == b"h"
     await healthy.close()
+
+
+async def test_a_put_of_a_key_its_own_txn_deleted_with_ignore_value_writes_nothing(
+    kine: Client,
+) -> None:
+    """etcd 3.4 passes this Txn's checks (made before the Txn: the key exists) and then panics
+    applying it. kine-server refuses it whole, as its checks would, and writes nothing."""
+    await kine.kv.Put(put(b"/iv/k", b"old"))
+    request = txn(
+        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"/iv/", range_end=b"\x00")),
+        pb.RequestOp(request_put=put(b"/iv/k", b"", ignore_value=True)),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await kine.kv.Txn(request)
+    assert (refused.value.code(), refused.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "etcdserver: key not found",
+    )
+    after = await kine.kv.Range(pb.RangeRequest(key=b"/iv/k"))
+    assert [kv.value for kv in after.kvs] == [b"old"] and after.header.revision == 2
