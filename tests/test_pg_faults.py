@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
+from kine_server import errors
 from kine_server.config import Config
 from kine_server.drivers.postgres import with_database
 from kine_server.pb import rpc_pb2 as pb
@@ -306,3 +308,41 @@ async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
         await b_client.close()
         await asyncio.wait_for(b.stop(), 30)
         await asyncio.wait_for(a.stop(), 30)
+
+
+def test_a_value_asyncpg_cannot_encode_is_the_statements_fault_not_a_lost_connection() -> None:
+    """asyncpg's DataError is an InterfaceError, as a closed connection is; only the second
+    means the connection is gone (dropped without a ROLLBACK, and UNAVAILABLE to clients)."""
+    from kine_server.drivers import postgres
+    from kine_server.drivers.base import DatabaseUnreachable, StatementError
+
+    data = asyncpg.DataError("invalid input for query argument $1: value out of int64 range")
+    lost = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+    assert not postgres.unanswered(data)
+    assert isinstance(postgres.driver_error(data), StatementError)
+    for gone in (lost, ConnectionResetError(), TimeoutError()):
+        assert postgres.unanswered(gone)
+        assert isinstance(postgres.driver_error(gone), DatabaseUnreachable)
+
+
+async def test_a_value_past_int64_fails_its_own_request_and_the_writer_goes_on(
+    database: str,
+) -> None:
+    server = await started(database)
+    try:
+
+        async def out_of_range(applier: Any) -> None:
+            await applier.put(pb.PutRequest(key=b"/f/int/bad"))
+            await applier.write_tx.set_meta("alarm_nospace", 2**64)
+
+        results = await asyncio.gather(
+            server.store.writer.submit(out_of_range),
+            *(server.store.put(pb.PutRequest(key=b"/f/int/%d" % i)) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], errors.Internal), results[0]
+        assert all(isinstance(r, pb.PutResponse) for r in results[1:]), results[1:]
+        after = await server.store.put(pb.PutRequest(key=b"/f/int/after"))
+        assert after.header.revision == 7  # 2-6 the Puts; the failed request took none
+    finally:
+        await asyncio.wait_for(server.stop(), 30)

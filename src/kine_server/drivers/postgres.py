@@ -135,12 +135,19 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def unanswered(exc: BaseException) -> bool:
+    """No answer came: the connection cannot be trusted any more. Not asyncpg's DataError,
+    although it is an InterfaceError: a value asyncpg cannot encode (e.g. past int64) is refused
+    before anything is sent, and the connection is as good as before."""
+    return isinstance(exc, UNANSWERED) and not isinstance(exc, asyncpg.DataError)
+
+
 def driver_error(exc: BaseException) -> DriverError:
     """What an asyncpg or network error means to the store: no answer at all, an error a
     retry may cure, or the statement's own fault."""
-    if isinstance(exc, asyncpg.DataError):  # a value asyncpg cannot encode, e.g. past int64
+    if isinstance(exc, asyncpg.DataError):
         return StatementError(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, UNANSWERED):
+    if unanswered(exc):
         return DatabaseUnreachable(describe(exc))
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
@@ -549,7 +556,7 @@ class PostgresDriver(Driver):
         try:
             yield conn
         except BaseException as exc:
-            if isinstance(exc, (*UNANSWERED, asyncio.CancelledError)):
+            if unanswered(exc) or isinstance(exc, asyncio.CancelledError):
                 # Its transaction ends with the connection, on the server's side; on ours the
                 # pool opens a new one when next needed.
                 _drop(conn)
@@ -583,7 +590,7 @@ class PostgresDriver(Driver):
             try:
                 yield conn
             except BaseException as exc:
-                if not isinstance(exc, (*UNANSWERED, asyncio.CancelledError)):
+                if not (unanswered(exc) or isinstance(exc, asyncio.CancelledError)):
                     await tx.rollback()  # the server answered: the connection is fine
                 raise
             await tx.commit()
