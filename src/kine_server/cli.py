@@ -19,7 +19,7 @@ from kine_server.config import Config
 from kine_server.drivers import DriverError, EndpointError, make_driver
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.durations import format_duration, parse_duration
-from kine_server.server import StartupError, serve
+from kine_server.server import StartupError, WriterGone, serve, serve_frontend
 from kine_server.store.snapshot import SnapshotError, copy_store, strip_checksum
 
 
@@ -220,6 +220,13 @@ FLAGS = [
         _positive_duration,
         format_duration,
     ),
+    Flag(
+        "workers",
+        "workers",
+        "Processes serving clients, all sharing the port; writes go to one writer process "
+        "(0: one per available core; 1: everything in one process)",
+        _non_negative_int,
+    ),
     Flag("debug", "debug", "Log at debug level", _bool),
     Flag("log-format", "log_format", "Log line format: plain or json", _log_format),
     Flag(
@@ -324,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "restore":
         return restore(argv[1:], dict(os.environ))
+    if argv and argv[0] == "frontend":
+        return frontend(argv[1:], dict(os.environ))
     try:
         config = load_config(argv, dict(os.environ))
     except ValueError as exc:
@@ -331,8 +340,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     setup_logging(config)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, argv))
     except StartupError as exc:
         print(f"kine-server: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def frontend(argv: Sequence[str], environ: dict[str, str]) -> int:
+    """`kine-server frontend SOCKET N FLAGS...`: front-end process N of `--workers`, started
+    by the writer process (not a command for operators)."""
+    if len(argv) < 2 or not argv[1].isdigit():
+        print("kine-server frontend: started by kine-server --workers only", file=sys.stderr)
+        return 2
+    socket_path, worker = argv[0], int(argv[1])
+    try:
+        config = load_config(argv[2:], environ)
+    except ValueError as exc:
+        print(f"kine-server: error: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(config)
+    try:
+        asyncio.run(serve_frontend(config, socket_path, worker))
+    except StartupError as exc:
+        print(f"kine-server: error: {exc}", file=sys.stderr)
+        return 1
+    except WriterGone:
         return 1
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kine_server.drivers import DEFAULT_ENDPOINT
@@ -46,3 +47,16 @@ class Config:
     debug: bool = False
     log_format: str = "plain"
     slow_sql_threshold: float = 1.0
+    #: Processes serving gRPC (--workers); 0: one per core this process may run on. With more
+    #: than one, a writer process owns the database's writes and N front-ends serve clients.
+    workers: int = 0
+
+    def worker_count(self) -> int:
+        """How many front-end processes to run: 1 means everything in this one process.
+
+        A unix socket cannot be shared between processes as a TCP port is (SO_REUSEPORT), so
+        it is always served by one.
+        """
+        if self.listen_address.startswith("unix://"):
+            return 1
+        return self.workers or max(1, len(os.sched_getaffinity(0)))

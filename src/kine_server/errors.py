@@ -121,3 +121,15 @@ class Unsupported(EtcdError):
 
     def __init__(self, method: str) -> None:
         super().__init__(f"kine-server: {method} is not supported")
+
+
+#: Every gRPC status code by its number, for errors relayed between processes.
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Relayed(EtcdError):
+    """An error another kine-server process answered (`--workers`): passed on unchanged."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        super().__init__(message)

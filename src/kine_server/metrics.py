@@ -14,16 +14,19 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from kine_server import errors
-from kine_server.store.store import Store
+from kine_server.store.compactor import CompactionStatus
+from kine_server.store.store import Storage, WriteSideStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """Every metric of one server, in a registry of its own (no module-level state)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Storage) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "kine_grpc_requests",
@@ -113,8 +116,9 @@ class Metrics:
 class _StoreState(Collector):
     """Gauges and counters read from the store's components when Prometheus scrapes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Storage) -> None:
         self._store = store
+        self.write_side = WriteSideStatus(CompactionStatus(), False, 0, 0, 0)
         #: Refreshed by `refresh()`: reading them needs the database, which a scrape cannot await.
         self.revision = 0
         self.compact_revision = 0
@@ -128,10 +132,10 @@ class _StoreState(Collector):
         counters = await self._store.counters()
         self.revision, self.compact_revision = counters.revision, counters.compact_revision
         self.db_size, self.db_size_in_use = await self._store.size()
+        self.write_side = await self._store.write_side_status()
 
     def collect(self) -> Iterator[Any]:
-        status = self._store.compactor.status
-        writer = self._store.writer
+        status = self.write_side.compaction
         gauges = {
             "kine_revision": ("Current store revision", self.revision),
             "kine_compact_revision": (
@@ -161,7 +165,7 @@ class _StoreState(Collector):
             ),
             "kine_lease_expired": (
                 "Leases expired by this instance",
-                self._store.lessor.expired_total,
+                self.write_side.expired_leases,
             ),
         }
         for name, (doc, value) in gauges.items():
@@ -173,11 +177,85 @@ class _StoreState(Collector):
                 "History rows removed by compaction",
                 status.rows_deleted_total,
             ),
-            "kine_write_requests": ("Write requests committed", writer.requests),
-            "kine_write_batches": ("Write transactions committed", writer.batches),
+            "kine_write_requests": ("Write requests committed", self.write_side.write_requests),
+            "kine_write_batches": ("Write transactions committed", self.write_side.write_batches),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+
+
+#: Families each process of `--workers` counts for itself: one scrape shows their sum. The rest
+#: (revisions, database size, compaction, the writer's batches) come from the writer process.
+PER_PROCESS = frozenset(
+    {
+        "kine_grpc_requests",
+        "kine_grpc_request_seconds",
+        "kine_sql_transaction_seconds",
+        "kine_watch_streams",
+        "kine_watchers",
+        "kine_watch_buffered_events",
+    }
+)
+
+
+def merge_expositions(own: bytes, others: list[tuple[int, bytes]]) -> bytes:
+    """The writer process's metrics with its front-ends' (worker number, metrics) added in: the
+    per-process families summed, and each front-end's request count by worker (how evenly the
+    kernel spreads connections)."""
+    families = {f.name: f for f in text_string_to_metric_families(own.decode())}
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    by_worker = CounterMetricFamily(
+        "kine_frontend_requests",
+        "gRPC requests (unary) each --workers front-end process has served",
+        labels=["worker"],
+    )
+    for worker, text in others:
+        served = 0.0
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name == "kine_grpc_requests":
+                served = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            if family.name not in PER_PROCESS:
+                continue
+            if family.name not in families:
+                families[family.name] = family
+                continue
+            totals = sums.setdefault(family.name, {})
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                totals[key] = totals.get(key, 0.0) + sample.value
+        by_worker.add_metric([str(worker)], served)
+    families[by_worker.name] = by_worker
+    serving = GaugeMetricFamily(
+        "kine_frontend_processes",
+        "--workers front-end processes that answered this scrape",
+        value=len(others),
+    )
+    families[serving.name] = serving
+    for name, totals in sums.items():
+        family = families[name]
+        seen = set()
+        merged = []
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            seen.add(key)
+            merged.append(sample._replace(value=sample.value + totals.get(key, 0.0)))
+        for (sample_name, labels), value in totals.items():
+            if (sample_name, labels) not in seen:
+                merged.append(Sample(sample_name, dict(labels), value))
+        family.samples = merged
+    registry = CollectorRegistry()
+    registry.register(_Fixed(list(families.values())))
+    return bytes(generate_latest(registry))
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 class HttpEndpoint:
@@ -186,11 +264,16 @@ class HttpEndpoint:
     def __init__(
         self,
         metrics: Metrics,
-        store: Store,
+        store: Storage,
         address: str,
         ssl_context: ssl.SSLContext | None,
         watch_stats: Callable[[], tuple[int, int, int]],
+        gather: Callable[[], Awaitable[list[tuple[int, bytes]]]] | None = None,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
+        #: With --workers: the other processes' metrics, and whether any front-end serves.
+        self._gather = gather
+        self._serving = serving
         self._metrics = metrics
         self._store = store
         self._address = address
@@ -309,7 +392,10 @@ class HttpEndpoint:
             with contextlib.suppress(errors.EtcdError):  # a scrape still shows the rest
                 await state.refresh()
             state.streams, state.watchers, state.buffered_events = self._watch_stats()
-            return "200 OK", "text/plain; version=0.0.4", generate_latest(self._metrics.registry)
+            body = generate_latest(self._metrics.registry)
+            if self._gather is not None:
+                body = merge_expositions(body, await self._gather())
+            return "200 OK", "text/plain; version=0.0.4", body
         if path in ("/health", "/readyz"):
             try:
                 await self._store.counters()
@@ -321,6 +407,12 @@ class HttpEndpoint:
                     "503 Service Unavailable",
                     "application/json",
                     b'{"health":"false","reason":"database unavailable"}',
+                )
+            if self._serving is not None and not self._serving():
+                return (
+                    "503 Service Unavailable",
+                    "application/json",
+                    b'{"health":"false","reason":"no front-end process serves"}',
                 )
             return "200 OK", "application/json", b'{"health":"true","reason":""}'
         return "404 Not Found", "text/plain", b"not found\n"

@@ -9,10 +9,12 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+from prometheus_client import generate_latest
 
+from kine_server import errors
 from kine_server.api import decoding
 from kine_server.api.auth import AuthService
 from kine_server.api.cluster import ClusterService
@@ -27,7 +29,8 @@ from kine_server.drivers import DatabaseTLS, Driver, DriverError, EndpointError,
 from kine_server.metrics import HttpEndpoint, Metrics
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
 from kine_server.store.compactor import CompactionSettings, Compactor
-from kine_server.store.store import Store
+from kine_server.store.frontend import FrontendStore
+from kine_server.store.store import Storage, Store
 
 log = logging.getLogger(__name__)
 
@@ -149,47 +152,63 @@ class _Services:
         self.handlers.append(grpc.method_handlers_generic_handler(service, timed))
 
 
+def open_driver(config: Config, read_only: bool = False) -> Driver:
+    try:
+        tls = DatabaseTLS(config.ca_file, config.cert_file, config.key_file, config.skip_verify)
+        return make_driver(config.endpoint, tls, config.datastore_timeout, read_only)
+    except EndpointError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def make_store(config: Config, driver: Driver) -> Store:
+    """The store that does the writes, with the settings of `config`."""
+    return Store(
+        driver,
+        Compactor(
+            driver,
+            CompactionSettings(
+                interval=config.compact_interval,
+                jitter_percent=config.compact_interval_jitter,
+                min_retain=config.compact_min_retain,
+                batch_size=config.compact_batch_size,
+                timeout=config.compact_timeout,
+            ),
+        ),
+        poll_interval=config.poll_interval,
+        poll_batch_size=config.poll_batch_size,
+        quota_bytes=config.quota_backend_bytes,
+    )
+
+
 class Server:
-    """One kine-server: a store on a database, served over gRPC."""
+    """One kine-server process serving gRPC: the whole server, or one of `--workers` front-ends."""
 
     def __init__(self, config: Config, driver: Driver | None = None) -> None:
         self.config = config
-        try:
-            tls = DatabaseTLS(config.ca_file, config.cert_file, config.key_file, config.skip_verify)
-            self.driver = driver or make_driver(config.endpoint, tls, config.datastore_timeout)
-        except EndpointError as exc:
-            raise StartupError(str(exc)) from exc
-        self.store = Store(
-            self.driver,
-            Compactor(
-                self.driver,
-                CompactionSettings(
-                    interval=config.compact_interval,
-                    jitter_percent=config.compact_interval_jitter,
-                    min_retain=config.compact_min_retain,
-                    batch_size=config.compact_batch_size,
-                    timeout=config.compact_timeout,
-                ),
-            ),
-            poll_interval=config.poll_interval,
-            poll_batch_size=config.poll_batch_size,
-            quota_bytes=config.quota_backend_bytes,
-        )
+        self.driver = driver or open_driver(config)
+        self.store = make_store(config, self.driver)
+        self._init_serving(self.store)
+        self.store.writer.observe = self.metrics.observe_batch
+        self.store.writer.slow_threshold = config.slow_sql_threshold
+
+    def _init_serving(self, store: Storage) -> None:
+        self.serving: Storage = store
+        #: gRPC's port is shared with the other front-ends (SO_REUSEPORT); else it must be free.
+        self.shared_port = False
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self._credentials: grpc.ServerCredentials | None = None
         self.watch: WatchService | None = None
         self.lease: LeaseService | None = None
-        self.metrics = Metrics(self.store)
-        self.store.writer.observe = self.metrics.observe_batch
-        self.store.writer.slow_threshold = config.slow_sql_threshold
+        self.metrics = Metrics(store)
         self.http: HttpEndpoint | None = None
         self._store_started = False
 
     async def start(self) -> None:
         address = grpc_address(self.config.listen_address)
         self._credentials = server_credentials(self.config)
-        check_port_free(self.config.listen_address)
+        if not self.shared_port:
+            check_port_free(self.config.listen_address)
         try:
             await self.driver.open()
         except DriverError as exc:
@@ -199,6 +218,9 @@ class Server:
         except BaseException:
             await self._undo_start()
             raise
+        self._started()
+
+    def _started(self) -> None:
         log.info(
             "kine-server serving etcd v3 on %s (%s)", self.config.listen_address, self.driver.name
         )
@@ -209,11 +231,12 @@ class Server:
         cluster_id = await self.driver.meta("cluster_id") or 1
         name = socket.gethostname()
         self._store_started = True
-        await self.store.start()
+        await self.serving.start()
         await self._start_metrics()
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared
+                # A busy port must fail, not be shared; --workers front-ends share theirs.
+                ("grpc.so_reuseport", int(self.shared_port)),
                 (
                     "grpc.max_receive_message_length",
                     self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
@@ -247,7 +270,7 @@ class Server:
                 client_url(self.config.listen_address, self.port, self._credentials is not None)
             ],
         )
-        store = self.store
+        store = self.serving
         services = _Services(self.metrics, self.config.max_txn_ops)
         rpc_pb2_grpc.add_KVServicer_to_server(
             KVService(store, member, self.config.max_request_bytes, self.config.max_txn_ops),
@@ -287,7 +310,7 @@ class Server:
             await self._server.stop(0)
             self._server = None
         if self._store_started:
-            await self.store.stop()
+            await self.serving.stop()
         await self.driver.close()
 
     async def _start_metrics(self) -> None:
@@ -302,12 +325,24 @@ class Server:
             return watch.stats.streams, watch.stats.watchers, watch.buffered_events()
 
         self.http = HttpEndpoint(
-            self.metrics, self.store, address, metrics_ssl_context(self.config), watch_stats
+            self.metrics,
+            self.serving,
+            address,
+            metrics_ssl_context(self.config),
+            watch_stats,
+            *self._other_processes(),
         )
         try:
             await self.http.start()
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot serve metrics on {address}: {exc}") from exc
+
+    def _other_processes(
+        self,
+    ) -> tuple[Callable[[], Awaitable[list[tuple[int, bytes]]]] | None, Callable[[], bool] | None]:
+        """For the metrics listener: other processes' metrics, and whether any serves gRPC
+        (--workers' writer process; a single process has none)."""
+        return None, None
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then close the store and the database:
@@ -325,7 +360,7 @@ class Server:
                     service.shutdown()
             await self._server.stop(self.config.shutdown_grace)
             self._server = None
-        await self.store.stop(max(0.0, deadline - loop.time()))
+        await self.serving.stop(max(0.0, deadline - loop.time()))
         await self.driver.close()
 
     async def wait(self) -> None:
@@ -333,14 +368,100 @@ class Server:
             await self._server.wait_for_termination()
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT (handled from before the port opens, so none is missed)."""
+class FrontendServer(Server):
+    """One of `--workers` front-end processes: serves gRPC on the port it shares with the
+    others, reads from the database itself and hands every write to the writer process."""
+
+    def __init__(
+        self, config: Config, writer_socket: str, worker: int, on_lost: Callable[[], None]
+    ) -> None:
+        self.config = config
+        self.driver = open_driver(config, read_only=True)
+        self.frontend = FrontendStore(self.driver, writer_socket, on_lost)
+        self.worker = worker
+        self._init_serving(self.frontend)
+        self.shared_port = True
+
+        self.frontend.scrape = self._scrape
+
+    def _scrape(self) -> bytes:
+        """This process's own metrics: requests it served, its watches."""
+        state = self.metrics.state
+        watch = self.watch
+        if watch is not None:
+            state.streams, state.watchers = watch.stats.streams, watch.stats.watchers
+            state.buffered_events = watch.buffered_events()
+        return bytes(generate_latest(self.metrics.registry))
+
+    def _started(self) -> None:
+        log.debug("front-end %d serving on %s", self.worker, self.config.listen_address)
+        self.frontend.ready(self.worker)
+
+
+async def serve(config: Config, argv: Sequence[str] = ()) -> None:
+    """Run until SIGTERM or SIGINT (handled from before the port opens, so none is missed):
+    as one process, or with `--workers` as a writer process and its front-ends, which are
+    started with `argv` (the command line's flags) and the front-end's own."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.worker_count() > 1:
+        from kine_server.workers import WriterProcess
+
+        writer = WriterProcess(config, list(argv))
+        if await _started_unless_stopped(writer.start(), stop):
+            await stop.wait()
+            log.info("kine-server shutting down")
+            await writer.stop()
+        return
     server = Server(config)
     await server.start()
     await stop.wait()
     log.info("kine-server shutting down")
     await server.stop()
+
+
+async def _started_unless_stopped(start: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await `start`, unless `stop` is set first (starting front-ends takes a while): then
+    cancel it, which undoes what it started. Whether it started."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return False
+    starting.result()
+    return True
+
+
+class WriterGone(Exception):
+    """A front-end lost its writer process: it stopped, and exits non-zero."""
+
+
+async def serve_frontend(config: Config, writer_socket: str, worker: int) -> None:
+    """A `--workers` front-end process: serve until told to stop, or until the writer is gone."""
+    stop = asyncio.Event()
+    lost = False
+
+    def on_lost() -> None:
+        nonlocal lost
+        lost = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = FrontendServer(config, writer_socket, worker, on_lost)
+    try:
+        await server.start()
+    except errors.EtcdError as exc:
+        raise StartupError(f"front-end {worker}: {exc.message}") from exc
+    await stop.wait()
+    await server.stop()
+    if lost:
+        raise WriterGone()

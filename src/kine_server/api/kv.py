@@ -10,15 +10,15 @@ from kine_server import errors
 from kine_server.api import validation
 from kine_server.api.common import Member, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.applier import has_puts, is_read_only
-from kine_server.store.store import Store
+from kine_server.store.applier import is_read_only
+from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class KVService(rpc_pb2_grpc.KVServicer):
     def __init__(
-        self, store: Store, member: Member, max_request_bytes: int, max_txn_ops: int
+        self, store: Storage, member: Member, max_request_bytes: int, max_txn_ops: int
     ) -> None:
         self._store = store
         self._member = member
@@ -41,7 +41,6 @@ class KVService(rpc_pb2_grpc.KVServicer):
     async def Put(self, request: rpc_pb2.PutRequest, context: Context) -> rpc_pb2.PutResponse:
         validation.check_put(request)
         self._check_size(request)
-        await self._store.quota.check(request.ByteSize())
         response = await self._store.put(request)
         self._member.stamp(response.header)
         return response
@@ -61,8 +60,6 @@ class KVService(rpc_pb2_grpc.KVServicer):
         validation.check_txn(request, self._max_txn_ops)
         if not is_read_only(request):  # etcd serves read-only Txns without a proposal
             self._check_size(request)
-            if has_puts(request):
-                await self._store.quota.check(request.ByteSize())
         response = await self._store.txn(request)
         self._member.stamp(response.header)
         return response

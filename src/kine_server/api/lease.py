@@ -11,7 +11,7 @@ import grpc
 from kine_server import errors
 from kine_server.api.common import Member, etcd_errors, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Store
+from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -25,9 +25,8 @@ def _discard(future: asyncio.Future[Any]) -> None:
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
-    def __init__(self, store: Store, member: Member) -> None:
+    def __init__(self, store: Storage, member: Member) -> None:
         self._store = store
-        self._lessor = store.lessor
         self._member = member
         self._closing = asyncio.Event()
 
@@ -44,8 +43,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseGrant(
         self, request: rpc_pb2.LeaseGrantRequest, context: Context
     ) -> rpc_pb2.LeaseGrantResponse:
-        await self._store.quota.check(request.ByteSize())
-        lease_id, ttl = await self._lessor.grant(request.ID, request.TTL)
+        lease_id, ttl = await self._store.lease_grant(request)
         response = rpc_pb2.LeaseGrantResponse(ID=lease_id, TTL=ttl)
         self._header(response.header)
         return response
@@ -54,7 +52,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseRevoke(
         self, request: rpc_pb2.LeaseRevokeRequest, context: Context
     ) -> rpc_pb2.LeaseRevokeResponse:
-        await self._lessor.revoke(request.ID)
+        await self._store.lease_revoke(request.ID)
         response = rpc_pb2.LeaseRevokeResponse()
         self._header(response.header)
         return response
@@ -75,7 +73,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
                     request = following.result()
                 except StopAsyncIteration:
                     return
-                ttl = await self._lessor.keep_alive(request.ID)
+                ttl = await self._store.lease_keep_alive(request.ID)
                 response = rpc_pb2.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
                 self._header(response.header)
                 if not await send(context, response):
@@ -91,7 +89,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseTimeToLive(
         self, request: rpc_pb2.LeaseTimeToLiveRequest, context: Context
     ) -> rpc_pb2.LeaseTimeToLiveResponse:
-        status = await self._lessor.time_to_live(request.ID, request.keys)
+        status = await self._store.lease_time_to_live(request.ID, request.keys)
         if status is None:
             response = rpc_pb2.LeaseTimeToLiveResponse(ID=request.ID, TTL=-1)
         else:
@@ -108,7 +106,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseLeases(
         self, request: rpc_pb2.LeaseLeasesRequest, context: Context
     ) -> rpc_pb2.LeaseLeasesResponse:
-        ids = await self._lessor.leases()
+        ids = await self._store.lease_list()
         response = rpc_pb2.LeaseLeasesResponse(leases=[rpc_pb2.LeaseStatus(ID=i) for i in ids])
         self._header(response.header)
         return response

@@ -13,14 +13,14 @@ import grpc
 from kine_server import errors
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Store
+from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext
 CHUNK = 64 * 1024
 
 
 class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
-    def __init__(self, store: Store, member: Member, version: str) -> None:
+    def __init__(self, store: Storage, member: Member, version: str) -> None:
         self._store = store
         self._member = member
         self._version = version
@@ -32,7 +32,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         counters = await self._store.counters()
         size, in_use = await self._store.size()
         # One member, always the leader; the store revision stands in for the raft index.
-        compaction = self._store.compactor.status
+        compaction = (await self._store.write_side_status()).compaction
         problems = []
         if compaction.consecutive_failures:
             problems.append(
@@ -56,20 +56,11 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
 
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest, context: Context) -> rpc_pb2.AlarmResponse:
-        quota = self._store.quota
-        nospace = request.alarm in (rpc_pb2.NOSPACE, rpc_pb2.NONE)
-        changed = False
-        await quota.refresh()
-        if request.action == rpc_pb2.AlarmRequest.ACTIVATE and request.alarm == rpc_pb2.NOSPACE:
-            changed = not quota.nospace
-            await quota.set_alarm(True)
-        elif request.action == rpc_pb2.AlarmRequest.DEACTIVATE and nospace and quota.nospace:
-            changed = True
-            await quota.set_alarm(False)
+        listed = await self._store.alarm(request)
         counters = await self._store.counters()
         response = rpc_pb2.AlarmResponse()
         # GET lists the raised alarms; ACTIVATE and DEACTIVATE list the ones they changed.
-        if (request.action == rpc_pb2.AlarmRequest.GET and quota.nospace) or changed:
+        if listed:
             response.alarms.add(memberID=self._member.member_id, alarm=rpc_pb2.NOSPACE)
         response.header.revision = counters.revision
         self._member.stamp(response.header)

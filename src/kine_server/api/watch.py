@@ -21,7 +21,7 @@ from kine_server.api.common import Member, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import range_end
 from kine_server.store.hub import Group, WireEvent
-from kine_server.store.store import Store
+from kine_server.store.store import Storage
 from kine_server.store.watch import Watcher, WatchSpec, change_event
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def encode(response: rpc_pb2.WatchResponse | bytes) -> bytes:
 
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
-    def __init__(self, store: Store, member: Member, settings: WatchSettings) -> None:
+    def __init__(self, store: Storage, member: Member, settings: WatchSettings) -> None:
         self._store = store
         self._member = member
         self._settings = settings
@@ -141,7 +141,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
 class WatchStream:
     def __init__(
         self,
-        store: Store,
+        store: Storage,
         member: Member,
         headers: Headers,
         settings: WatchSettings,

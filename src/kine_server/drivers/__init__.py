@@ -40,10 +40,14 @@ class DatabaseTLS:
 
 
 def make_driver(
-    endpoint: str, tls: DatabaseTLS | None = None, timeout: float | None = None
+    endpoint: str,
+    tls: DatabaseTLS | None = None,
+    timeout: float | None = None,
+    read_only: bool = False,
 ) -> Driver:
     """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened);
-    `timeout` bounds every PostgreSQL wait (--datastore-timeout; None: the driver's default)."""
+    `timeout` bounds every PostgreSQL wait (--datastore-timeout; None: the driver's default);
+    `read_only` is a `--workers` front-end's: reads only, beside the writer process."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         raise EndpointError(
@@ -55,7 +59,7 @@ def make_driver(
         path = rest.split("?", 1)[0]
         if not path:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no SQLite file path")
-        return SQLiteDriver(path)
+        return SQLiteDriver(path, read_only=read_only)
     if scheme in ("postgres", "postgresql"):
         from kine_server.drivers.postgres import DEFAULT_TIMEOUT, PostgresDriver
 
@@ -65,6 +69,7 @@ def make_driver(
             endpoint,
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             ssl=tls.context() if tls else None,
+            read_only=read_only,
         )
     raise EndpointError(
         f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"

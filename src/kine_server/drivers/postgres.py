@@ -368,8 +368,11 @@ class PostgresDriver(Driver):
         pool_size: int = 8,
         timeout: float = DEFAULT_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
+        read_only: bool = False,
     ) -> None:
         self.dsn = with_database(dsn, database_name(dsn))
+        #: A --workers front-end: a reader pool only (its writes go to the writer process).
+        self.read_only = read_only
         #: Passed to every connection; None leaves TLS to the DSN's sslmode.
         self._connect_options: dict[str, Any] = {"ssl": ssl} if ssl is not None else {}
         self._pool_size = pool_size
@@ -388,6 +391,9 @@ class PostgresDriver(Driver):
 
     async def open(self) -> None:
         try:
+            if self.read_only:  # a --workers front-end: the writer process made the schema
+                self._readers = await self._pool(self._pool_size)
+                return
             await self._create_database()
             # A writer holds the revision lock every instance needs. If its instance is cut off
             # or paused inside a transaction, PostgreSQL ends that session after twice the

@@ -428,12 +428,19 @@ async def _transaction(link: _Link, begin: Awaitable[None]) -> AsyncIterator[Non
 
 
 class SQLiteDriver(Driver):
-    """A store in one SQLite file, used by exactly one kine-server process."""
+    """A store in one SQLite file, written by exactly one kine-server process.
+
+    `read_only`: the role of a `--workers` front-end process, which reads the file beside the
+    writer process that opened it (and holds its lock) and never writes to it.
+    """
 
     name = "sqlite"
 
-    def __init__(self, path: str, readers: int = 4, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(
+        self, path: str, readers: int = 4, busy_timeout_ms: int = 30_000, read_only: bool = False
+    ) -> None:
         self.path = path
+        self.read_only = read_only
         self._reader_count = readers
         self._busy_timeout_ms = busy_timeout_ms
         self._lock_file: IO[bytes] | None = None
@@ -447,6 +454,12 @@ class SQLiteDriver(Driver):
 
     async def open(self) -> None:
         try:
+            if self.read_only:
+                if not os.path.exists(self.path):  # noqa: ASYNC240 - once, at start-up
+                    raise OSError(f"no database at {self.path}")
+                for n in range(self._reader_count):
+                    self._readers.put_nowait(await self._connect(f"reader-{n}", query_only=True))
+                return
             self._prepare_files()
             writer = await _WriterLink.connect(self.path, "writer", self._busy_timeout_ms)
             self._all.append(writer)
@@ -551,7 +564,9 @@ class SQLiteDriver(Driver):
         assert link is not None, "driver not open"
         try:
             async with self._maintenance:
-                await link.call(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                await link.call(
+                    lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                )
         except ERRORS as exc:
             raise driver_error(exc) from exc
 

@@ -45,6 +45,24 @@ class LeaseStatus:
     keys: list[bytes]
 
 
+async def lease_status(driver: Driver, lease_id: int, with_keys: bool) -> LeaseStatus | None:
+    """A lease's TTLs (and keys), read from the database: any process can answer it."""
+    with errors.database_errors():
+        async with driver.read() as tx:
+            found = await tx.lease(lease_id)
+            if found is None:
+                return None
+            keys = [row.key for row in await tx.leased(lease_id)] if with_keys else []
+    ttl, remaining_ms = found
+    return LeaseStatus(lease_id, ttl, max(0, remaining_ms) // 1000, keys)
+
+
+async def lease_ids(driver: Driver) -> list[int]:
+    with errors.database_errors():
+        async with driver.read() as tx:
+            return await tx.leases()
+
+
 class Lessor:
     def __init__(
         self, driver: Driver, writer: Writer, expiry_interval: float = 0.5, promise: float = 2.0
@@ -127,21 +145,6 @@ class Lessor:
 
         ttl: int = await self._writer.submit(renew)
         return ttl
-
-    async def time_to_live(self, lease_id: int, with_keys: bool) -> LeaseStatus | None:
-        with errors.database_errors():
-            async with self._driver.read() as tx:
-                found = await tx.lease(lease_id)
-                if found is None:
-                    return None
-                keys = [row.key for row in await tx.leased(lease_id)] if with_keys else []
-        ttl, remaining_ms = found
-        return LeaseStatus(lease_id, ttl, max(0, remaining_ms) // 1000, keys)
-
-    async def leases(self) -> list[int]:
-        with errors.database_errors():
-            async with self._driver.read() as tx:
-                return await tx.leases()
 
     async def expire_due(self, limit: int = 1000) -> int:
         """Revoke every lease whose deadline has passed; returns how many this call expired."""

@@ -1,23 +1,28 @@
 """The store: the one entry point the gRPC services use for data.
 
-Reads run on a snapshot from the driver's reader pool; writes go through the single writer;
-compaction is marked through the writer and carried out by the compactor task.
+`Storage` is what the services see: the reads, done here from the driver's reader pool in
+every process, and the writes, as abstract methods. `Store` carries out the writes in this
+process: one writer (group commit), compaction marked through the writer and carried out by
+the compactor task, leases, quota. With `--workers`, each front-end process has a
+`FrontendStore` (store/frontend.py) that hands its writes to the writer process's `Store`.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import struct
 import zlib
+from dataclasses import dataclass
 
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import kv_pb2, rpc_pb2
-from kine_server.store.applier import Applier, is_read_only
-from kine_server.store.compactor import Compactor
+from kine_server.store.applier import Applier, has_puts, is_read_only
+from kine_server.store.compactor import CompactionStatus, Compactor
 from kine_server.store.hub import EventHub
-from kine_server.store.leases import Lessor
+from kine_server.store.leases import LeaseStatus, Lessor, lease_ids, lease_status
 from kine_server.store.poller import Poller
 from kine_server.store.quota import Quota
 from kine_server.store.snapshot import copy_store
@@ -25,53 +30,87 @@ from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
 
-class Store:
-    def __init__(
-        self,
-        driver: Driver,
-        compactor: Compactor | None = None,
-        poll_interval: float = 1.0,
-        poll_batch_size: int = 500,
-        quota_bytes: int = 0,
-    ) -> None:
+@dataclass(frozen=True)
+class WriteSideStatus:
+    """What only the process that writes knows, for Status and the metrics."""
+
+    compaction: CompactionStatus
+    nospace: bool
+    expired_leases: int
+    write_batches: int
+    write_requests: int
+
+
+class Storage(abc.ABC):
+    """Reads straight from the database; writes (abstract) through a writer."""
+
+    def __init__(self, driver: Driver) -> None:
         self.driver = driver
         self.hub = EventHub()
-        self.writer = Writer(driver, self._committed)
-        self.poller = Poller(driver, self.hub, poll_interval, poll_batch_size)
-        self.compactor = compactor or Compactor(driver)
-        self.lessor = Lessor(driver, self.writer)
-        self.quota = Quota(driver, self.writer, quota_bytes)
 
-    async def start(self) -> None:
-        self.hub.revision = (await self.counters()).revision
-        await self.poller.start()
-        self.writer.start()
-        await self.lessor.start()
-        await self.quota.start()
-        self.compactor.start()
-        self.compactor.wake()  # finish any compaction a previous run left half done
+    @abc.abstractmethod
+    async def start(self) -> None: ...
 
+    @abc.abstractmethod
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop every task; the writes still queued, the lessor's last one included, get
-        `timeout` seconds (None: as long as they take) to finish."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        """Stop; the writes still queued get `timeout` seconds (None: as long as they take)."""
 
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
+    # The writes: each takes etcd's request and answers etcd's response or raises its error.
 
-        await self.quota.stop()
-        await self.lessor.stop(left())
-        await self.writer.stop(left())
-        await self.poller.stop()
-        await self.compactor.stop()
+    @abc.abstractmethod
+    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse: ...
 
-    def _committed(self, begin: int, events: list[kv_pb2.Event]) -> None:
-        """The writer committed a batch that started from revision `begin`."""
-        if not self.hub.publish(events):
-            # Revisions before ours (another instance's) have not reached the hub yet: the
-            # poller brings them, and ours after them, in order.
-            self.poller.wake()
+    @abc.abstractmethod
+    async def delete_range(
+        self, req: rpc_pb2.DeleteRangeRequest
+    ) -> rpc_pb2.DeleteRangeResponse: ...
+
+    @abc.abstractmethod
+    async def write_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        """A Txn that may write (`txn` answers the read-only ones itself)."""
+
+    @abc.abstractmethod
+    async def compact(self, revision: int, physical: bool) -> int:
+        """Mark `revision` compacted (as etcd, reads below it now fail) and return the store
+        revision; with `physical`, only once the history below it is gone."""
+
+    @abc.abstractmethod
+    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> tuple[int, int]:
+        """(id, TTL actually granted)."""
+
+    @abc.abstractmethod
+    async def lease_revoke(self, lease_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def lease_keep_alive(self, lease_id: int) -> int:
+        """The lease's TTL after renewing it, or 0 if it does not exist (expired or revoked)."""
+
+    @abc.abstractmethod
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
+        """Carry out an Alarm request; whether its answer lists NOSPACE (GET: it is raised;
+        ACTIVATE and DEACTIVATE: it changed)."""
+
+    @abc.abstractmethod
+    async def defragment(self) -> None: ...
+
+    @abc.abstractmethod
+    async def write_side_status(self) -> WriteSideStatus: ...
+
+    # The reads.
+
+    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        if not is_read_only(req):
+            return await self.write_txn(req)
+        with errors.database_errors():
+            async with self.driver.read() as tx:
+                counters = await tx.counters()
+                return await Applier(tx, counters.revision, counters.compact_revision).txn(req)
+
+    async def lease_time_to_live(self, lease_id: int, with_keys: bool) -> LeaseStatus | None:
+        return await lease_status(self.driver, lease_id, with_keys)
+
+    async def lease_list(self) -> list[int]:
+        return await lease_ids(self.driver)
 
     async def counters(self) -> Counters:
         with errors.database_errors():
@@ -120,10 +159,6 @@ class Store:
         with errors.database_errors():
             return await self.driver.size()
 
-    async def defragment(self) -> None:
-        with errors.database_errors():
-            await self.driver.defragment()
-
     async def hash_kv(self, revision: int) -> tuple[int, int, int]:
         """(crc32 of the key space as of `revision`, that revision, compact revision).
 
@@ -155,7 +190,58 @@ class Store:
                     key = rows[-1].key + b"\x00"
         return crc, at, counters.compact_revision
 
+
+class Store(Storage):
+    """The store with its writer, compactor, lessor and quota in this process."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        compactor: Compactor | None = None,
+        poll_interval: float = 1.0,
+        poll_batch_size: int = 500,
+        quota_bytes: int = 0,
+    ) -> None:
+        super().__init__(driver)
+        self.writer = Writer(driver, self._committed)
+        self.poller = Poller(driver, self.hub, poll_interval, poll_batch_size)
+        self.compactor = compactor or Compactor(driver)
+        self.lessor = Lessor(driver, self.writer)
+        self.quota = Quota(driver, self.writer, quota_bytes)
+
+    async def start(self) -> None:
+        self.hub.revision = (await self.counters()).revision
+        await self.poller.start()
+        self.writer.start()
+        await self.lessor.start()
+        await self.quota.start()
+        self.compactor.start()
+        self.compactor.wake()  # finish any compaction a previous run left half done
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop every task; the writes still queued, the lessor's last one included, get
+        `timeout` seconds (None: as long as they take) to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        await self.quota.stop()
+        await self.lessor.stop(left())
+        await self.writer.stop(left())
+        await self.poller.stop()
+        await self.compactor.stop()
+
+    def _committed(self, begin: int, events: list[kv_pb2.Event]) -> None:
+        """The writer committed a batch that started from revision `begin`."""
+        if not self.hub.publish(events):
+            # Revisions before ours (another instance's) have not reached the hub yet: the
+            # poller brings them, and ours after them, in order.
+            self.poller.wake()
+
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        await self.quota.check(req.ByteSize())
         response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))
         return response
 
@@ -165,19 +251,13 @@ class Store:
         )
         return response
 
-    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
-        if is_read_only(req):
-            with errors.database_errors():
-                async with self.driver.read() as tx:
-                    counters = await tx.counters()
-                    applier = Applier(tx, counters.revision, counters.compact_revision)
-                    return await applier.txn(req)
+    async def write_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        if has_puts(req):
+            await self.quota.check(req.ByteSize())
         response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
         return response
 
     async def compact(self, revision: int, physical: bool) -> int:
-        """Mark `revision` compacted (as etcd, reads below it now fail); returns the store revision."""
-
         async def mark(applier: Applier) -> int:
             # Read under lock: a periodic compaction may have raised it since the batch began.
             compacted = await applier.write_tx.lock_compact_revision()
@@ -194,3 +274,40 @@ class Store:
         if physical:
             await self.compactor.wait_compacted(revision)
         return current
+
+    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> tuple[int, int]:
+        await self.quota.check(req.ByteSize())
+        return await self.lessor.grant(req.ID, req.TTL)
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        await self.lessor.revoke(lease_id)
+
+    async def lease_keep_alive(self, lease_id: int) -> int:
+        return await self.lessor.keep_alive(lease_id)
+
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
+        quota = self.quota
+        await quota.refresh()
+        if req.action == rpc_pb2.AlarmRequest.ACTIVATE and req.alarm == rpc_pb2.NOSPACE:
+            changed = not quota.nospace
+            await quota.set_alarm(True)
+            return changed
+        if req.action == rpc_pb2.AlarmRequest.DEACTIVATE:
+            if req.alarm in (rpc_pb2.NOSPACE, rpc_pb2.NONE) and quota.nospace:
+                await quota.set_alarm(False)
+                return True
+            return False
+        return req.action == rpc_pb2.AlarmRequest.GET and quota.nospace
+
+    async def defragment(self) -> None:
+        with errors.database_errors():
+            await self.driver.defragment()
+
+    async def write_side_status(self) -> WriteSideStatus:
+        return WriteSideStatus(
+            compaction=self.compactor.status,
+            nospace=self.quota.nospace,
+            expired_leases=self.lessor.expired_total,
+            write_batches=self.writer.batches,
+            write_requests=self.writer.requests,
+        )

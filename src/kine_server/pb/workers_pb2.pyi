@@ -1,0 +1,139 @@
+from kine_server.pb import kv_pb2 as _kv_pb2
+from kine_server.pb import rpc_pb2 as _rpc_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusQuery(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("compaction_failures", "compaction_last_error", "nospace", "expired_leases", "write_batches", "write_requests")
+    COMPACTION_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    COMPACTION_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOSPACE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    compaction_failures: int
+    compaction_last_error: str
+    nospace: bool
+    expired_leases: int
+    write_batches: int
+    write_requests: int
+    def __init__(self, compaction_failures: _Optional[int] = ..., compaction_last_error: _Optional[str] = ..., nospace: _Optional[bool] = ..., expired_leases: _Optional[int] = ..., write_batches: _Optional[int] = ..., write_requests: _Optional[int] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("id", "put", "delete_range", "txn", "compaction", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    COMPACTION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    DEFRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    put: _rpc_pb2.PutRequest
+    delete_range: _rpc_pb2.DeleteRangeRequest
+    txn: _rpc_pb2.TxnRequest
+    compaction: _rpc_pb2.CompactionRequest
+    lease_grant: _rpc_pb2.LeaseGrantRequest
+    lease_revoke: _rpc_pb2.LeaseRevokeRequest
+    lease_keep_alive: _rpc_pb2.LeaseKeepAliveRequest
+    alarm: _rpc_pb2.AlarmRequest
+    defragment: _rpc_pb2.DefragmentRequest
+    status: StatusQuery
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[_rpc_pb2.LeaseKeepAliveRequest, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttl", "alarm_listed", "defragmented", "status", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_FIELD_NUMBER: _ClassVar[int]
+    ALARM_LISTED_FIELD_NUMBER: _ClassVar[int]
+    DEFRAGMENTED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    put: _rpc_pb2.PutResponse
+    delete_range: _rpc_pb2.DeleteRangeResponse
+    txn: _rpc_pb2.TxnResponse
+    compacted_at: int
+    lease_grant: _rpc_pb2.LeaseGrantResponse
+    lease_revoked: bool
+    lease_ttl: int
+    alarm_listed: bool
+    defragmented: bool
+    status: StatusReply
+    error: Error
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttl: _Optional[int] = ..., alarm_listed: _Optional[bool] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Feed(_message.Message):
+    __slots__ = ("skipped_through", "events")
+    SKIPPED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    skipped_through: int
+    events: _containers.RepeatedCompositeFieldContainer[_kv_pb2.Event]
+    def __init__(self, skipped_through: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_kv_pb2.Event, _Mapping]]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("revision", "worker")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    worker: int
+    def __init__(self, revision: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class Scrape(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class Scraped(_message.Message):
+    __slots__ = ("id", "text", "worker")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: bytes
+    worker: int
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[bytes] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class Envelope(_message.Message):
+    __slots__ = ("command", "result", "feed", "hello", "scrape", "scraped")
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    SCRAPE_FIELD_NUMBER: _ClassVar[int]
+    SCRAPED_FIELD_NUMBER: _ClassVar[int]
+    command: Command
+    result: Result
+    feed: Feed
+    hello: Hello
+    scrape: Scrape
+    scraped: Scraped
+    def __init__(self, command: _Optional[_Union[Command, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., feed: _Optional[_Union[Feed, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., scrape: _Optional[_Union[Scrape, _Mapping]] = ..., scraped: _Optional[_Union[Scraped, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,102 @@
+"""Length-prefixed frames over a local stream socket: how kine-server's processes talk.
+
+Each frame is a 4-byte big-endian length and a `workers.Envelope`. Frames sent in one turn
+of the event loop go out in one write (a commit's results and its feed are one syscall, not
+one per request), and a peer that stops reading is cut off before its backlog can grow without
+bound: a stopped front-end process must not make the writer process run out of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: Larger than any request or response the server accepts (gRPC's limit is 2 GiB; frames carry
+#: one request or one commit's events).
+MAX_FRAME = 2**31 - 1
+#: Bytes queued for a peer that does not read before it is disconnected.
+MAX_BACKLOG = 512 * 1024 * 1024
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """`payload` as protobuf field `field` of wire type 2 (bytes, string, message)."""
+    out = bytearray(_varint((field << 3) | 2))
+    out += _varint(len(payload))
+    out += payload
+    return bytes(out)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class FrameConnection(asyncio.Protocol):
+    """One end of a connection; `on_frame` gets each frame, `on_lost` the end of it."""
+
+    def __init__(
+        self,
+        on_frame: Callable[[bytes], None],
+        on_lost: Callable[[Exception | None], None],
+        on_open: Callable[[FrameConnection], None] | None = None,
+    ) -> None:
+        self._on_open = on_open
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._buffer = bytearray()
+        self._pending: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, end = 0, len(buffer)
+        while end - offset >= 4:
+            size = int.from_bytes(buffer[offset : offset + 4], "big")
+            if end - offset - 4 < size:
+                break
+            frame = bytes(buffer[offset + 4 : offset + 4 + size])
+            offset += 4 + size
+            self._on_frame(frame)
+        del buffer[:offset]
+
+    def send(self, payload: bytes) -> None:
+        if self.closed or self._transport is None:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(len(payload).to_bytes(4, "big"))
+        self._pending.append(payload)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        transport = self._transport
+        if self.closed or transport is None or not pending:
+            return
+        transport.write(b"".join(pending))
+        if transport.get_write_buffer_size() > MAX_BACKLOG:
+            log.error("a kine-server process stopped reading its connection: disconnecting it")
+            self.close()
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self.closed = True
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._on_lost(exc)

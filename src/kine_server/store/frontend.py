@@ -1,0 +1,175 @@
+"""A `--workers` front-end process's store: reads here, writes in the writer process.
+
+Reads (Range, read-only Txn, watch history, lease time-to-live) go straight to the database, as
+in a single process: a write is committed before the writer process answers it, so a read that
+starts after any client heard of a write sees it (linearizable, as etcd's reads). Every write is
+a Command to the writer process (store/channel.py); its hub's feed keeps this process's hub, and
+so its watches, exactly in step with the writer's: the same revisions, in order, none twice.
+
+If the writer process goes away, this process cannot serve anything correctly (its watches
+would silently stop): it fails what is in flight with UNAVAILABLE and tells its server to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+
+from kine_server import errors
+from kine_server.drivers.base import Driver
+from kine_server.pb import rpc_pb2, workers_pb2
+from kine_server.store.compactor import CompactionStatus
+from kine_server.store.frames import FrameConnection, length_delimited
+from kine_server.store.store import Storage, WriteSideStatus
+
+log = logging.getLogger(__name__)
+
+_COMMAND_FIELD = 1
+_HELLO_FIELD = 4
+_SCRAPED_FIELD = 6
+
+
+class FrontendStore(Storage):
+    def __init__(self, driver: Driver, writer_socket: str, on_lost: Callable[[], None]) -> None:
+        super().__init__(driver)
+        self._socket = writer_socket
+        #: Told once when the writer process is gone.
+        self._on_lost = on_lost
+        self._connection: FrameConnection | None = None
+        self._pending: dict[int, asyncio.Future[workers_pb2.Result]] = {}
+        self._ids = itertools.count(1)
+        self._hello: asyncio.Future[int] | None = None
+        self._stopping = False
+        self.worker = 0
+        #: This process's metrics in Prometheus' text format, for the writer's scrapes.
+        self.scrape: Callable[[], bytes] = lambda: b""
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._hello = loop.create_future()
+        try:
+            _, connection = await loop.create_unix_connection(
+                lambda: FrameConnection(self._received, self._lost), self._socket
+            )
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"kine-server: cannot reach the writer process: {exc}"
+            ) from exc
+        self._connection = connection
+        self.hub.revision = await self._hello
+
+    def ready(self, worker: int) -> None:
+        """Tell the writer process that this front-end, number `worker`, serves gRPC now."""
+        self.worker = worker
+        hello = workers_pb2.Hello(worker=worker).SerializeToString()
+        if self._connection is not None:
+            self._connection.send(length_delimited(_HELLO_FIELD, hello))
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """After the gRPC server stopped: its last writes have been answered."""
+        self._stopping = True
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _received(self, frame: bytes) -> None:
+        envelope = workers_pb2.Envelope.FromString(frame)
+        kind = envelope.WhichOneof("kind")
+        if kind == "result":
+            future = self._pending.pop(envelope.result.id, None)
+            if future is not None and not future.done():
+                future.set_result(envelope.result)
+        elif kind == "feed":
+            feed = envelope.feed
+            if feed.events and not self.hub.publish(list(feed.events)):
+                # The writer's hub publishes revisions in order, one after another: a gap here
+                # is a bug, and watches served from a hub with a hole would be wrong.
+                log.error("the writer process's feed skipped revisions; restarting this process")
+                self._lost(None)
+            if feed.skipped_through:
+                self.hub.skip(feed.skipped_through)
+        elif kind == "scrape":
+            reply = workers_pb2.Scraped(
+                id=envelope.scrape.id, text=self.scrape(), worker=self.worker
+            )
+            if self._connection is not None:
+                self._connection.send(length_delimited(_SCRAPED_FIELD, reply.SerializeToString()))
+        elif kind == "hello" and self._hello is not None and not self._hello.done():
+            self._hello.set_result(envelope.hello.revision)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        failure = errors.Unavailable("kine-server: the writer process is gone")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._pending.clear()
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(failure)
+        if not self._stopping:
+            log.error("lost the connection to the writer process; stopping")
+            self._on_lost()
+
+    async def _call(self, **op: object) -> workers_pb2.Result:
+        connection = self._connection
+        if connection is None or connection.closed:
+            raise errors.Unavailable("kine-server: the writer process is gone")
+        command = workers_pb2.Command(id=next(self._ids), **op)  # type: ignore[arg-type]
+        future: asyncio.Future[workers_pb2.Result] = asyncio.get_running_loop().create_future()
+        self._pending[command.id] = future
+        connection.send(length_delimited(_COMMAND_FIELD, command.SerializeToString()))
+        try:
+            result = await future
+        finally:
+            self._pending.pop(command.id, None)
+        if result.WhichOneof("outcome") == "error":
+            raise errors.Relayed(result.error.code, result.error.message)
+        return result
+
+    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        return (await self._call(put=req)).put
+
+    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        return (await self._call(delete_range=req)).delete_range
+
+    async def write_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        return (await self._call(txn=req)).txn
+
+    async def compact(self, revision: int, physical: bool) -> int:
+        request = rpc_pb2.CompactionRequest(revision=revision, physical=physical)
+        return (await self._call(compaction=request)).compacted_at
+
+    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> tuple[int, int]:
+        granted = (await self._call(lease_grant=req)).lease_grant
+        return granted.ID, granted.TTL
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        await self._call(lease_revoke=rpc_pb2.LeaseRevokeRequest(ID=lease_id))
+
+    async def lease_keep_alive(self, lease_id: int) -> int:
+        return (
+            await self._call(lease_keep_alive=rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+        ).lease_ttl
+
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
+        return (await self._call(alarm=req)).alarm_listed
+
+    async def defragment(self) -> None:
+        await self._call(defragment=rpc_pb2.DefragmentRequest())
+
+    async def write_side_status(self) -> WriteSideStatus:
+        reply = (await self._call(status=workers_pb2.StatusQuery())).status
+        return WriteSideStatus(
+            compaction=CompactionStatus(
+                consecutive_failures=reply.compaction_failures,
+                last_error=reply.compaction_last_error,
+            ),
+            nospace=reply.nospace,
+            expired_leases=reply.expired_leases,
+            write_batches=reply.write_batches,
+            write_requests=reply.write_requests,
+        )

@@ -1,0 +1,258 @@
+"""`--workers N`: one writer process and N front-end processes sharing the gRPC port.
+
+One Python process serves gRPC on one core (its interpreter lock). With `--workers`, this
+process becomes the writer: it owns the database's writes (one writer, so group commit stays
+one transaction and one fsync per batch for every client), compaction, lease expiry, the quota
+and the metrics listener, and it serves no gRPC itself. N front-end processes each serve gRPC on
+the same port (the kernel spreads connections over them, SO_REUSEPORT), read from the database
+themselves, and send their writes here (store/channel.py).
+
+Supervision: a front-end that dies is started again (its clients reconnect, to any front-end);
+a front-end whose writer process is gone exits, so the server never runs without its writer;
+SIGTERM stops the front-ends first (their in-flight writes still have a writer), then the writer,
+all within --shutdown-grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+
+from kine_server.config import Config
+from kine_server.drivers import DriverError
+from kine_server.server import (
+    Server,
+    StartupError,
+    check_port_free,
+    grpc_address,
+    metrics_ssl_context,
+)
+from kine_server.store.channel import WriterChannel
+
+log = logging.getLogger(__name__)
+
+#: How long front-ends get to start before the server gives up.
+START_TIMEOUT = 60.0
+#: A front-end that ran at least this long before it died is restarted at once.
+STABLE_SECONDS = 10.0
+
+
+def reserve_port(listen_address: str) -> tuple[socket.socket, str]:
+    """Bind (without listening) the gRPC address with SO_REUSEPORT: the port stays this
+    server's while front-ends come and go, and port 0 becomes one concrete port for all."""
+    grpc_address(listen_address)  # the same one-line error for a malformed address
+    check_port_free(listen_address)
+    host, _, port = listen_address.rpartition(":")
+    bare = host.strip("[]") or "0.0.0.0"
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)[
+        0
+    ]
+    reservation = socket.socket(family, kind, proto)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reservation.bind(sockaddr)
+    except OSError as exc:
+        reservation.close()
+        raise StartupError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
+    chosen = reservation.getsockname()[1]
+    return reservation, f"{host}:{chosen}"
+
+
+class WriterProcess(Server):
+    """The parent of `--workers`: the store, the metrics listener, and the front-ends."""
+
+    def __init__(self, config: Config, argv: list[str]) -> None:
+        super().__init__(config)
+        self.count = config.worker_count()
+        self._argv = argv
+        self._directory = tempfile.mkdtemp(prefix="kine-server-")  # 0700
+        self._channel = WriterChannel(
+            self.store, os.path.join(self._directory, "writer.sock"), self._ready
+        )
+        self._reservation: socket.socket | None = None
+        self.address = config.listen_address
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._ready_event = asyncio.Event()
+        self._supervisors: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._credentials_check()
+        self._reservation, self.address = reserve_port(self.config.listen_address)
+        self.port = int(self.address.rpartition(":")[2])
+        try:
+            try:
+                await self.driver.open()
+            except DriverError as exc:
+                raise StartupError(str(exc)) from exc
+            self._store_started = True
+            await self.store.start()
+            await self._start_metrics()
+            await self._channel.start()
+            await self._start_frontends()
+        except BaseException:
+            await self._undo()
+            raise
+        log.info(
+            "kine-server serving etcd v3 on %s (%s, %d workers)",
+            self.address,
+            self.driver.name,
+            self.count,
+        )
+
+    def _other_processes(
+        self,
+    ) -> tuple[Callable[[], Awaitable[list[tuple[int, bytes]]]] | None, Callable[[], bool] | None]:
+        return self._channel.scrape, lambda: self._channel.frontends > 0
+
+    def _credentials_check(self) -> None:
+        """Fail here, in one line, on TLS settings every front-end would refuse."""
+        from kine_server.server import server_credentials
+
+        server_credentials(self.config)
+        metrics_ssl_context(self.config)
+
+    async def _start_frontends(self) -> None:
+        """Start every front-end; return once one serves (clients are served from then on, and
+        a TCP probe of the port means ready, as with one process). One that fails before any
+        serves fails the start: its error (on stderr) is what every front-end would hit."""
+        self._ready_event = asyncio.Event()
+        for worker in range(1, self.count + 1):
+            await self._spawn(worker)
+        ready = asyncio.ensure_future(self._ready_event.wait())
+        exits = {asyncio.ensure_future(process.wait()) for process in self._processes.values()}
+        try:
+            done, _ = await asyncio.wait(
+                {ready, *exits}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for future in (ready, *exits):
+                future.cancel()
+        if not self._ready_event.is_set():
+            if done:
+                raise StartupError("a front-end process could not start (its error is above)")
+            raise StartupError(f"front-end processes did not start within {START_TIMEOUT:.0f}s")
+        for worker in self._processes:
+            self._supervise(worker)
+
+    def _frontend_command(self, worker: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "kine_server",
+            "frontend",
+            self._channel.path,
+            str(worker),
+            *self._argv,
+            "--listen-address",
+            self.address,
+            "--metrics-bind-address",
+            "0",
+            "--workers",
+            "1",
+        ]
+
+    async def _spawn(self, worker: int) -> None:
+        self._processes[worker] = await asyncio.create_subprocess_exec(
+            *self._frontend_command(worker), stdin=asyncio.subprocess.DEVNULL
+        )
+
+    def _ready(self, worker: int) -> None:
+        log.debug("front-end process %d serves", worker)
+        self._ready_event.set()
+
+    def _supervise(self, worker: int) -> None:
+        task = asyncio.create_task(self._keep_running(worker), name=f"kine-frontend-{worker}")
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+
+    async def _keep_running(self, worker: int) -> None:
+        """Start front-end `worker` again whenever it dies, waiting longer while it keeps dying
+        at once (a broken database or a bug must not become a fork loop)."""
+        loop = asyncio.get_running_loop()
+        backoff = 0.5
+        while True:
+            began = loop.time()
+            code = await self._processes[worker].wait()
+            if self._stopping:
+                return
+            if loop.time() - began >= STABLE_SECONDS:
+                backoff = 0.5
+            log.warning(
+                "front-end process %d exited (%s); starting it again in %.1fs",
+                worker,
+                _describe(code),
+                backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(worker)
+            except OSError as exc:
+                log.error("cannot start front-end process %d: %s", worker, exc)
+
+    async def stop(self) -> None:
+        """Front-ends first (they finish their requests, whose writes this process applies),
+        then the writer: everything within --shutdown-grace."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        for worker, process in self._processes.items():
+            try:
+                await asyncio.wait_for(process.wait(), max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("front-end process %d did not stop in time: killing it", worker)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        await self._undo(max(0.0, deadline - loop.time()))
+
+    async def _undo(self, timeout: float | None = None) -> None:
+        self._stopping = True
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        await self._channel.stop()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self._store_started:
+            await self.store.stop(timeout)
+            self._store_started = False
+        await self.driver.close()
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._channel.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._directory)
+
+    @property
+    def frontend_pids(self) -> list[int]:
+        return [p.pid for p in self._processes.values() if p.returncode is None]
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"

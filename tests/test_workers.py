@@ -1,0 +1,221 @@
+"""`--workers 2`: a writer process and two front-ends sharing the port, as an operator runs it.
+
+Real processes on both databases. Many TCP connections land on both front-ends (the kernel
+spreads them; the metrics say how many requests each served), and etcd's guarantees hold across
+them: revisions dense and unique, a read after an acknowledged write sees it whichever process
+serves either, every watcher on every front-end gets every event once and in order. Then the
+supervision: a killed front-end is started again, front-ends never outlive the writer, SIGTERM
+stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kine_server.pb import rpc_pb2 as pb
+from kine_server.pb import rpc_pb2_grpc
+from tests.support.ports import free_port
+from tests.support.process import KineProcess
+
+#: P(every connection on the same one of two front-ends) = 2 * 2**-CONNECTIONS.
+CONNECTIONS = 24
+
+
+class Connection:
+    """One TCP connection of its own (gRPC otherwise shares one per address in a process)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.watch = rpc_pb2_grpc.WatchStub(self.channel)
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def metric(text: str, name: str) -> float | None:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def frontends_serving(port: int) -> float:
+    try:
+        return metric(metrics(port), "kine_frontend_processes") or 0.0
+    except OSError:
+        return 0.0
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def workers(dsn: str, tmp_path: Path) -> tuple[KineProcess, int]:
+    """kine-server --workers 2 (not started: `with` starts it) and its metrics port."""
+    port = free_port()
+    kine = KineProcess(
+        dsn, tmp_path, "--workers", "2", "--metrics-bind-address", f"127.0.0.1:{port}"
+    )
+    return kine, port
+
+
+def wait_serving(port: int) -> None:
+    wait_for(lambda: frontends_serving(port) == 2, 30, "both front-ends serve")
+
+
+async def test_guarantees_hold_across_frontends(dsn: str, tmp_path: Path) -> None:
+    kine, port = workers(dsn, tmp_path)
+    with kine:
+        wait_serving(port)
+        connections = [Connection(kine.address) for _ in range(CONNECTIONS)]
+        writes_each = 10
+        total = CONNECTIONS * writes_each
+
+        async def watch(conn: Connection) -> list[tuple[int, bytes]]:
+            requests: asyncio.Queue[pb.WatchRequest | None] = asyncio.Queue()
+            create = pb.WatchCreateRequest(key=b"/w/", range_end=b"/w0", start_revision=1)
+            await requests.put(pb.WatchRequest(create_request=create))
+
+            async def feed():  # type: ignore[no-untyped-def]
+                while (request := await requests.get()) is not None:
+                    yield request
+
+            seen: list[tuple[int, bytes]] = []
+            stream = conn.watch.Watch(feed())
+            async for response in stream:
+                seen += [(e.kv.mod_revision, e.kv.key) for e in response.events]
+                if len(seen) >= total:
+                    break
+            stream.cancel()
+            return seen
+
+        watchers = [asyncio.create_task(watch(c)) for c in connections]
+
+        async def write(index: int) -> list[int]:
+            revisions = []
+            neighbour = connections[(index + 1) % CONNECTIONS]
+            for n in range(writes_each):
+                key = b"/w/%02d/%02d" % (index, n)
+                put = await connections[index].kv.Put(pb.PutRequest(key=key, value=b"v"))
+                revisions.append(put.header.revision)
+                # Linearizable: acknowledged on one connection, read on another.
+                got = await neighbour.kv.Range(pb.RangeRequest(key=key))
+                assert got.header.revision >= put.header.revision
+                assert [kv.mod_revision for kv in got.kvs] == [put.header.revision]
+            return revisions
+
+        written = await asyncio.gather(*(write(i) for i in range(CONNECTIONS)))
+        revisions = sorted(r for each in written for r in each)
+        assert revisions == list(range(2, 2 + total)), "dense, unique revisions from revision 2"
+
+        seen = await asyncio.wait_for(asyncio.gather(*watchers), 60)
+        for events in seen:
+            assert [r for r, _ in events] == revisions  # every event once, in order
+
+        # An etcd error comes back from the writer process unchanged.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await connections[0].kv.Put(pb.PutRequest(key=b"/w/none", ignore_value=True))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == "etcdserver: key not found"
+
+        text = metrics(port)
+        served = {
+            worker: float(value)
+            for worker, value in re.findall(
+                r'^kine_frontend_requests_total\{worker="(\d)"\} (\S+)$', text, re.MULTILINE
+            )
+        }
+        assert set(served) == {"1", "2"} and all(v > 0 for v in served.values()), served
+        assert metric(text, "kine_revision") == 1 + total
+        for conn in connections:
+            await conn.channel.close()
+
+
+async def test_a_killed_frontend_is_started_again(dsn: str, tmp_path: Path) -> None:
+    kine, port = workers(dsn, tmp_path)
+    with kine:
+        wait_serving(port)
+        assert kine.proc is not None
+        before = children(kine.proc.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: len(children(kine.proc.pid) - before) == 1  # type: ignore[union-attr]
+            and frontends_serving(port) == 2,
+            30,
+            "a new front-end replaces the killed one",
+        )
+        assert "exited (killed by SIGKILL)" in kine.log()
+
+        # Clients reconnect and are served, whichever front-end they reach.
+        for n in range(CONNECTIONS):
+            conn = Connection(kine.address)
+            put = await conn.kv.Put(pb.PutRequest(key=b"/k/%d" % n, value=b"v"), timeout=10)
+            assert put.header.revision == 2 + n
+            await conn.channel.close()
+        assert kine.stop() == 0
+
+
+def test_frontends_never_outlive_the_writer(dsn: str, tmp_path: Path) -> None:
+    kine, port = workers(dsn, tmp_path)
+    with kine:
+        wait_serving(port)
+        assert kine.proc is not None
+        frontends = children(kine.proc.pid)
+        kine.kill()  # SIGKILL: no chance to stop them
+        wait_for(
+            lambda: not any(alive(pid) for pid in frontends), 20, "front-ends exit with the writer"
+        )
+
+
+def test_sigterm_stops_every_process_within_the_grace(dsn: str, tmp_path: Path) -> None:
+    kine, port = workers(dsn, tmp_path)
+    with kine:
+        wait_serving(port)
+        assert kine.proc is not None
+        frontends = children(kine.proc.pid)
+        began = time.monotonic()
+        assert kine.stop() == 0
+        assert time.monotonic() - began < 10  # --shutdown-grace's default
+        assert not any(alive(pid) for pid in frontends)
+        assert "Traceback" not in kine.log()
