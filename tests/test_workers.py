@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -51,10 +52,10 @@ def metric(text: str, name: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout}s: {what}")
@@ -175,13 +176,13 @@ async def test_a_killed_frontend_is_started_again(dsn: str, tmp_path: Path) -> N
     with kine:
         wait_serving(port)
         assert kine.proc is not None
-        before = children(kine.proc.pid)
+        writer = kine.proc.pid
+        before = children(writer)
         assert len(before) == 2
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
         wait_for(
-            lambda: len(children(kine.proc.pid) - before) == 1  # type: ignore[union-attr]
-            and frontends_serving(port) == 2,
+            lambda: len(children(writer) - before) == 1 and frontends_serving(port) == 2,
             30,
             "a new front-end replaces the killed one",
         )
