@@ -220,3 +220,19 @@ def test_sigterm_stops_every_process_within_the_grace(dsn: str, tmp_path: Path) 
         assert time.monotonic() - began < 10  # --shutdown-grace's default
         assert not any(alive(pid) for pid in frontends)
         assert "Traceback" not in kine.log()
+
+
+def test_the_default_is_one_worker_per_core_the_process_may_use(tmp_path: Path) -> None:
+    from kine_server.config import Config, available_cores
+
+    cores = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert available_cores(str(quota)) == cores
+    quota.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert available_cores(str(quota)) == min(cores, 2)
+    quota.write_text("50000 100000\n")
+    assert available_cores(str(quota)) == 1
+    assert available_cores(str(tmp_path / "none")) == cores
+    assert Config(workers=3).worker_count() == 3
+    assert Config(workers=3, listen_address="unix:///run/kine.sock").worker_count() == 1

@@ -59,4 +59,18 @@ class Config:
         """
         if self.listen_address.startswith("unix://"):
             return 1
-        return self.workers or max(1, len(os.sched_getaffinity(0)))
+        return self.workers or available_cores()
+
+
+def available_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity (taskset, cpusets), further limited by
+    a cgroup v2 CPU quota (a container run with `--cpus 2` on a 16-core host gets 2)."""
+    cores = max(1, len(os.sched_getaffinity(0)))
+    try:
+        with open(cpu_max) as file:
+            quota, period = file.read().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, -(-int(quota) // int(period))))

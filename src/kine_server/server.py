@@ -152,10 +152,17 @@ class _Services:
         self.handlers.append(grpc.method_handlers_generic_handler(service, timed))
 
 
+#: Reader connections of all --workers front-ends together, at most (each has at least 2): on
+#: PostgreSQL every one is a server process, and its default max_connections is 100.
+FRONTEND_READERS = 16
+
+
 def open_driver(config: Config, read_only: bool = False) -> Driver:
+    """The driver of `config`; `read_only`: a --workers front-end's, with its share of readers."""
+    readers = max(2, FRONTEND_READERS // config.worker_count()) if read_only else None
     try:
         tls = DatabaseTLS(config.ca_file, config.cert_file, config.key_file, config.skip_verify)
-        return make_driver(config.endpoint, tls, config.datastore_timeout, read_only)
+        return make_driver(config.endpoint, tls, config.datastore_timeout, read_only, readers)
     except EndpointError as exc:
         raise StartupError(str(exc)) from exc
 

@@ -157,7 +157,7 @@ class WriterProcess(Server):
             "--metrics-bind-address",
             "0",
             "--workers",
-            "1",
+            str(self.count),  # sizes its database pool (see open_driver)
         ]
 
     async def _spawn(self, worker: int) -> None:

@@ -44,10 +44,12 @@ def make_driver(
     tls: DatabaseTLS | None = None,
     timeout: float | None = None,
     read_only: bool = False,
+    readers: int | None = None,
 ) -> Driver:
     """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened);
     `timeout` bounds every PostgreSQL wait (--datastore-timeout; None: the driver's default);
-    `read_only` is a `--workers` front-end's: reads only, beside the writer process."""
+    `read_only` is a `--workers` front-end's: reads only, beside the writer process; `readers`
+    the most reader connections (None: the driver's default)."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         raise EndpointError(
@@ -59,7 +61,7 @@ def make_driver(
         path = rest.split("?", 1)[0]
         if not path:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no SQLite file path")
-        return SQLiteDriver(path, read_only=read_only)
+        return SQLiteDriver(path, readers=readers, read_only=read_only)
     if scheme in ("postgres", "postgresql"):
         from kine_server.drivers.postgres import DEFAULT_TIMEOUT, PostgresDriver
 
@@ -70,6 +72,7 @@ def make_driver(
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             ssl=tls.context() if tls else None,
             read_only=read_only,
+            pool_size=readers,
         )
     raise EndpointError(
         f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"

@@ -365,7 +365,7 @@ class PostgresDriver(Driver):
     def __init__(
         self,
         dsn: str,
-        pool_size: int = 8,
+        pool_size: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
         read_only: bool = False,
@@ -375,7 +375,7 @@ class PostgresDriver(Driver):
         self.read_only = read_only
         #: Passed to every connection; None leaves TLS to the DSN's sslmode.
         self._connect_options: dict[str, Any] = {"ssl": ssl} if ssl is not None else {}
-        self._pool_size = pool_size
+        self._pool_size = pool_size or 8
         self._timeout = timeout
         self._readers: asyncpg.Pool | None = None
         self._writers: asyncpg.Pool | None = None

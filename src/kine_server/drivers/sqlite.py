@@ -437,11 +437,15 @@ class SQLiteDriver(Driver):
     name = "sqlite"
 
     def __init__(
-        self, path: str, readers: int = 4, busy_timeout_ms: int = 30_000, read_only: bool = False
+        self,
+        path: str,
+        readers: int | None = None,
+        busy_timeout_ms: int = 30_000,
+        read_only: bool = False,
     ) -> None:
         self.path = path
         self.read_only = read_only
-        self._reader_count = readers
+        self._reader_count = readers or 4
         self._busy_timeout_ms = busy_timeout_ms
         self._lock_file: IO[bytes] | None = None
         self._writer: _WriterLink | None = None
