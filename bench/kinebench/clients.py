@@ -110,26 +110,27 @@ class Window:
 
 class Stopwatch:
     """CPU counters at the start of a window; `stop()` makes the Window up to now. The
-    benchmark's own processes are those `all_pids` lists at the start."""
+    benchmark's own processes are those `all_pids` lists at the start. The wall time spans
+    both samples (reading /proc takes a few ms, and a window can be as short as 50 ms)."""
 
     def __init__(self, server: Server, all_pids: Pids) -> None:
+        self.t0 = time.monotonic()
         self.server = server
         self.cpu0, self.db0 = server.cpu()
         self.pids, self.trees = all_pids()
         self.ours0 = ours_cpu(self.pids, self.trees)
         self.machine0 = machine_busy()
-        self.t0 = time.monotonic()
 
     def stop(self) -> Window:
-        wall = time.monotonic() - self.t0
         machine1 = machine_busy()
         cpu1, db1 = self.server.cpu()
+        ours1 = ours_cpu(self.pids, self.trees)
         return Window(
-            wall,
+            time.monotonic() - self.t0,
             cpu1 - self.cpu0,
             db1 - self.db0,
             machine1 - self.machine0,
-            ours_cpu(self.pids, self.trees) - self.ours0,
+            ours1 - self.ours0,
         )
 
 

@@ -25,15 +25,18 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def tree_cpu(pid: int) -> float:
+def tree_cpu(pid: int, children: dict[int, list[int]] | None = None) -> float:
     """CPU of a process and all its descendants, including those that have already exited
     (their time moves into the parent's cutime/cstime when it reaps them, as PostgreSQL's
-    postmaster does for every backend and autovacuum worker)."""
+    postmaster does for every backend and autovacuum worker). `children`: a `children_map()`
+    to reuse when measuring several trees at one instant."""
+    if children is None:
+        children = children_map()
     fields = _stat_fields(pid)
     if fields is None:
         return 0.0
     own = sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
-    return own + sum(tree_cpu(child) for child in children_of(pid))
+    return own + sum(tree_cpu(child, children) for child in children.get(pid, []))
 
 
 def proc_status_kib(pid: int, name: str) -> int:
@@ -47,15 +50,16 @@ def proc_status_kib(pid: int, name: str) -> int:
     return 0
 
 
-def children_of(parent: int) -> list[int]:
-    """The live children of a process (/proc has no child list without CONFIG_PROC_CHILDREN)."""
-    found = []
+def children_map() -> dict[int, list[int]]:
+    """Every live process's children, from one pass over /proc (it has no child list without
+    CONFIG_PROC_CHILDREN)."""
+    found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         fields = _stat_fields(int(entry))
-        if fields is not None and int(fields[1]) == parent:
-            found.append(int(entry))
+        if fields is not None:
+            found.setdefault(int(fields[1]), []).append(int(entry))
     return found
 
 
@@ -68,4 +72,5 @@ def machine_busy() -> float:
 
 def ours_cpu(pids: list[int], trees: list[int]) -> float:
     """CPU of single processes plus that of whole process trees."""
-    return sum(proc_cpu(p) for p in pids) + sum(tree_cpu(p) for p in trees)
+    children = children_map() if trees else {}
+    return sum(proc_cpu(p) for p in pids) + sum(tree_cpu(p, children) for p in trees)

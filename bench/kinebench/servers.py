@@ -24,7 +24,7 @@ from tests.support.etcd import RealEtcd
 from tests.support.ports import free_port
 
 from .paths import ROOT, BenchError
-from .procs import tree_cpu
+from .procs import children_map, tree_cpu
 
 
 @dataclass
@@ -41,7 +41,10 @@ class Server:
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the server (with its child processes) and of its database."""
-        return tree_cpu(self.pid), tree_cpu(self.db_root) if self.db_root else 0.0
+        children = children_map()
+        return tree_cpu(self.pid, children), tree_cpu(
+            self.db_root, children
+        ) if self.db_root else 0.0
 
 
 def pinned(cpus: str | None) -> list[str]:

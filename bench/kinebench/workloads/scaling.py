@@ -75,7 +75,7 @@ def put_level(b: Bench, name: str, mid: str, cpus: str, label: str, m: Level) ->
     )
     b.results.put(
         f"w8.{mid}.server",
-        f"8 {label}: server CPU",
+        f"8 server CPU, {label}",
         "cores",
         name,
         win.cores(win.server_cpu + win.db_cpu),
@@ -83,7 +83,7 @@ def put_level(b: Bench, name: str, mid: str, cpus: str, label: str, m: Level) ->
     )
     b.results.put(
         f"w8.{mid}.client",
-        f"8 {label}: client CPU",
+        f"8 client CPU, {label}",
         "cores",
         name,
         win.cores(win.client_cpu),
