@@ -35,12 +35,33 @@ END = b"/registry/configmaps/memory0"
 VALUE = b"v" * 1024
 
 
-def status(pid: int, field: str) -> int:
-    """A VmRSS/VmHWM-style field of /proc/PID/status, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+def _status(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:  # a front-end being restarted
+        return 0
     raise KeyError(field)
+
+
+def status(pid: int, field: str) -> int:
+    """A VmRSS/VmHWM-style field of /proc/PID/status in KiB, summed over the process and its
+    descendants (with --workers, the writer process and its front-ends)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += _status(current, field)
+        todo += children.get(current, [])
+    return total
 
 
 class Sampler:

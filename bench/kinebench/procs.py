@@ -50,6 +50,18 @@ def proc_status_kib(pid: int, name: str) -> int:
     return 0
 
 
+def tree_status_kib(pid: int, name: str) -> int:
+    """`proc_status_kib` summed over `pid` and its descendants (kine-server --workers is a
+    writer process and its front-ends: the memory of the server is all of them)."""
+    children = children_map()
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += proc_status_kib(current, name)
+        todo += children.get(current, [])
+    return total
+
+
 def children_map() -> dict[int, list[int]]:
     """Every live process's children, from one pass over /proc (it has no child list without
     CONFIG_PROC_CHILDREN)."""
