@@ -1,12 +1,16 @@
 """What idle watchers cost a Put: sequential Put p50 with N watchers that never match.
 
-.venv/bin/python bench/watchers.py [--counts 0,10000,50000] [--puts 300] [--no-etcd]
+.venv/bin/python bench/watchers.py [--counts 0,10000,50000] [--puts 300] [--no-etcd] [--cpu]
 
 kine-server (SQLite) runs as its own process, as in bench/run.py; so does etcd. For each N one
 Watch stream opens N watchers, half on single keys and half on prefixes, none of which matches the
 key that is then Put; the figure is the p50 of sequential Puts timed by this client. Every
 committed event is matched against every watcher of every stream, so this isolates the matching
 cost: before the watcher index it grew linearly with N.
+
+`--cpu` also times, in this process and in CPU time (so a busy machine barely moves it), what
+routing one published revision to N such watchers costs through the index, and what asking every
+watcher (the code before the index) costs.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
+from kine_server.pb import kv_pb2  # noqa: E402
 from kine_server.pb import rpc_pb2 as pb  # noqa: E402
+from kine_server.store.hub import by_revision  # noqa: E402
+from kine_server.store.watch import Watcher, WatchSpec, route  # noqa: E402
+from kine_server.store.watcher_group import WatcherGroup  # noqa: E402
 from tests.support.client import Client, connect  # noqa: E402
 from tests.support.etcd import RealEtcd  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -112,13 +120,43 @@ async def run(name: str, endpoint: str, counts: list[int], puts: int) -> None:
         await client.close()
 
 
+def routing_cpu(n: int, rounds: int = 2000) -> tuple[float, float]:
+    """CPU µs to route one single-event revision to `n` idle watchers: (index, every watcher)."""
+    group: WatcherGroup[Watcher] = WatcherGroup()
+    watchers: list[Watcher] = []
+    for i in range(n):
+        key = f"/idle/{i:06d}".encode()
+        spec = WatchSpec(key + b"/", key + b"0") if i % 2 else WatchSpec(key, None)
+        watchers.append(Watcher(i, spec, next_revision=1, synced=True))
+        group.add(watchers[-1], spec.key, spec.end)
+    event = kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"/busy/1", mod_revision=2))
+    groups = by_revision([event])
+    began = time.process_time()
+    for _ in range(rounds):
+        route(group, groups, 1024)
+    indexed = (time.process_time() - began) / rounds
+    rounds = max(1, rounds // max(1, n // 100))
+    began = time.process_time()
+    for _ in range(rounds):
+        [w for w in watchers if w.offer(groups, 1024)]
+    every = (time.process_time() - began) / rounds
+    return indexed * 1e6, every * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--counts", default="0,10000,50000")
     parser.add_argument("--puts", type=int, default=300)
     parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
+    if args.cpu:
+        for n in counts:
+            indexed, every = routing_cpu(n)
+            print(
+                f"routing      watchers={n:6d}  index {indexed:8.1f} µs  every watcher {every:8.1f} µs"
+            )
     with tempfile.TemporaryDirectory() as tmp:
         proc, endpoint = start_kine(Path(tmp))
         try:
