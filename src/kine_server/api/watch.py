@@ -22,7 +22,8 @@ from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import range_end
 from kine_server.store.hub import Group, WireEvent
 from kine_server.store.store import Storage
-from kine_server.store.watch import Watcher, WatchSpec, change_event
+from kine_server.store.watch import Watcher, WatchSpec, change_event, route
+from kine_server.store.watcher_group import WatcherGroup
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class WatchStream:
         self._stats = stats
         self._context = context
         self._watchers: dict[int, Watcher] = {}
+        #: The same watchers by key range: what a committed event is matched against.
+        self._index: WatcherGroup[Watcher] = WatcherGroup()
         self._ready: dict[int, Watcher] = {}
         self._control: collections.deque[rpc_pb2.WatchResponse] = collections.deque()
         self._wake = asyncio.Event()
@@ -214,6 +217,7 @@ class WatchStream:
             self._stats.streams -= 1
             self._stats.watchers -= len(self._watchers)
             self._watchers.clear()
+            self._index = WatcherGroup()
             self._ready.clear()
 
     async def _until_closing(self) -> None:
@@ -271,6 +275,7 @@ class WatchStream:
         watcher = Watcher(watch_id, spec, next_revision=start, synced=start > current)
         self._control.append(self._response(current, watch_id=watch_id, created=True))
         self._watchers[watch_id] = watcher
+        self._index.add(watcher, spec.key, spec.end)
         self._stats.watchers += 1
         if not watcher.synced:
             self._ready[watch_id] = watcher
@@ -290,8 +295,10 @@ class WatchStream:
 
     def _remove(self, watch_id: int) -> bool:
         self._ready.pop(watch_id, None)
-        if self._watchers.pop(watch_id, None) is None:
+        watcher = self._watchers.pop(watch_id, None)
+        if watcher is None:
             return False
+        self._index.remove(watcher)
         self._stats.watchers -= 1
         return True
 
@@ -308,13 +315,12 @@ class WatchStream:
     def _on_publish(self, groups: list[Group]) -> None:
         limit = self._settings.max_pending_events
         stats = self._stats
-        for watcher in self._watchers.values():
-            if watcher.offer(groups, limit):
-                self._ready[watcher.watch_id] = watcher
-                peak = max(stats.peak_pending_events, watcher.peak_pending_events)
-                stats.peak_pending_events = peak
-                if not watcher.synced:
-                    stats.fallbacks += 1
+        for watcher in route(self._index, groups, limit):
+            self._ready[watcher.watch_id] = watcher
+            peak = max(stats.peak_pending_events, watcher.peak_pending_events)
+            stats.peak_pending_events = peak
+            if not watcher.synced:
+                stats.fallbacks += 1
         if self._ready:
             self._wake.set()
 

@@ -17,6 +17,7 @@ from kine_server.drivers.base import OPEN_END, Change
 from kine_server.pb import kv_pb2
 from kine_server.store.applier import to_kv
 from kine_server.store.hub import Group, WireEvent
+from kine_server.store.watcher_group import WatcherGroup
 
 Event = kv_pb2.Event
 
@@ -106,6 +107,31 @@ class Watcher:
 
     def sent(self, revision: int) -> None:
         self.next_revision = max(self.next_revision, revision + 1)
+
+
+def route(index: WatcherGroup[Watcher], groups: list[Group], max_pending: int) -> list[Watcher]:
+    """Offer newly published groups to the watchers whose range holds one of their keys; returns
+    those that now have work for the sender (see Watcher.offer).
+
+    The index finds them in O(log n + matches) per event, so a stream's idle watchers cost a
+    commit nothing. Each watcher is offered only the events it matched (the group itself, shared,
+    when it matched them all); `offer` still applies the filters, the revision and the bound.
+    """
+    offered: dict[Watcher, list[Group]] = {}
+    for group in groups:
+        revision, events = group
+        if len(events) == 1:
+            for watcher in index.match(events[0].key):
+                offered.setdefault(watcher, []).append(group)
+            continue
+        picked: dict[Watcher, list[WireEvent]] = {}
+        for event in events:
+            for watcher in index.match(event.key):
+                picked.setdefault(watcher, []).append(event)
+        for watcher, chosen in picked.items():
+            part = group if len(chosen) == len(events) else (revision, chosen)
+            offered.setdefault(watcher, []).append(part)
+    return [watcher for watcher, mine in offered.items() if watcher.offer(mine, max_pending)]
 
 
 def change_event(change: Change) -> kv_pb2.Event:
