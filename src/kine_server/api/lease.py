@@ -27,9 +27,9 @@ def _discard(future: asyncio.Future[Any]) -> None:
 
 #: Keep-alives renewed in one writer request at most: a batch is one UPDATE, quick even at this.
 BATCH = 1000
-#: Keep-alives read ahead of their answers at most. A client that sends without reading the
-#: answers is then no longer read, and grpc's flow control holds it back, instead of its
-#: requests piling up here.
+#: Keep-alives read ahead of their answers at most: a client that sends without reading the
+#: answers is then no longer read, instead of its requests piling up here. (grpc itself still
+#: takes in a few MB of them before its flow control holds the client back.)
 READ_AHEAD = 4 * BATCH
 
 
