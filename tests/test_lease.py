@@ -4,14 +4,19 @@ restarts and keep-alive streams."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from kine_server.api.lease import READ_AHEAD
 from kine_server.pb import rpc_pb2 as pb
+from kine_server.pb import rpc_pb2_grpc
 from kine_server.server import Server
 from tests.conftest import test_config
 from tests.support.client import Client, Recorder, connect
@@ -216,3 +221,114 @@ async def test_keep_alive_stream_with_many_leases(kine: Client) -> None:
 async def test_short_ttls_are_raised_to_etcds_minimum(kine: Client, ttl: int) -> None:
     grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=ttl))
     assert grant.TTL == 2 and grant.ID > 0
+
+
+async def pipelined(call: Any, ids: list[int]) -> list[str]:
+    """Write a keep-alive for each of `ids` without waiting, then read one answer per request:
+    each as `ID TTL revision` (the header's revision, which is the store's as of the answer)."""
+    for lease_id in ids:
+        await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+    answers = []
+    for _ in ids:
+        response = await call.read()
+        answers.append(f"{response.ID} {response.TTL} {response.header.revision}")
+    return answers
+
+
+async def pipelined_scenario(client: Client) -> list[str]:
+    """Keep-alives pipelined for several leases (one unknown, one named many times in a row), two
+    of them revoked while the stream is open, then revoked again while requests are in flight."""
+    held = [301, 302, 303, 304, 305]
+    for lease_id in held:
+        await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=lease_id, TTL=60 + lease_id % 10))
+        await client.kv.Put(pb.PutRequest(key=b"/p/%d" % lease_id, value=b"v", lease=lease_id))
+    call = client.lease.LeaseKeepAlive()
+    cycle = [*held, 999, 303, 303, 303]
+    transcript = await pipelined(call, cycle * 60)
+    for lease_id in (302, 304):
+        await client.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease_id))
+    transcript += await pipelined(call, cycle * 60)
+    # Revoked while its keep-alives are in flight: each answer is the full TTL until the
+    # revocation and 0 from then on; which request the revocation lands between is the servers'.
+    for lease_id in [303, 301] * 300:
+        await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+    await client.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=303))
+    await call.write(pb.LeaseKeepAliveRequest(ID=303))
+    ttls: dict[int, list[int]] = {301: [], 303: []}
+    for _ in range(601):
+        response = await call.read()
+        ttls[response.ID].append(response.TTL)
+    await call.done_writing()
+    left = []
+    while (response := await call.read()) is not grpc.aio.EOF:
+        left.append(response)
+    transcript.append(f"answers after the last request: {len(left)}")
+    transcript.append(f"301: {sorted(set(ttls[301]))} over {len(ttls[301])}")
+    renewed = ttls[303].count(63)
+    transcript.append(
+        f"303: {len(ttls[303])}, {ttls[303] == [63] * renewed + [0] * (301 - renewed)}"
+    )
+    transcript.append(f"303 last: {ttls[303][-1]}")
+    return transcript
+
+
+async def test_pipelined_keep_alives_answered_in_order_as_etcd(kine: Client, etcd: Client) -> None:
+    """etcd's clients send a keep-alive per lease every TTL/3 on one stream, whether or not the
+    previous ones are answered: each request gets exactly one answer, in order, with etcd's TTL
+    (0 for a lease that is gone) and revision, however the server batches the renewals."""
+    ours = await pipelined_scenario(kine)
+    assert ours == await pipelined_scenario(etcd)
+
+
+async def test_pipelined_keep_alives_share_writer_transactions(
+    server: Server, kine: Client
+) -> None:
+    """One commit per keep-alive held a stream to the database's commit rate."""
+    ids = list(range(1, 21))
+    await asyncio.gather(*(kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=i, TTL=60)) for i in ids))
+    writer = server.store.writer
+    before = writer.requests
+    answers = await pipelined(kine.lease.LeaseKeepAlive(), ids * 100)
+    assert [a.split()[:2] for a in answers] == [[str(i), "60"] for i in ids] * 100
+    assert writer.requests - before < len(answers)
+    before = writer.requests
+    ttls = await server.store.lessor.keep_alive_many([3, 77, 3, 5])
+    assert (ttls, writer.requests - before) == ([60, 0, 60, 60], 1)
+
+
+async def test_client_leaving_mid_stream_leaves_no_task_and_logs_no_error(
+    server: Server, kine: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    await kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=9, TTL=60))
+    caplog.set_level(logging.WARNING)
+
+    def stream_tasks() -> list[asyncio.Task[Any]]:
+        names = ("LeaseKeepAlive", "_ReadAhead")
+        return [t for t in asyncio.all_tasks() if any(n in repr(t.get_coro()) for n in names)]
+
+    for reads in (0, 1, 50):
+        call = kine.lease.LeaseKeepAlive()
+        for _ in range(2000):
+            await call.write(pb.LeaseKeepAliveRequest(ID=9))
+        for _ in range(reads):
+            assert (await call.read()).TTL == 60
+        call.cancel()
+    # A client that sends without reading: the answers fill the stream's flow-control window
+    # (a small one, so that this comes soon), the server stops reading ahead (grpc still takes
+    # the requests in), and then the client goes away.
+    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=small_window)
+    call = rpc_pb2_grpc.LeaseStub(channel).LeaseKeepAlive()
+    for _ in range(5 * READ_AHEAD):
+        await call.write(pb.LeaseKeepAliveRequest(ID=9))
+    await asyncio.sleep(0.5)
+    call.cancel()
+    await channel.close()
+    deadline = time.monotonic() + 20
+    while stream_tasks() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert stream_tasks() == []
+    gc.collect()  # "Task exception was never retrieved" is logged when the task is collected
+    await asyncio.sleep(0.1)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]

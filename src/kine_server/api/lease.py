@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -22,6 +23,62 @@ def _discard(future: asyncio.Future[Any]) -> None:
     and asyncio would log it at ERROR as "Task exception was never retrieved"."""
     future.cancel()
     future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+#: Keep-alives renewed in one writer request at most: a batch is one UPDATE, quick even at this.
+BATCH = 1000
+#: Keep-alives read ahead of their answers at most: a client that sends without reading the
+#: answers is then no longer read, instead of its requests piling up here. (grpc itself still
+#: takes in a few MB of them before its flow control holds the client back.)
+READ_AHEAD = 4 * BATCH
+
+
+class _ReadAhead:
+    """A keep-alive stream's requests, read by a task of their own as they arrive, so that the
+    stream's handler finds every request sent while it was renewing and answering the last ones."""
+
+    def __init__(self, requests: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest], limit: int) -> None:
+        self._lease_ids: collections.deque[int] = collections.deque()
+        self._limit = limit
+        self._interrupted = False
+        #: Set when ids arrive, the stream ends or the handler is interrupted.
+        self._changed = asyncio.Event()
+        #: Clear while `limit` ids wait to be taken.
+        self._room = asyncio.Event()
+        self._room.set()
+        self._task = asyncio.ensure_future(self._read(requests))
+        self._task.add_done_callback(lambda _: self._changed.set())
+
+    async def _read(self, requests: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest]) -> None:
+        async for request in requests:
+            self._lease_ids.append(request.ID)
+            self._changed.set()
+            if len(self._lease_ids) >= self._limit:
+                self._room.clear()
+                await self._room.wait()
+
+    async def take(self, most: int) -> list[int]:
+        """Up to `most` of the ids read and not yet taken, in order, once there is one; [] when
+        the client is done sending (or `interrupt()` was called). Raises what reading raised."""
+        while not self._lease_ids and not self._interrupted:
+            if self._task.done():
+                self._task.result()
+                return []
+            self._changed.clear()
+            await self._changed.wait()
+        count = min(most, len(self._lease_ids))
+        taken = [self._lease_ids.popleft() for _ in range(count)]
+        self._room.set()
+        return taken
+
+    def interrupt(self) -> None:
+        """Make a waiting `take()` return now."""
+        self._interrupted = True
+        self._changed.set()
+
+    def close(self) -> None:
+        """Stop reading (the stream is over)."""
+        _discard(self._task)
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
@@ -60,30 +117,31 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseKeepAlive(
         self, request_iterator: AsyncIterator[rpc_pb2.LeaseKeepAliveRequest], context: Context
     ) -> None:
-        requests = aiter(request_iterator)
+        """Renew what the client sent while the previous renewals committed, all together, and
+        answer each request in order: one writer transaction per batch, not per keep-alive
+        (etcd's clients send one per lease every TTL/3 on one stream, so a client holding many
+        leases pipelines them)."""
+        ahead = _ReadAhead(request_iterator, READ_AHEAD)
         closing = asyncio.ensure_future(self._closing.wait())
-        following: asyncio.Future[rpc_pb2.LeaseKeepAliveRequest] | None = None
+        closing.add_done_callback(lambda _: ahead.interrupt())
         try:
             while True:
-                following = asyncio.ensure_future(anext(requests))
-                await asyncio.wait({following, closing}, return_when=asyncio.FIRST_COMPLETED)
+                lease_ids = await ahead.take(BATCH)
                 if closing.done():
                     raise errors.Unavailable("kine-server: shutting down")
-                try:
-                    request = following.result()
-                except StopAsyncIteration:
-                    return
-                ttl = await self._store.lease_keep_alive(request.ID)
-                response = rpc_pb2.LeaseKeepAliveResponse(ID=request.ID, TTL=ttl)
-                self._header(response.header)
-                if not await send(context, response):
-                    return  # the client went away
+                if not lease_ids:
+                    return  # the client is done sending, and everything is answered
+                ttls = await self._store.lease_keep_alive_many(lease_ids)
+                for lease_id, ttl in zip(lease_ids, ttls, strict=True):
+                    response = rpc_pb2.LeaseKeepAliveResponse(ID=lease_id, TTL=ttl)
+                    self._header(response.header)
+                    if not await send(context, response):
+                        return  # the client went away
         except errors.EtcdError as exc:
             await context.abort(exc.code, exc.message)
         finally:
             closing.cancel()
-            if following is not None:
-                _discard(following)
+            ahead.close()
 
     @etcd_errors
     async def LeaseTimeToLive(

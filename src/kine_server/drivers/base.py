@@ -19,7 +19,7 @@ tombstone at or below R.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple
 
@@ -206,9 +206,10 @@ class WriteTx(ReadTx):
         """A lease due `ttl` seconds from now (the database's clock); False if the id is taken."""
 
     @abc.abstractmethod
-    async def renew_lease(self, lease_id: int) -> int | None:
-        """Move the deadline to now + TTL; the TTL, or None if there is no such lease (or it is
-        already past its deadline)."""
+    async def renew_leases(self, lease_ids: Collection[int]) -> dict[int, int]:
+        """Move each lease's deadline to now + its TTL, in one statement (a keep-alive stream
+        renews many at once); the TTL of each one renewed. A lease that does not exist, or is
+        already past its deadline, is left out."""
 
     @abc.abstractmethod
     async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:

@@ -13,7 +13,7 @@ import logging
 import secrets
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
 
 import asyncpg
@@ -160,6 +160,7 @@ DIALECT = sql.Dialect(
     greatest="GREATEST",
     # clock_timestamp(), not now(): now() is the transaction's start, and a batch may wait.
     now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    id_list="SELECT unnest(?::bigint[])",
     numbered=True,
 )
 _COUNTERS = DIALECT(sql.COUNTERS)
@@ -181,7 +182,7 @@ _LEASE = DIALECT(sql.LEASE)
 _LEASES = DIALECT(sql.LEASES)
 _EXPIRED_LEASES = DIALECT(sql.EXPIRED_LEASES)
 _INSERT_LEASE = DIALECT(sql.INSERT_LEASE)
-_RENEW_LEASE = DIALECT(sql.RENEW_LEASE)
+_RENEW_LEASES = DIALECT(sql.RENEW_LEASES)
 _DELETE_LEASE = DIALECT(sql.DELETE_LEASE)
 _DELETE_EXPIRED_LEASE = DIALECT(sql.DELETE_EXPIRED_LEASE)
 _RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
@@ -280,9 +281,9 @@ class _Write(_Read, WriteTx):
     async def insert_lease(self, lease_id: int, ttl: int) -> bool:
         return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, ttl)) == 1
 
-    async def renew_lease(self, lease_id: int) -> int | None:
-        ttl = await self._conn.fetchval(_RENEW_LEASE, lease_id)
-        return int(ttl) if ttl is not None else None
+    async def renew_leases(self, lease_ids: Collection[int]) -> dict[int, int]:
+        rows = await self._conn.fetch(_RENEW_LEASES, list(lease_ids))
+        return {int(row[0]): int(row[1]) for row in rows}
 
     async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
         statement = _DELETE_EXPIRED_LEASE if expired_only else _DELETE_LEASE

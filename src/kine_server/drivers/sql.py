@@ -2,9 +2,10 @@
 
 The query shapes are the same on SQLite and PostgreSQL; only DDL, locking and placeholder syntax
 differ, and those stay in each driver. `numbered()` turns `?` into PostgreSQL's `$1, $2, ...`.
-Two dialect words are filled in by each driver: `{greatest}` (a two-argument maximum) and
+Three dialect words are filled in by each driver: `{greatest}` (a two-argument maximum),
 `{now_ms}` (the database's clock in milliseconds: lease deadlines are the database's, so every
-instance on one PostgreSQL agrees on them whatever its own clock says).
+instance on one PostgreSQL agrees on them whatever its own clock says) and `{id_list}` (a
+subquery of the ids given as one parameter: a JSON array on SQLite, an array on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ INSERT_LEASE = (
     "ON CONFLICT (id) DO NOTHING"
 )
 # An expired lease is not renewed, even before the expiry pass has revoked it (as etcd's Renew).
-RENEW_LEASE = (
+#: `{id_list}`: the ids as one parameter, so that one statement (cached once) renews any number.
+RENEW_LEASES = (
     "UPDATE kine_lease SET expires_at = {now_ms} + ttl * 1000 "
-    "WHERE id = ? AND expires_at > {now_ms} RETURNING ttl"
+    "WHERE id IN ({id_list}) AND expires_at > {now_ms} RETURNING id, ttl"
 )
 DELETE_LEASE = "DELETE FROM kine_lease WHERE id = ?"
 DELETE_EXPIRED_LEASE = "DELETE FROM kine_lease WHERE id = ? AND expires_at <= {now_ms}"
@@ -202,11 +204,13 @@ class Dialect:
 
     greatest: str
     now_ms: str
+    #: A subquery of the ids passed as one parameter (its value is the driver's to encode).
+    id_list: str
     numbered: bool
 
     def __call__(self, statement: str) -> str:
         """`statement` with the dialect's words and placeholders."""
-        text = statement.format(greatest=self.greatest, now_ms=self.now_ms)
+        text = statement.format(greatest=self.greatest, now_ms=self.now_ms, id_list=self.id_list)
         return numbered(text) if self.numbered else text
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Self, TypeVar
 
@@ -104,13 +105,15 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 DIALECT = sql.Dialect(
     greatest="max",
     now_ms="CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+    # A JSON array: no limit on the number of ids, unlike one placeholder each.
+    id_list="SELECT value FROM json_each(?)",
     numbered=False,
 )
 ADVANCE_COMPACT_REVISION = DIALECT(sql.ADVANCE_COMPACT_REVISION)
 _LEASE = DIALECT(sql.LEASE)
 _EXPIRED_LEASES = DIALECT(sql.EXPIRED_LEASES)
 _INSERT_LEASE = DIALECT(sql.INSERT_LEASE)
-_RENEW_LEASE = DIALECT(sql.RENEW_LEASE)
+_RENEW_LEASES = DIALECT(sql.RENEW_LEASES)
 _DELETE_EXPIRED_LEASE = DIALECT(sql.DELETE_EXPIRED_LEASE)
 _RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
 _LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
@@ -286,9 +289,9 @@ class _Write(_Queries, WriteTx):
     async def insert_lease(self, lease_id: int, ttl: int) -> bool:
         return await self._run(_INSERT_LEASE, (lease_id, ttl, ttl)) == 1
 
-    async def renew_lease(self, lease_id: int) -> int | None:
-        rows = await self._all(_RENEW_LEASE, (lease_id,))
-        return int(rows[0][0]) if rows else None
+    async def renew_leases(self, lease_ids: Collection[int]) -> dict[int, int]:
+        rows = await self._all(_RENEW_LEASES, (json.dumps(list(lease_ids)),))
+        return {int(lease_id): int(ttl) for lease_id, ttl in rows}
 
     async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
         statement = _DELETE_EXPIRED_LEASE if expired_only else sql.DELETE_LEASE

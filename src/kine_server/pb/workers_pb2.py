@@ -26,7 +26,7 @@ from kine_server.pb import kv_pb2 as kine__server_dot_pb_dot_kv__pb2
 from kine_server.pb import rpc_pb2 as kine__server_dot_pb_dot_rpc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckine_server/pb/workers.proto\x12\x12kineserver.workers\x1a\x17kine_server/pb/kv.proto\x1a\x18kine_server/pb/rpc.proto\"\r\n\x0bStatusQuery\"\xa1\x01\n\x0bStatusReply\x12\x1b\n\x13\x63ompaction_failures\x18\x01 \x01(\x03\x12\x1d\n\x15\x63ompaction_last_error\x18\x02 \x01(\t\x12\x0f\n\x07nospace\x18\x03 \x01(\x08\x12\x16\n\x0e\x65xpired_leases\x18\x04 \x01(\x03\x12\x15\n\rwrite_batches\x18\x05 \x01(\x03\x12\x16\n\x0ewrite_requests\x18\x06 \x01(\x03\"\xa8\x04\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x36\n\x0blease_grant\x18\x06 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x07 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12?\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32#.etcdserverpb.LeaseKeepAliveRequestH\x00\x12+\n\x05\x61larm\x18\t \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x35\n\ndefragment\x18\n \x01(\x0b\x32\x1f.etcdserverpb.DefragmentRequestH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusQueryH\x00\x42\x04\n\x02op\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbc\x03\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x03put\x18\x02 \x01(\x0b\x32\x19.etcdserverpb.PutResponseH\x00\x12\x39\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32!.etcdserverpb.DeleteRangeResponseH\x00\x12(\n\x03txn\x18\x04 \x01(\x0b\x32\x19.etcdserverpb.TxnResponseH\x00\x12\x16\n\x0c\x63ompacted_at\x18\x05 \x01(\x03H\x00\x12\x37\n\x0blease_grant\x18\x06 \x01(\x0b\x32 .etcdserverpb.LeaseGrantResponseH\x00\x12\x17\n\rlease_revoked\x18\x07 \x01(\x08H\x00\x12\x13\n\tlease_ttl\x18\x08 \x01(\x03H\x00\x12\x16\n\x0c\x61larm_listed\x18\t \x01(\x08H\x00\x12\x16\n\x0c\x64\x65\x66ragmented\x18\n \x01(\x08H\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusReplyH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.kineserver.workers.ErrorH\x00\x42\t\n\x07outcome\">\n\x04\x46\x65\x65\x64\x12\x17\n\x0fskipped_through\x18\x01 \x01(\x03\x12\x1d\n\x06\x65vents\x18\x0b \x03(\x0b\x32\r.mvccpb.Event\")\n\x05Hello\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\"\x14\n\x06Scrape\x12\n\n\x02id\x18\x01 \x01(\x04\"3\n\x07Scraped\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x0e\n\x06worker\x18\x03 \x01(\x05\"\xa4\x02\n\x08\x45nvelope\x12.\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x1b.kineserver.workers.CommandH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.kineserver.workers.ResultH\x00\x12(\n\x04\x66\x65\x65\x64\x18\x03 \x01(\x0b\x32\x18.kineserver.workers.FeedH\x00\x12*\n\x05hello\x18\x04 \x01(\x0b\x32\x19.kineserver.workers.HelloH\x00\x12,\n\x06scrape\x18\x05 \x01(\x0b\x32\x1a.kineserver.workers.ScrapeH\x00\x12.\n\x07scraped\x18\x06 \x01(\x0b\x32\x1b.kineserver.workers.ScrapedH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckine_server/pb/workers.proto\x12\x12kineserver.workers\x1a\x17kine_server/pb/kv.proto\x1a\x18kine_server/pb/rpc.proto\"\r\n\x0bStatusQuery\"\xa1\x01\n\x0bStatusReply\x12\x1b\n\x13\x63ompaction_failures\x18\x01 \x01(\x03\x12\x1d\n\x15\x63ompaction_last_error\x18\x02 \x01(\t\x12\x0f\n\x07nospace\x18\x03 \x01(\x08\x12\x16\n\x0e\x65xpired_leases\x18\x04 \x01(\x03\x12\x15\n\rwrite_batches\x18\x05 \x01(\x03\x12\x16\n\x0ewrite_requests\x18\x06 \x01(\x03\"\x19\n\nKeepAlives\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\rKeepAliveTTLs\x12\x0c\n\x04ttls\x18\x01 \x03(\x03\"\xa3\x04\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x35\n\ncompaction\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x36\n\x0blease_grant\x18\x06 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x07 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12:\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32\x1e.kineserver.workers.KeepAlivesH\x00\x12+\n\x05\x61larm\x18\t \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x35\n\ndefragment\x18\n \x01(\x0b\x32\x1f.etcdserverpb.DefragmentRequestH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusQueryH\x00\x42\x04\n\x02op\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe0\x03\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x03put\x18\x02 \x01(\x0b\x32\x19.etcdserverpb.PutResponseH\x00\x12\x39\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32!.etcdserverpb.DeleteRangeResponseH\x00\x12(\n\x03txn\x18\x04 \x01(\x0b\x32\x19.etcdserverpb.TxnResponseH\x00\x12\x16\n\x0c\x63ompacted_at\x18\x05 \x01(\x03H\x00\x12\x37\n\x0blease_grant\x18\x06 \x01(\x0b\x32 .etcdserverpb.LeaseGrantResponseH\x00\x12\x17\n\rlease_revoked\x18\x07 \x01(\x08H\x00\x12\x37\n\nlease_ttls\x18\x08 \x01(\x0b\x32!.kineserver.workers.KeepAliveTTLsH\x00\x12\x16\n\x0c\x61larm_listed\x18\t \x01(\x08H\x00\x12\x16\n\x0c\x64\x65\x66ragmented\x18\n \x01(\x08H\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusReplyH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.kineserver.workers.ErrorH\x00\x42\t\n\x07outcome\">\n\x04\x46\x65\x65\x64\x12\x17\n\x0fskipped_through\x18\x01 \x01(\x03\x12\x1d\n\x06\x65vents\x18\x0b \x03(\x0b\x32\r.mvccpb.Event\")\n\x05Hello\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\"\x14\n\x06Scrape\x12\n\n\x02id\x18\x01 \x01(\x04\"3\n\x07Scraped\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x0e\n\x06worker\x18\x03 \x01(\x05\"\xa4\x02\n\x08\x45nvelope\x12.\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x1b.kineserver.workers.CommandH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.kineserver.workers.ResultH\x00\x12(\n\x04\x66\x65\x65\x64\x18\x03 \x01(\x0b\x32\x18.kineserver.workers.FeedH\x00\x12*\n\x05hello\x18\x04 \x01(\x0b\x32\x19.kineserver.workers.HelloH\x00\x12,\n\x06scrape\x18\x05 \x01(\x0b\x32\x1a.kineserver.workers.ScrapeH\x00\x12.\n\x07scraped\x18\x06 \x01(\x0b\x32\x1b.kineserver.workers.ScrapedH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSQUERY']._serialized_end=116
   _globals['_STATUSREPLY']._serialized_start=119
   _globals['_STATUSREPLY']._serialized_end=280
-  _globals['_COMMAND']._serialized_start=283
-  _globals['_COMMAND']._serialized_end=835
-  _globals['_ERROR']._serialized_start=837
-  _globals['_ERROR']._serialized_end=875
-  _globals['_RESULT']._serialized_start=878
-  _globals['_RESULT']._serialized_end=1322
-  _globals['_FEED']._serialized_start=1324
-  _globals['_FEED']._serialized_end=1386
-  _globals['_HELLO']._serialized_start=1388
-  _globals['_HELLO']._serialized_end=1429
-  _globals['_SCRAPE']._serialized_start=1431
-  _globals['_SCRAPE']._serialized_end=1451
-  _globals['_SCRAPED']._serialized_start=1453
-  _globals['_SCRAPED']._serialized_end=1504
-  _globals['_ENVELOPE']._serialized_start=1507
-  _globals['_ENVELOPE']._serialized_end=1799
+  _globals['_KEEPALIVES']._serialized_start=282
+  _globals['_KEEPALIVES']._serialized_end=307
+  _globals['_KEEPALIVETTLS']._serialized_start=309
+  _globals['_KEEPALIVETTLS']._serialized_end=338
+  _globals['_COMMAND']._serialized_start=341
+  _globals['_COMMAND']._serialized_end=888
+  _globals['_ERROR']._serialized_start=890
+  _globals['_ERROR']._serialized_end=928
+  _globals['_RESULT']._serialized_start=931
+  _globals['_RESULT']._serialized_end=1411
+  _globals['_FEED']._serialized_start=1413
+  _globals['_FEED']._serialized_end=1475
+  _globals['_HELLO']._serialized_start=1477
+  _globals['_HELLO']._serialized_end=1518
+  _globals['_SCRAPE']._serialized_start=1520
+  _globals['_SCRAPE']._serialized_end=1540
+  _globals['_SCRAPED']._serialized_start=1542
+  _globals['_SCRAPED']._serialized_end=1593
+  _globals['_ENVELOPE']._serialized_start=1596
+  _globals['_ENVELOPE']._serialized_end=1888
 # @@protoc_insertion_point(module_scope)

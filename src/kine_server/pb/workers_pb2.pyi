@@ -28,6 +28,18 @@ class StatusReply(_message.Message):
     write_requests: int
     def __init__(self, compaction_failures: _Optional[int] = ..., compaction_last_error: _Optional[str] = ..., nospace: _Optional[bool] = ..., expired_leases: _Optional[int] = ..., write_batches: _Optional[int] = ..., write_requests: _Optional[int] = ...) -> None: ...
 
+class KeepAlives(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KeepAliveTTLs(_message.Message):
+    __slots__ = ("ttls",)
+    TTLS_FIELD_NUMBER: _ClassVar[int]
+    ttls: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ttls: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Command(_message.Message):
     __slots__ = ("id", "put", "delete_range", "txn", "compaction", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -48,11 +60,11 @@ class Command(_message.Message):
     compaction: _rpc_pb2.CompactionRequest
     lease_grant: _rpc_pb2.LeaseGrantRequest
     lease_revoke: _rpc_pb2.LeaseRevokeRequest
-    lease_keep_alive: _rpc_pb2.LeaseKeepAliveRequest
+    lease_keep_alive: KeepAlives
     alarm: _rpc_pb2.AlarmRequest
     defragment: _rpc_pb2.DefragmentRequest
     status: StatusQuery
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[_rpc_pb2.LeaseKeepAliveRequest, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -63,7 +75,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttl", "alarm_listed", "defragmented", "status", "error")
+    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttls", "alarm_listed", "defragmented", "status", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -71,7 +83,7 @@ class Result(_message.Message):
     COMPACTED_AT_FIELD_NUMBER: _ClassVar[int]
     LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
     LEASE_REVOKED_FIELD_NUMBER: _ClassVar[int]
-    LEASE_TTL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTLS_FIELD_NUMBER: _ClassVar[int]
     ALARM_LISTED_FIELD_NUMBER: _ClassVar[int]
     DEFRAGMENTED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -83,12 +95,12 @@ class Result(_message.Message):
     compacted_at: int
     lease_grant: _rpc_pb2.LeaseGrantResponse
     lease_revoked: bool
-    lease_ttl: int
+    lease_ttls: KeepAliveTTLs
     alarm_listed: bool
     defragmented: bool
     status: StatusReply
     error: Error
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttl: _Optional[int] = ..., alarm_listed: _Optional[bool] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttls: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., alarm_listed: _Optional[bool] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Feed(_message.Message):
     __slots__ = ("skipped_through", "events")

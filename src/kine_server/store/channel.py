@@ -45,7 +45,8 @@ async def execute(store: Store, command: workers_pb2.Command) -> workers_pb2.Res
         elif kind == "delete_range":
             result.delete_range.CopyFrom(await store.delete_range(command.delete_range))
         elif kind == "lease_keep_alive":
-            result.lease_ttl = await store.lease_keep_alive(command.lease_keep_alive.ID)
+            ttls = await store.lease_keep_alive_many(list(command.lease_keep_alive.ids))
+            result.lease_ttls.ttls.extend(ttls)
         elif kind == "lease_grant":
             lease_id, ttl = await store.lease_grant(command.lease_grant)
             result.lease_grant.ID, result.lease_grant.TTL = lease_id, ttl

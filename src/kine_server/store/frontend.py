@@ -150,10 +150,9 @@ class FrontendStore(Storage):
     async def lease_revoke(self, lease_id: int) -> None:
         await self._call(lease_revoke=rpc_pb2.LeaseRevokeRequest(ID=lease_id))
 
-    async def lease_keep_alive(self, lease_id: int) -> int:
-        return (
-            await self._call(lease_keep_alive=rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
-        ).lease_ttl
+    async def lease_keep_alive_many(self, lease_ids: list[int]) -> list[int]:
+        keep_alive = workers_pb2.KeepAlives(ids=lease_ids)
+        return list((await self._call(lease_keep_alive=keep_alive)).lease_ttls.ttls)
 
     async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
         return (await self._call(alarm=req)).alarm_listed

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from kine_server import errors
@@ -138,13 +138,23 @@ class Lessor:
 
     async def keep_alive(self, lease_id: int) -> int:
         """The lease's TTL after renewing it, or 0 if it does not exist (expired or revoked)."""
+        return (await self.keep_alive_many([lease_id]))[0]
 
-        async def renew(applier: Applier) -> int:
-            ttl = await applier.write_tx.renew_lease(lease_id)
-            return ttl or 0
+    async def keep_alive_many(self, lease_ids: Sequence[int]) -> list[int]:
+        """The TTL of each lease after renewing them all, or 0 for one that does not exist.
 
-        ttl: int = await self._writer.submit(renew)
-        return ttl
+        One writer request and one statement for all of them: a keep-alive stream hands over
+        every request it has read, so a client sending thousands a second costs a commit per
+        batch, not one per keep-alive. Each renewal is committed before it is answered (as one
+        at a time was): a renewal acknowledged is never lost by a crash, and the deadline stays
+        the database's, so any instance can renew and the database alone decides expiry. A lease
+        named twice is renewed once; both get its TTL, as two renewals in a row would."""
+
+        async def renew(applier: Applier) -> dict[int, int]:
+            return await applier.write_tx.renew_leases(set(lease_ids))
+
+        renewed: dict[int, int] = await self._writer.submit(renew)
+        return [renewed.get(lease_id, 0) for lease_id in lease_ids]
 
     async def expire_due(self, limit: int = 1000) -> int:
         """Revoke every lease whose deadline has passed; returns how many this call expired."""

@@ -82,8 +82,9 @@ class Storage(abc.ABC):
     async def lease_revoke(self, lease_id: int) -> None: ...
 
     @abc.abstractmethod
-    async def lease_keep_alive(self, lease_id: int) -> int:
-        """The lease's TTL after renewing it, or 0 if it does not exist (expired or revoked)."""
+    async def lease_keep_alive_many(self, lease_ids: list[int]) -> list[int]:
+        """Each lease's TTL after renewing them all, or 0 for one that does not exist (expired
+        or revoked): one writer request for what a keep-alive stream has read."""
 
     @abc.abstractmethod
     async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
@@ -282,8 +283,8 @@ class Store(Storage):
     async def lease_revoke(self, lease_id: int) -> None:
         await self.lessor.revoke(lease_id)
 
-    async def lease_keep_alive(self, lease_id: int) -> int:
-        return await self.lessor.keep_alive(lease_id)
+    async def lease_keep_alive_many(self, lease_ids: list[int]) -> list[int]:
+        return await self.lessor.keep_alive_many(lease_ids)
 
     async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
         quota = self.quota
