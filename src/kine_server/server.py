@@ -417,7 +417,7 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
         from kine_server.workers import WriterProcess
 
         writer = WriterProcess(config, list(argv))
-        if await _started_unless_stopped(writer.start(), stop):
+        if await _started_unless_stopped(writer.start(), stop, config.shutdown_grace):
             await stop.wait()
             log.info("kine-server shutting down")
             await writer.stop()
@@ -429,15 +429,20 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
     await server.stop()
 
 
-async def _started_unless_stopped(start: Awaitable[None], stop: asyncio.Event) -> bool:
-    """Await `start`, unless `stop` is set first (starting front-ends takes a while): then
-    cancel it, which undoes what it started. Whether it started."""
+async def _started_unless_stopped(
+    start: Awaitable[None], stop: asyncio.Event, grace: float
+) -> bool:
+    """Await `start`; if `stop` is set first (starting front-ends takes a while), give it up to
+    `grace` seconds more to finish, then cancel it, which undoes what it started. Whether it
+    started (then the caller stops it as usual)."""
     starting = asyncio.ensure_future(start)
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
+    if not starting.done():
+        await asyncio.wait({starting}, timeout=grace)
     if not starting.done():
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
