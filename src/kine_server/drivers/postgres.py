@@ -274,6 +274,16 @@ class _Write(_Read, WriteTx):
             await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
         await self._conn.executemany(_INSERT, rows)
 
+    async def delete_range(
+        self, key: bytes, end: bytes | None, revision: int, first_sub: int
+    ) -> None:
+        for query, params in sql.delete_range(key, end, revision, first_sub):
+            await self._conn.execute(sql.numbered(query), *params)
+
+    async def delete_leased(self, lease_id: int, revision: int, first_sub: int) -> None:
+        for query, params in sql.delete_leased(lease_id, revision, first_sub):
+            await self._conn.execute(sql.numbered(query), *params)
+
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._conn.executemany(_INSERT_RAW, rows)
 
