@@ -27,6 +27,10 @@ MAX_LIMIT = 2**63 - 2
 #: a few milliseconds of Python; a request of fewer rows never yields, so it pays nothing.
 CHUNK = 1000
 
+#: Deletes of at most this many keys run a statement per key (a single-key DeleteRange, the
+#: common case, is cheapest so); more, a few set-based statements however many keys.
+FEW = 8
+
 RangeRequest = rpc_pb2.RangeRequest
 Compare = rpc_pb2.Compare
 KeyValue = kv_pb2.KeyValue
@@ -314,10 +318,22 @@ class Applier:
         response = rpc_pb2.DeleteRangeResponse(deleted=len(rows))
         if rows:
             revision, first = self.begin + 1, len(self.changes)
-            await self.write_tx.delete_range(req.key, end, revision, first)
+            if len(rows) <= FEW:
+                await self._append_tombstones(rows)
+            else:
+                await self.write_tx.delete_range(req.key, end, revision, first)
             await self._deleted(rows, response.prev_kvs if req.prev_kv else None)
         response.header.revision = self.revision
         return response
+
+    async def _append_tombstones(self, rows: list[Row]) -> None:
+        """Delete a few rows a statement per key: for one key, three times faster than the
+        set-based statements of `delete_range`."""
+        revision, first = self.begin + 1, len(self.changes)
+        tombstones = [
+            ChangeRow(r.key, 0, revision, 0, b"", 0, first + i) for i, r in enumerate(rows)
+        ]
+        await self.write_tx.append(tombstones, [(r.key, r.mod_revision) for r in rows])
 
     async def _deleted(
         self, rows: list[Row], prev_kvs: RepeatedCompositeFieldContainer[KeyValue] | None = None
@@ -352,7 +368,10 @@ class Applier:
             return False
         rows = await self.tx.leased(lease)
         if rows:
-            await self.write_tx.delete_leased(lease, self.begin + 1, len(self.changes))
+            if len(rows) <= FEW:
+                await self._append_tombstones(rows)
+            else:
+                await self.write_tx.delete_leased(lease, self.begin + 1, len(self.changes))
             await self._deleted(rows)
         return True
 
