@@ -195,6 +195,20 @@ def _row(record: Sequence[Any]) -> Row:
     return Row(bytes(key), create, mod, version, bytes(value) if value is not None else b"", lease)
 
 
+#: Records converted between two turns of the event loop: asyncpg hands over a 50 000-row result
+#: at once, and converting it in one go held the loop for every other client.
+_CHUNK = 1000
+
+
+async def _rows(records: list[Any]) -> list[Row]:
+    rows: list[Row] = []
+    for start in range(0, len(records), _CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        rows += [_row(r) for r in records[start : start + _CHUNK]]
+    return rows
+
+
 def _affected(status: str) -> int:
     """asyncpg returns the command tag, e.g. 'DELETE 12'."""
     return int(status.rsplit(" ", 1)[-1])
@@ -215,7 +229,7 @@ class _Read(ReadTx):
         self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
     ) -> list[Row]:
         query, params = sql.range_query(key, end, at, limit, with_values)
-        return [_row(r) for r in await self._conn.fetch(sql.numbered(query), *params)]
+        return await _rows(await self._conn.fetch(sql.numbered(query), *params))
 
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
         query, params = sql.count_query(key, end, at)
@@ -226,9 +240,15 @@ class _Read(ReadTx):
     ) -> list[Change]:
         query, params = sql.changes_query(after, through, key, end, limit)
         records = await self._conn.fetch(sql.numbered(query), *params)
-        return [
-            change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)) for r in records
-        ]
+        changes: list[Change] = []
+        for start in range(0, len(records), _CHUNK):  # as _rows
+            if start:
+                await asyncio.sleep(0)
+            changes += [
+                change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r))
+                for r in records[start : start + _CHUNK]
+            ]
+        return changes
 
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
         record = await self._conn.fetchrow(_LEASE, lease_id)
@@ -256,7 +276,7 @@ class _Read(ReadTx):
         return {r[0]: r[1] for r in await self._conn.fetch(_ALL_META)}
 
     async def leased(self, lease_id: int) -> list[Row]:
-        return [_row(r) for r in await self._conn.fetch(_LEASED, lease_id)]
+        return await _rows(await self._conn.fetch(_LEASED, lease_id))
 
 
 class _Write(_Read, WriteTx):
