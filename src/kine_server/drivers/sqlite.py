@@ -14,7 +14,8 @@ with its first query, its ROLLBACK is queued without waiting, and a LIST's count
 reader's thread while the loop builds the page.
 
 The writer's statements that can touch many rows go to its thread too: a read of a key range (a
-DeleteRange's rows, a Txn's Range), a lease's keys, and a batch of more than `_INLINE_ROWS` rows.
+DeleteRange's rows, a Txn's Range), a lease's keys, the set-based delete of a range or of a
+lease's keys, and a batch of more than `_INLINE_ROWS` rows.
 sqlite3 releases the GIL while SQLite works, so the loop keeps serving other clients; inline, a
 50 000-key DeleteRange held it for seconds. Single-key statements, the hot path, stay inline.
 """
