@@ -169,6 +169,26 @@ async def delete_ranges(call: Recorder) -> None:
 
 
 @scenario
+async def deletes_of_many_keys(call: Recorder) -> None:
+    """More keys than the applier deletes a statement per key (applier.FEW): the set-based
+    statements, also after a Put of the same Txn (both changes in one revision)."""
+    for i in range(20):
+        await call("kv.Put", put(b"/m/%02d" % i, b"v%d" % i))
+    await call("kv.DeleteRange", delete(b"/m/00", b"/m/12", prev_kv=True))
+    ops = [
+        op(put(b"/m/15", b"updated")),
+        op(put(b"/m/99", b"new")),
+        op(delete(b"/m/", b"\x00", prev_kv=True)),
+    ]
+    await call("kv.Txn", txn([], ops))
+    await call("kv.Range", get(b"\x00", b"\x00"))
+    await call("kv.Range", get(b"/m/", b"/m0", revision=21))
+    await call("kv.Range", get(b"/m/", b"/m0", revision=22))
+    await call("kv.Put", put(b"/m/05", b"again"))
+    await call("kv.Range", get(b"/m/05"))
+
+
+@scenario
 async def revision_errors(call: Recorder) -> None:
     for i in range(6):
         await call("kv.Put", put(b"k", b"%d" % i))

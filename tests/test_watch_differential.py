@@ -76,6 +76,25 @@ async def one_revision_many_keys(w: WatchRecorder) -> None:
 
 
 @scenario
+async def deletes_of_many_keys(w: WatchRecorder) -> None:
+    """More keys than the applier deletes a statement per key (applier.FEW), after a Put of
+    the same Txn (a from-key range, which etcd's duplicate-key check misses): the events'
+    order and prev_kvs as etcd's."""
+    await w.stream.create(b"k", b"l", prev_kv=True)
+    await w.expect(1)
+    puts = [pb.RequestOp(request_put=put(b"k%02d" % i, b"%d" % i)) for i in range(20)]
+    await w.kv("Txn", pb.TxnRequest(success=puts))
+    await w.expect(1)
+    ops = [
+        pb.RequestOp(request_put=put(b"k05", b"changed")),
+        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"k", range_end=b"\x00")),
+    ]
+    await w.kv("Txn", pb.TxnRequest(success=ops))
+    await w.expect(1)
+    await w.expect_silence()
+
+
+@scenario
 async def one_key_twice_in_one_revision(w: WatchRecorder) -> None:
     """A Txn that puts then deletes a key (and one that deletes then puts it): both events in
     one revision; a delete's prev_kv is the state before the revision, not the Txn's own put."""

@@ -19,10 +19,10 @@ import grpc
 from kine_server import errors
 from kine_server.api.common import Member, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.applier import range_end
+from kine_server.store.applier import CHUNK, range_end
 from kine_server.store.hub import Group, WireEvent
 from kine_server.store.store import Storage
-from kine_server.store.watch import Watcher, WatchSpec, change_event, route
+from kine_server.store.watch import Watcher, WatchSpec, route, wire_events
 from kine_server.store.watcher_group import WatcherGroup
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,7 @@ class WatchStream:
                 # revision keys are unsigned): nothing, and the watch goes live from here.
                 watcher.sent(through)
             else:
-                events = watcher.select([WireEvent(change_event(c)) for c in history.changes])
+                events = watcher.select(await wire_events(history.changes))
                 if events:
                     await self._send_events(watcher, current, events)
                 watcher.sent(history.through)
@@ -410,7 +410,11 @@ class WatchStream:
 
     async def _send_events(self, watcher: Watcher, revision: int, chosen: list[WireEvent]) -> None:
         prev_kv = watcher.spec.prev_kv
-        events = [e.wire(prev_kv) for e in chosen]
+        events: list[bytes] = []
+        for start in range(0, len(chosen), CHUNK):  # a DeleteRange's 50 000 events: see CHUNK
+            if start:
+                await asyncio.sleep(0)
+            events += [e.wire(prev_kv) for e in chosen[start : start + CHUNK]]
         watch_id = watcher.watch_id
         head = self._head(revision, watch_id, fragment=False)
         limit = self._settings.max_response_bytes

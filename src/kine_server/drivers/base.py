@@ -199,6 +199,17 @@ class WriteTx(ReadTx):
         `rows`, then insert `rows` (all of one revision)."""
 
     @abc.abstractmethod
+    async def delete_range(
+        self, key: bytes, end: bytes | None, revision: int, first_sub: int
+    ) -> None:
+        """Delete every live key of the range at `revision`, as `append` of a tombstone for each
+        would (subs from `first_sub` on, in key order), in a few statements however many keys."""
+
+    @abc.abstractmethod
+    async def delete_leased(self, lease_id: int, revision: int, first_sub: int) -> None:
+        """Delete every live key attached to the lease, as `delete_range` deletes a range."""
+
+    @abc.abstractmethod
     async def insert_raw(self, rows: list[RawRow]) -> None: ...
 
     @abc.abstractmethod

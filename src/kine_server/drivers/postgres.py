@@ -196,6 +196,20 @@ def _row(record: Sequence[Any]) -> Row:
     return Row(bytes(key), create, mod, version, bytes(value) if value is not None else b"", lease)
 
 
+#: Records converted between two turns of the event loop: asyncpg hands over a 50 000-row result
+#: at once, and converting it in one go held the loop for every other client.
+_CHUNK = 1000
+
+
+async def _rows(records: list[Any]) -> list[Row]:
+    rows: list[Row] = []
+    for start in range(0, len(records), _CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        rows += [_row(r) for r in records[start : start + _CHUNK]]
+    return rows
+
+
 def _affected(status: str) -> int:
     """asyncpg returns the command tag, e.g. 'DELETE 12'."""
     return int(status.rsplit(" ", 1)[-1])
@@ -216,7 +230,7 @@ class _Read(ReadTx):
         self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
     ) -> list[Row]:
         query, params = sql.range_query(key, end, at, limit, with_values)
-        return [_row(r) for r in await self._conn.fetch(sql.numbered(query), *params)]
+        return await _rows(await self._conn.fetch(sql.numbered(query), *params))
 
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
         query, params = sql.count_query(key, end, at)
@@ -227,9 +241,15 @@ class _Read(ReadTx):
     ) -> list[Change]:
         query, params = sql.changes_query(after, through, key, end, limit)
         records = await self._conn.fetch(sql.numbered(query), *params)
-        return [
-            change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)) for r in records
-        ]
+        changes: list[Change] = []
+        for start in range(0, len(records), _CHUNK):  # as _rows
+            if start:
+                await asyncio.sleep(0)
+            changes += [
+                change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r))
+                for r in records[start : start + _CHUNK]
+            ]
+        return changes
 
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
         record = await self._conn.fetchrow(_LEASE, lease_id)
@@ -257,7 +277,7 @@ class _Read(ReadTx):
         return {r[0]: r[1] for r in await self._conn.fetch(_ALL_META)}
 
     async def leased(self, lease_id: int) -> list[Row]:
-        return [_row(r) for r in await self._conn.fetch(_LEASED, lease_id)]
+        return await _rows(await self._conn.fetch(_LEASED, lease_id))
 
 
 class _Write(_Read, WriteTx):
@@ -274,6 +294,16 @@ class _Write(_Read, WriteTx):
             revision = rows[0].mod_revision
             await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
         await self._conn.executemany(_INSERT, rows)
+
+    async def delete_range(
+        self, key: bytes, end: bytes | None, revision: int, first_sub: int
+    ) -> None:
+        for query, params in sql.delete_range(key, end, revision, first_sub):
+            await self._conn.execute(sql.numbered(query), *params)
+
+    async def delete_leased(self, lease_id: int, revision: int, first_sub: int) -> None:
+        for query, params in sql.delete_leased(lease_id, revision, first_sub):
+            await self._conn.execute(sql.numbered(query), *params)
 
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._conn.executemany(_INSERT_RAW, rows)

@@ -193,6 +193,33 @@ def changes_query(
     return sql, params
 
 
+def delete_live(
+    revision: int, first_sub: int, where: str, params: list[Any]
+) -> list[tuple[str, list[Any]]]:
+    """The statements that delete every live row matching `where` at `revision`: a tombstone
+    for each (subs from `first_sub` on, in key order, as range() and LEASED return the rows),
+    then the rows superseded. Set-based: a statement per key (SUPERSEDE and INSERT) cost about
+    90 microseconds a key, 12 s for a DeleteRange of 130 000 keys. The tombstones go in first,
+    while the rows they delete are still the live ones; being tombstones, they are not live."""
+    live = f"WHERE {where} AND next_revision IS NULL AND version > 0"
+    tombstones = (
+        "INSERT INTO kine_kv (key, create_revision, mod_revision, version, value, lease, sub) "
+        f"SELECT key, 0, ?, 0, ?, 0, ? + row_number() OVER (ORDER BY key) - 1 FROM kine_kv {live}"
+    )
+    supersede = f"UPDATE kine_kv SET next_revision = ? {live}"
+    return [(tombstones, [revision, b"", first_sub, *params]), (supersede, [revision, *params])]
+
+
+def delete_range(
+    key: bytes, end: bytes | None, revision: int, first_sub: int
+) -> list[tuple[str, list[Any]]]:
+    return delete_live(revision, first_sub, _key_filter(end), _params(key, end, None))
+
+
+def delete_leased(lease: int, revision: int, first_sub: int) -> list[tuple[str, list[Any]]]:
+    return delete_live(revision, first_sub, "lease = ?", [lease])
+
+
 def count_query(key: bytes, end: bytes | None, at: int | None) -> tuple[str, list[Any]]:
     sql = f"SELECT count(*) FROM kine_kv WHERE {_key_filter(end)} AND {_visible(at)}"
     return sql, _params(key, end, at)

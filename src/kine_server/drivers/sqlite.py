@@ -12,6 +12,12 @@ group-commit batch had gone to per-statement hops) and only the steps that can w
 thread: BEGIN IMMEDIATE when the lock is taken, and COMMIT with its fsync. A reader's BEGIN rides
 with its first query, its ROLLBACK is queued without waiting, and a LIST's count runs on the
 reader's thread while the loop builds the page.
+
+The writer's statements that can touch many rows go to its thread too: a read of a key range (a
+DeleteRange's rows, a Txn's Range), a lease's keys, the set-based delete of a range or of a
+lease's keys, and a batch of more than `_INLINE_ROWS` rows.
+sqlite3 releases the GIL while SQLite works, so the loop keeps serving other clients; inline, a
+50 000-key DeleteRange held it for seconds. Single-key statements, the hot path, stay inline.
 """
 
 from __future__ import annotations
@@ -151,6 +157,19 @@ def _row(record: Sequence[Any]) -> Row:
 
 T = TypeVar("T")
 
+#: The most rows the writer binds inline: more go to its thread (see the module docstring).
+#: One key's Put or delete is one or two rows; 1000 rows take about 10 ms of SQLite's work.
+_INLINE_ROWS = 32
+
+
+def _run_all(conn: sqlite3.Connection, statements: list[tuple[str, list[Any]]]) -> None:
+    for query, params in statements:
+        conn.execute(query, params)
+
+
+def _rows(conn: sqlite3.Connection, query: str, params: Sequence[Any]) -> list[Row]:
+    return [_row(r) for r in conn.execute(query, params).fetchall()]
+
 
 class _Queries(ReadTx):
     """The statements of every transaction kind, over three primitives a connection provides."""
@@ -165,6 +184,14 @@ class _Queries(ReadTx):
     async def _many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
+    async def _rows(self, query: str, params: Sequence[Any]) -> list[Row]:
+        """The rows of a query that may return many (a key range, a lease's keys)."""
+        raise NotImplementedError
+
+    async def _changes(self, query: str, params: Sequence[Any]) -> list[Change]:
+        """History (only readers read it): converted on the reader's thread, as `_rows`."""
+        return [change(tuple(r)) for r in await self._all(query, params)]
+
     async def counters(self) -> Counters:
         values = dict(await self._all(sql.COUNTERS, ()))
         return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
@@ -173,7 +200,9 @@ class _Queries(ReadTx):
         self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
     ) -> list[Row]:
         query, params = sql.range_query(key, end, at, limit, with_values)
-        return [_row(r) for r in await self._all(query, params)]
+        if end is None:
+            return [_row(r) for r in await self._all(query, params)]
+        return await self._rows(query, params)
 
     async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
         query, params = sql.count_query(key, end, at)
@@ -184,7 +213,7 @@ class _Queries(ReadTx):
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
     ) -> list[Change]:
         query, params = sql.changes_query(after, through, key, end, limit)
-        return [change(tuple(r)) for r in await self._all(query, params)]
+        return await self._changes(query, params)
 
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
         rows = await self._all(_LEASE, (lease_id,))
@@ -210,7 +239,7 @@ class _Queries(ReadTx):
         return {r[0]: r[1] for r in await self._all(sql.ALL_META, ())}
 
     async def leased(self, lease_id: int) -> list[Row]:
-        return [_row(r) for r in await self._all(sql.LEASED, (lease_id,))]
+        return await self._rows(sql.LEASED, (lease_id,))
 
 
 class _Read(_Queries):
@@ -244,6 +273,15 @@ class _Read(_Queries):
     async def _many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._link.call(self._step(lambda conn: conn.executemany(query, rows)))
 
+    async def _rows(self, query: str, params: Sequence[Any]) -> list[Row]:
+        return await self._link.call(self._step(lambda conn: _rows(conn, query, params)))
+
+    async def _changes(self, query: str, params: Sequence[Any]) -> list[Change]:
+        def fetch(conn: sqlite3.Connection) -> list[Change]:
+            return [change(tuple(r)) for r in conn.execute(query, params).fetchall()]
+
+        return await self._link.call(self._step(fetch))
+
     def count_soon(self, key: bytes, end: bytes | None, at: int | None) -> Awaitable[int]:
         query, params = sql.count_query(key, end, at)
         rows = self._link.submit(self._step(lambda conn: conn.execute(query, params).fetchall()))
@@ -255,10 +293,12 @@ async def _first_int(rows: Awaitable[list[Any]]) -> int:
 
 
 class _Write(_Queries, WriteTx):
-    """The writer's transaction: statements run inline (see the module docstring)."""
+    """The writer's transaction: small statements run inline, those that can touch many rows on
+    the connection's thread (see the module docstring)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._conn = link.conn
 
     async def _all(self, query: str, params: Sequence[Any]) -> list[Any]:
         return self._conn.execute(query, params).fetchall()
@@ -267,7 +307,13 @@ class _Write(_Queries, WriteTx):
         return self._conn.execute(query, params).rowcount
 
     async def _many(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._conn.executemany(query, rows)
+        if len(rows) <= _INLINE_ROWS:
+            self._conn.executemany(query, rows)
+        else:
+            await self._link.call(lambda conn: conn.executemany(query, rows))
+
+    async def _rows(self, query: str, params: Sequence[Any]) -> list[Row]:
+        return await self._link.call(lambda conn: _rows(conn, query, params))
 
     async def lock(self) -> Counters:
         # BEGIN IMMEDIATE in Driver.write() already holds SQLite's single write lock.
@@ -282,6 +328,20 @@ class _Write(_Queries, WriteTx):
             revision = rows[0].mod_revision
             await self._many(sql.SUPERSEDE, [(revision, k, r) for k, r in superseded])
         await self._many(sql.INSERT, rows)
+
+    async def delete_range(
+        self, key: bytes, end: bytes | None, revision: int, first_sub: int
+    ) -> None:
+        statements = sql.delete_range(key, end, revision, first_sub)
+        if end is None:  # one key: inline, as a Put
+            for query, params in statements:
+                self._conn.execute(query, params)
+        else:
+            await self._link.call(lambda conn: _run_all(conn, statements))
+
+    async def delete_leased(self, lease_id: int, revision: int, first_sub: int) -> None:
+        statements = sql.delete_leased(lease_id, revision, first_sub)
+        await self._link.call(lambda conn: _run_all(conn, statements))
 
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._many(sql.INSERT_RAW, rows)
@@ -526,7 +586,7 @@ class SQLiteDriver(Driver):
         link = self._writer
         assert link is not None, "driver not open"
         async with _transaction(link, link.begin()):
-            yield _Write(link.conn)
+            yield _Write(link)
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:

@@ -9,13 +9,14 @@ repeated or reordered, and memory stays bounded however far behind a client fall
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from kine_server.drivers.base import OPEN_END, Change
 from kine_server.pb import kv_pb2
-from kine_server.store.applier import to_kv
+from kine_server.store.applier import CHUNK, to_kv
 from kine_server.store.hub import Group, WireEvent
 from kine_server.store.watcher_group import WatcherGroup
 
@@ -144,6 +145,17 @@ def change_event(change: Change) -> kv_pb2.Event:
     if prev is not None:
         event.prev_kv.CopyFrom(to_kv(prev))
     return event
+
+
+async def wire_events(changes: list[Change]) -> list[WireEvent]:
+    """History as events, CHUNK at a time: one revision's history (a DeleteRange's) can be
+    50 000 changes, and building them at once held the event loop for every other client."""
+    events: list[WireEvent] = []
+    for start in range(0, len(changes), CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        events += [WireEvent(change_event(c)) for c in changes[start : start + CHUNK]]
+    return events
 
 
 class HistoryPage(NamedTuple):
