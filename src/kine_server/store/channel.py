@@ -95,6 +95,7 @@ class WriterChannel:
         self._connections: set[FrameConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._scrapes: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._scrape_ids = itertools.count(1)
 
@@ -124,7 +125,7 @@ class WriterChannel:
 
     async def start(self) -> None:
         self._unsubscribe = self._store.hub.subscribe(self._published, self._skipped)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(self._connect, self.path)
         os.chmod(self.path, 0o600)
 
@@ -164,7 +165,8 @@ class WriterChannel:
         envelope = workers_pb2.Envelope.FromString(frame)
         kind = envelope.WhichOneof("kind")
         if kind == "command":
-            task = asyncio.create_task(self._answer(connection, envelope.command))
+            assert self._loop is not None
+            task = self._loop.create_task(self._answer(connection, envelope.command))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == "hello":

@@ -53,11 +53,14 @@ class FrameConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._pending: list[bytes] = []
         self._transport: asyncio.Transport | None = None
+        #: Looked up once (asyncio.get_running_loop() is a getpid() system call on 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         if self._on_open is not None:
             self._on_open(self)
 
@@ -75,10 +78,10 @@ class FrameConnection(asyncio.Protocol):
         del buffer[:offset]
 
     def send(self, payload: bytes) -> None:
-        if self.closed or self._transport is None:
+        if self.closed or self._loop is None:
             return
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._pending.append(len(payload).to_bytes(4, "big"))
         self._pending.append(payload)
 

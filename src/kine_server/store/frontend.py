@@ -41,13 +41,14 @@ class FrontendStore(Storage):
         self._pending: dict[int, asyncio.Future[workers_pb2.Result]] = {}
         self._ids = itertools.count(1)
         self._hello: asyncio.Future[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.worker = 0
         #: This process's metrics in Prometheus' text format, for the writer's scrapes.
         self.scrape: Callable[[], bytes] = lambda: b""
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         try:
             _, connection = await loop.create_unix_connection(
@@ -115,11 +116,11 @@ class FrontendStore(Storage):
             self._on_lost()
 
     async def _call(self, **op: object) -> workers_pb2.Result:
-        connection = self._connection
-        if connection is None or connection.closed:
+        connection, loop = self._connection, self._loop
+        if connection is None or connection.closed or loop is None:
             raise errors.Unavailable("kine-server: the writer process is gone")
         command = workers_pb2.Command(id=next(self._ids), **op)  # type: ignore[arg-type]
-        future: asyncio.Future[workers_pb2.Result] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[workers_pb2.Result] = loop.create_future()
         self._pending[command.id] = future
         connection.send(length_delimited(_COMMAND_FIELD, command.SerializeToString()))
         try:

@@ -44,6 +44,9 @@ class Writer:
         self._queue: collections.deque[_Job] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The loop the writer runs on, looked up once: asyncio.get_running_loop() makes a
+        #: getpid() system call on Python 3.11, and system calls are dear here.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         #: Told the size and duration of every committed batch (metrics).
         self.observe: Callable[[int, float], None] | None = None
@@ -53,7 +56,8 @@ class Writer:
         self.requests = 0
 
     def start(self) -> None:
-        self._task = supervise.start("kine-writer", self._loop)
+        self._loop = asyncio.get_running_loop()
+        self._task = supervise.start("kine-writer", self._run)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish the queued ones, then stop; after `timeout` seconds, give
@@ -72,14 +76,14 @@ class Writer:
         self._fail(queued, errors.Unavailable("kine-server: shutting down"))
 
     async def submit(self, op: WriteOp) -> Any:
-        if self._task is None:
+        if self._task is None or self._loop is None:
             raise errors.Unavailable("kine-server: shutting down")
-        job = _Job(op, asyncio.get_running_loop().create_future())
+        job = _Job(op, self._loop.create_future())
         self._queue.append(job)
         self._wake.set()
         return await job.future
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         while True:
             if not self._queue:  # checked first: a restarted loop may find work, or a stop
                 if self._closing:
