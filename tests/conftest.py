@@ -15,6 +15,7 @@ from tests.support import hangs
 from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd
 from tests.support.postgres import ThrowawayPostgres
+from tests.support.process import KineProcess
 
 DATABASES = ["sqlite", "postgres"]
 
@@ -85,6 +86,17 @@ async def kine(server: Server) -> AsyncIterator[Client]:
     client = connect(f"127.0.0.1:{server.port}")
     yield client
     await client.close()
+
+
+@pytest.fixture
+async def kine_workers(dsn: str, tmp_path: Path) -> AsyncIterator[Client]:
+    """A client of kine-server run as operators run it by default on a multi-core machine:
+    `--workers 2`, a writer process and two front-ends (this client's requests reach one; its
+    writes and its watches' events cross to the writer process and back)."""
+    with KineProcess(dsn, tmp_path, "--workers", "2") as process:
+        client = connect(process.address)
+        yield client
+        await client.close()
 
 
 @pytest.fixture

@@ -15,10 +15,11 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from kine_server import errors
 from kine_server.pb import workers_pb2
-from kine_server.store.frames import FrameConnection, length_delimited
+from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.hub import Group
 from kine_server.store.store import Store
 
@@ -33,18 +34,32 @@ _SCRAPE_FIELD = 5
 SCRAPE_TIMEOUT = 2.0
 
 
-async def execute(store: Store, command: workers_pb2.Command) -> workers_pb2.Result:
-    """Carry out one front-end's write on `store`; its answer, or etcd's error, as a Result."""
+#: Result's fields that hold etcd's response for these commands (workers.proto).
+_RESPONSE_FIELDS = {"put": 2, "delete_range": 3, "txn": 4}
+
+
+async def execute(store: Store, command: workers_pb2.Command) -> bytes:
+    """Carry out one front-end's write on `store`; its answer, or etcd's error, as an encoded
+    Result. etcd's responses are put into it as encoded bytes: no copy, and no limit on how
+    deep a Txn's response nests (upb's copy re-parses, with its 100 levels)."""
     result = workers_pb2.Result(id=command.id)
     kind = command.WhichOneof("op")
     try:
+        response: Any = None
         if kind == "put":
-            result.put.CopyFrom(await store.put(command.put))
+            response = await store.put(command.put)
         elif kind == "txn":
-            result.txn.CopyFrom(await store.write_txn(command.txn))
+            response = await store.write_txn(command.txn)
         elif kind == "delete_range":
-            result.delete_range.CopyFrom(await store.delete_range(command.delete_range))
-        elif kind == "lease_keep_alive":
+            response = await store.delete_range(command.delete_range)
+        if response is not None:
+            field = _RESPONSE_FIELDS[kind]
+            return (
+                b"\x08"  # field 1 (id), varint
+                + varint(command.id)
+                + length_delimited(field, response.SerializeToString())
+            )
+        if kind == "lease_keep_alive":
             ttls = await store.lease_keep_alive_many(list(command.lease_keep_alive.ids))
             result.lease_ttls.ttls.extend(ttls)
         elif kind == "lease_grant":
@@ -80,7 +95,7 @@ async def execute(store: Store, command: workers_pb2.Command) -> workers_pb2.Res
         failure = errors.Internal.of(exc)
         result.error.code = failure.code.value[0]
         result.error.message = failure.message
-    return result
+    return bytes(result.SerializeToString())
 
 
 class WriterChannel:
@@ -162,7 +177,7 @@ class WriterChannel:
         connection.send(length_delimited(_HELLO_FIELD, hello))
 
     def _received(self, connection: FrameConnection, frame: bytes) -> None:
-        envelope = workers_pb2.Envelope.FromString(frame)
+        envelope = parse_envelope(frame)
         kind = envelope.WhichOneof("kind")
         if kind == "command":
             assert self._loop is not None
@@ -181,7 +196,7 @@ class WriterChannel:
 
     async def _answer(self, connection: FrameConnection, command: workers_pb2.Command) -> None:
         result = await execute(self._store, command)
-        connection.send(length_delimited(_RESULT_FIELD, result.SerializeToString()))
+        connection.send(length_delimited(_RESULT_FIELD, result))
 
     def _published(self, groups: list[Group]) -> None:
         # WireEvent.wire(True) is the event as field 11 with its prev_kv: Feed's own encoding.

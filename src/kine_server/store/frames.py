@@ -12,6 +12,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from google.protobuf.message import DecodeError
+
+from kine_server.pb import workers_pb2
+
+try:  # upb's switch for the nesting limit (see api/decoding.py)
+    from google._upb._message import SetAllowOversizeProtos as _allow_deep
+except ImportError:  # pragma: no cover - another protobuf backend
+    _allow_deep = None
+
 log = logging.getLogger(__name__)
 
 #: Larger than any request or response the server accepts (gRPC's limit is 2 GiB; frames carry
@@ -21,15 +30,35 @@ MAX_FRAME = 2**31 - 1
 MAX_BACKLOG = 512 * 1024 * 1024
 
 
+def parse_envelope(frame: bytes) -> workers_pb2.Envelope:
+    """A frame's Envelope. A Txn may nest as deep as --max-txn-ops allows (the front-end
+    checked it on the wire, api/decoding.py), deeper than upb's default limit of 100 levels:
+    such a frame, from our own process, is parsed again with the limit lifted."""
+    envelope = workers_pb2.Envelope()
+    try:
+        envelope.ParseFromString(frame)
+        return envelope
+    except DecodeError as exc:
+        if "MaxDepth" not in str(exc) or _allow_deep is None:
+            raise
+    _allow_deep(True)
+    try:
+        envelope.ParseFromString(frame)
+    finally:
+        _allow_deep(False)
+    return envelope
+
+
 def length_delimited(field: int, payload: bytes) -> bytes:
     """`payload` as protobuf field `field` of wire type 2 (bytes, string, message)."""
-    out = bytearray(_varint((field << 3) | 2))
-    out += _varint(len(payload))
+    out = bytearray(varint((field << 3) | 2))
+    out += varint(len(payload))
     out += payload
     return bytes(out)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """`n` (not negative) as a protobuf varint."""
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -74,7 +103,14 @@ class FrameConnection(asyncio.Protocol):
                 break
             frame = bytes(buffer[offset + 4 : offset + 4 + size])
             offset += 4 + size
-            self._on_frame(frame)
+            try:
+                self._on_frame(frame)
+            except Exception:
+                # Only a bug gets here (the peer is this server's own process): end the
+                # connection loudly rather than go on with a request or a revision missing.
+                log.exception("cannot handle a frame from another kine-server process")
+                self.close()
+                return
         del buffer[:offset]
 
     def send(self, payload: bytes) -> None:
