@@ -14,18 +14,10 @@ import logging
 from collections.abc import Callable
 
 from kine_server.pb import kv_pb2
+from kine_server.store.frames import varint
 
 #: WatchResponse.events is field 11; a length-delimited field's key is (11 << 3) | 2.
 _EVENTS_KEY = bytes([(11 << 3) | 2])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class WireEvent:
@@ -56,7 +48,7 @@ class WireEvent:
 
 
 def _field(payload: bytes) -> bytes:
-    return _EVENTS_KEY + _varint(len(payload)) + payload
+    return _EVENTS_KEY + varint(len(payload)) + payload
 
 
 log = logging.getLogger(__name__)
