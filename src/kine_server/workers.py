@@ -33,6 +33,7 @@ from kine_server.server import (
     check_port_free,
     grpc_address,
     metrics_ssl_context,
+    server_credentials,
 )
 from kine_server.store.channel import WriterChannel
 
@@ -115,8 +116,6 @@ class WriterProcess(Server):
 
     def _credentials_check(self) -> None:
         """Fail here, in one line, on TLS settings every front-end would refuse."""
-        from kine_server.server import server_credentials
-
         server_credentials(self.config)
         metrics_ssl_context(self.config)
 
@@ -124,7 +123,6 @@ class WriterProcess(Server):
         """Start every front-end; return once one serves (clients are served from then on, and
         a TCP probe of the port means ready, as with one process). One that fails before any
         serves fails the start: its error (on stderr) is what every front-end would hit."""
-        self._ready_event = asyncio.Event()
         for worker in range(1, self.count + 1):
             await self._spawn(worker)
         ready = asyncio.ensure_future(self._ready_event.wait())
@@ -245,10 +243,6 @@ class WriterProcess(Server):
             os.unlink(self._channel.path)
         with contextlib.suppress(OSError):
             os.rmdir(self._directory)
-
-    @property
-    def frontend_pids(self) -> list[int]:
-        return [p.pid for p in self._processes.values() if p.returncode is None]
 
 
 def _describe(code: int) -> str:
