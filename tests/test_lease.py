@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -99,25 +100,35 @@ def test_etcdctl_lease_commands_same_as_etcd(tmp_path: Path) -> None:
     def run(endpoint: str) -> list[str]:
         out = []
         lease = ""
+        asked = 0.0  # when the grant was sent: the TTL counts down from somewhere after it
         for command in session:
+            if command == "lease grant 600":
+                asked = time.monotonic()
             text = etcdctl(endpoint, command.replace("LEASE", lease or "0"))
             if command == "lease grant 600":
                 found = re.search(r"lease ([0-9a-f]+) granted", text)
                 assert found is not None, text
                 lease = found.group(1)
-            out.append(text.replace(lease, "LEASE") if lease else text)
+            out.append(settle(text.replace(lease, "LEASE") if lease else text, asked))
+        return out
 
-        # TTLs still counting down: keep the granted ones, reduce remaining ones to a marker.
-        # etcd lists a lease's keys in no fixed order: sort them.
-        def settle(text: str) -> str:
-            text = text.replace("remaining(599s)", "remaining(600s)")
-            return re.sub(
-                r"attached keys\(\[([^\]]*)\]\)",
-                lambda m: "attached keys([" + " ".join(sorted(m.group(1).split())) + "])",
-                text,
-            )
+    def settle(text: str, asked: float) -> str:
+        """A remaining TTL still counting down becomes a marker when it is what the time since
+        the grant allows (at most 600 s, at least 600 s less the elapsed seconds rounded up, less
+        one for rounding); any other value stays, and fails the comparison. etcd lists a lease's
+        keys in no fixed order: sort them."""
+        floor = 600 - math.ceil(time.monotonic() - asked) - 1
 
-        return [settle(line) for line in out]
+        def remaining(match: re.Match[str]) -> str:
+            seconds = int(match.group(1))
+            return "remaining(counting)" if floor <= seconds <= 600 else match.group(0)
+
+        text = re.sub(r"remaining\((\d+)s\)", remaining, text)
+        return re.sub(
+            r"attached keys\(\[([^\]]*)\]\)",
+            lambda m: "attached keys([" + " ".join(sorted(m.group(1).split())) + "])",
+            text,
+        )
 
     with RealEtcd() as etcd, KineProcess(f"sqlite://{tmp_path}/s.db", tmp_path) as kine:
         assert run(kine.address) == run(etcd.endpoint)
