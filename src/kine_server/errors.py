@@ -64,6 +64,24 @@ NoSpace = _error(
 )
 
 
+class WatchRefused(Exception):
+    """A watch create etcd refuses without ending the stream: the create is answered as created
+    and canceled, with `reason` (etcd's mvcc error text) as its cancel_reason."""
+
+    reason = "mvcc: watch refused"
+
+    def __init__(self) -> None:
+        super().__init__(self.reason)
+
+
+class DuplicateWatchId(WatchRefused):
+    reason = "mvcc: duplicate watch ID provided on the WatchStream"
+
+
+class EmptyWatchRange(WatchRefused):
+    reason = "mvcc: watcher range is empty"
+
+
 class KeyTooLong(EtcdError):
     """Longer than the database can index (etcd itself has no such limit)."""
 
