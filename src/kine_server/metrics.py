@@ -8,10 +8,8 @@ start-up (a gRPC interceptor would run, and build a handler, for every call).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +23,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from kine_server import errors
+from kine_server.httpd import HttpListener, Request, Response
 from kine_server.store.compactor import CompactionStatus
 from kine_server.store.store import Storage, WriteSideStatus
 
@@ -32,12 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Connections the metrics listener serves at once; scrapers and probes need a handful.
 MAX_CONNECTIONS = 64
-LISTEN_BACKLOG = 128
-#: A request must arrive, and a TLS handshake finish, within this time.
-REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_REQUEST_BYTES = 64 * 1024
-ACCEPT_RETRY_SECONDS = 0.5
-REFUSAL_QUIET_SECONDS = 60.0
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -258,6 +252,21 @@ class _Fixed(Collector):
         return iter(self._families)
 
 
+async def health(store: Storage, serving: Callable[[], bool] | None = None) -> tuple[int, bytes]:
+    """/health's status and body, as etcd's: 200 when the database answers (and, with
+    --workers, a front-end serves), else 503 with the reason."""
+    try:
+        await store.counters()
+    except errors.EtcdError as exc:
+        # The cause (the driver's text) can name the database's host and port: it is for the
+        # operator's log, not for whoever can reach this port.
+        log.debug("/health: %s", exc.message)
+        return 503, b'{"health":"false","reason":"database unavailable"}'
+    if serving is not None and not serving():
+        return 503, b'{"health":"false","reason":"no front-end process serves"}'
+    return 200, b'{"health":"true","reason":""}'
+
+
 class HttpEndpoint:
     """GET /metrics, /health (the database answers) and /readyz, on --metrics-bind-address."""
 
@@ -276,117 +285,32 @@ class HttpEndpoint:
         self._serving = serving
         self._metrics = metrics
         self._store = store
-        self._address = address
-        self._ssl = ssl_context
         self._watch_stats = watch_stats
-        self._listener: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._last_refusal = -REFUSAL_QUIET_SECONDS
-        self.port = 0
+        self._listener = HttpListener(
+            "metrics",
+            address,
+            self._serve,
+            ssl_context,
+            max_connections=MAX_CONNECTIONS,
+            max_body=MAX_REQUEST_BYTES,
+            keep_alive=False,
+        )
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
 
     async def start(self) -> None:
-        host, _, port = self._address.rpartition(":")
-        infos = socket.getaddrinfo(
-            host.strip("[]") or "0.0.0.0",
-            int(port),
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_PASSIVE,
-        )
-        family, kind, proto, _, address = infos[0]
-        listener = socket.socket(family, kind, proto)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(address)
-            listener.listen(LISTEN_BACKLOG)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        self._acceptor = asyncio.create_task(self._accept(listener))
+        await self._listener.start()
 
     async def stop(self) -> None:
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-            for task in self._connections:
-                task.cancel()
-            await asyncio.gather(self._acceptor, *self._connections, return_exceptions=True)
-            self._acceptor = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        await self._listener.stop()
 
-    async def _accept(self, listener: socket.socket) -> None:
-        """Accept connections, at most MAX_CONNECTIONS at once (counting TLS handshakes): one
-        past the limit is closed at once. A flood so costs no file descriptors that gRPC or the
-        database need, and is logged once (asyncio's own accept loop logs a traceback for every
-        connection it cannot accept once the process is out of descriptors)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: let connections end first
-                self._refused(f"cannot accept connections: {exc.strerror}")
-                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
-                continue
-            if len(self._connections) >= MAX_CONNECTIONS:
-                conn.close()
-                self._refused(f"more than {MAX_CONNECTIONS} connections at once")
-                continue
-            task = asyncio.create_task(self._connection(conn))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+    async def _serve(self, request: Request, response: Response) -> None:
+        status, kind, body = await self._respond(request.path)
+        await response.send(status, kind, body)
 
-    def _refused(self, why: str) -> None:
-        """One warning per flood: none again until REFUSAL_QUIET_SECONDS pass without refusals."""
-        now = time.monotonic()
-        if now - self._last_refusal > REFUSAL_QUIET_SECONDS:
-            log.warning("metrics listener: %s; closing new connections", why)
-        self._last_refusal = now
-
-    async def _connection(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_REQUEST_BYTES)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol,
-                conn,
-                ssl=self._ssl,
-                ssl_handshake_timeout=REQUEST_TIMEOUT_SECONDS if self._ssl else None,
-            )
-        except (OSError, TimeoutError):  # ssl.SSLError included: a refused handshake
-            conn.close()
-            return
-        await self._serve(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_SECONDS)
-            path = request.split(b" ", 2)[1].split(b"?", 1)[0].decode("latin-1")
-            status, kind, body = await self._respond(path)
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (
-            OSError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            IndexError,
-        ):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-
-    async def _respond(self, path: str) -> tuple[str, str, bytes]:
+    async def _respond(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
             state = self._metrics.state
             with contextlib.suppress(errors.EtcdError):  # a scrape still shows the rest
@@ -395,24 +319,8 @@ class HttpEndpoint:
             body = generate_latest(self._metrics.registry)
             if self._gather is not None:
                 body = merge_expositions(body, await self._gather())
-            return "200 OK", "text/plain; version=0.0.4", body
+            return 200, "text/plain; version=0.0.4", body
         if path in ("/health", "/readyz"):
-            try:
-                await self._store.counters()
-            except errors.EtcdError as exc:
-                # The cause (the driver's text) can name the database's host and port: it is for
-                # the operator's log, not for whoever can reach this port.
-                log.debug("%s: %s", path, exc.message)
-                return (
-                    "503 Service Unavailable",
-                    "application/json",
-                    b'{"health":"false","reason":"database unavailable"}',
-                )
-            if self._serving is not None and not self._serving():
-                return (
-                    "503 Service Unavailable",
-                    "application/json",
-                    b'{"health":"false","reason":"no front-end process serves"}',
-                )
-            return "200 OK", "application/json", b'{"health":"true","reason":""}'
-        return "404 Not Found", "text/plain", b"not found\n"
+            status, body = await health(self._store, self._serving)
+            return status, "application/json", body
+        return 404, "text/plain", b"not found\n"
