@@ -166,6 +166,13 @@ FLAGS = [
         "gRPC listener)",
     ),
     Flag(
+        "listen-gateway-urls",
+        "listen_gateway_urls",
+        "Serve etcd's HTTP/JSON gateway (POST /v3/kv/range, ...) on this URL: http://HOST:PORT, "
+        "or https://HOST:PORT with the gRPC listener's TLS and client certificates "
+        "(empty: not served)",
+    ),
+    Flag(
         "poll-interval",
         "poll_interval",
         "How often to look for other instances' writes when no notification came (Go duration)",

@@ -29,6 +29,8 @@ class Config:
     server_key_file: str = ""
     trusted_ca_file: str = ""
     metrics_bind_address: str = "127.0.0.1:8080"
+    #: etcd's HTTP/JSON gateway: http://HOST:PORT (https:// with TLS); empty: not served.
+    listen_gateway_urls: str = ""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""

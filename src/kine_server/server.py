@@ -7,9 +7,11 @@ import gc
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -27,7 +29,9 @@ from kine_server.api.maintenance import MaintenanceService
 from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import DatabaseTLS, Driver, DriverError, EndpointError, make_driver
-from kine_server.metrics import HttpEndpoint, Metrics
+from kine_server.gateway.service import CORS_HEADERS, Gateway
+from kine_server.httpd import HttpListener
+from kine_server.metrics import HttpEndpoint, Metrics, health
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
 from kine_server.store.compactor import CompactionSettings, Compactor
 from kine_server.store.frontend import FrontendStore
@@ -80,6 +84,27 @@ def client_url(listen_address: str, port: int, tls: bool) -> str:
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def gateway_address(config: Config) -> str:
+    """--listen-gateway-urls as HOST:PORT. Its scheme must say what the listener serves: the
+    gateway follows the gRPC listener's TLS settings, so https:// exactly when it has TLS."""
+    url = config.listen_gateway_urls
+    tls = bool(config.server_cert_file)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = ("https" if tls else "http"), url
+    where = f"--listen-gateway-urls {url}"
+    if scheme not in ("http", "https"):
+        raise StartupError(f"{where}: must be http://HOST:PORT or https://HOST:PORT")
+    if scheme == "https" and not tls:
+        raise StartupError(f"{where}: https needs --server-cert-file and --server-key-file")
+    if scheme == "http" and tls:
+        raise StartupError(f"{where}: the gateway serves TLS as the gRPC listener does: use https")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"{where}: needs HOST:PORT with a port from 0 to 65535")
+    return f"{host}:{port}"
 
 
 def metrics_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -156,6 +181,8 @@ class _Services:
 #: Reader connections of all --workers front-ends together, at most (each has at least 2): on
 #: PostgreSQL every one is a server process, and its default max_connections is 100.
 FRONTEND_READERS = 16
+#: Gateway connections served at once: each watch over HTTP holds one for as long as it lasts.
+GATEWAY_MAX_CONNECTIONS = 1000
 
 
 def open_driver(config: Config, read_only: bool = False) -> Driver:
@@ -210,6 +237,9 @@ class Server:
         self.lease: LeaseService | None = None
         self.metrics = Metrics(store)
         self.http: HttpEndpoint | None = None
+        self._gateway: Gateway | None = None
+        self._gateway_listener: HttpListener | None = None
+        self._gateway_directory: str | None = None
         self._store_started = False
 
     async def start(self) -> None:
@@ -269,6 +299,8 @@ class Server:
             raise StartupError(f"cannot listen on {self.config.listen_address}: {exc}") from exc
         if self.port == 0:
             raise StartupError(f"cannot listen on {self.config.listen_address}: address in use")
+        if self.config.listen_gateway_urls:
+            self._bind_gateway(self._add_gateway_port(server))
         # From here to server.start() nothing awaits: connections wait in the listen backlog.
         member = Member(
             cluster_id=cluster_id,
@@ -307,6 +339,58 @@ class Server:
         await server.start()
         if address.startswith("unix:"):
             os.chmod(address[len("unix:") :], 0o600)
+        if self._gateway_listener is not None:
+            self._gateway_listener.accept()
+
+    def _add_gateway_port(self, server: grpc.aio.Server) -> str:
+        """A second, private port of the gRPC server for the gateway to call: a unix socket in
+        a directory only this process's user can enter."""
+        self._gateway_directory = tempfile.mkdtemp(prefix="kine-gateway-")  # 0700
+        target = f"unix:{self._gateway_directory}/grpc.sock"
+        server.add_insecure_port(target)
+        return target
+
+    def _bind_gateway(self, target: str) -> None:
+        """Open the gateway's port before gRPC's: once a client can connect to the gRPC port,
+        the gateway's accepts too (its connections wait until `accept`)."""
+        address = gateway_address(self.config)
+        self._gateway = Gateway(
+            target,
+            self.config.emulated_etcd_version,
+            lambda: health(self.serving),
+            self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
+        )
+        self._gateway_listener = HttpListener(
+            "gateway",
+            address,
+            self._gateway.handle,
+            metrics_ssl_context(self.config),
+            max_connections=GATEWAY_MAX_CONNECTIONS,
+            # Bytes travel as base64 (a third larger) in JSON's quotes and escapes: the gRPC
+            # server's own limit, on the decoded request, is the one that decides.
+            max_body=2 * (self.config.max_request_bytes + GRPC_OVERHEAD_BYTES),
+            headers=CORS_HEADERS,
+            reuse_port=self.shared_port,
+        )
+        try:
+            self._gateway_listener.bind()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot serve the gateway on {address}: {exc}") from exc
+
+    @property
+    def gateway_port(self) -> int:
+        return 0 if self._gateway_listener is None else self._gateway_listener.port
+
+    async def _stop_gateway(self) -> None:
+        if self._gateway_listener is not None:
+            await self._gateway_listener.stop()
+            self._gateway_listener = None
+        if self._gateway is not None:
+            await self._gateway.close()
+            self._gateway = None
+        if self._gateway_directory is not None:
+            shutil.rmtree(self._gateway_directory, ignore_errors=True)
+            self._gateway_directory = None
 
     async def _undo_start(self) -> None:
         """A start that failed half way: stop what did start, in order, so that its only output
@@ -314,6 +398,7 @@ class Server:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        await self._stop_gateway()
         if self._server is not None:
             await self._server.stop(0)
             self._server = None
@@ -360,6 +445,7 @@ class Server:
         if self.http is not None:
             await self.http.stop()
             self.http = None
+        await self._stop_gateway()
         if self._server is not None:
             # Streams never finish by themselves: end them now (UNAVAILABLE, so that clients
             # go to another endpoint or retry) instead of waiting out the grace period.

@@ -31,6 +31,7 @@ from kine_server.server import (
     Server,
     StartupError,
     check_port_free,
+    gateway_address,
     grpc_address,
     metrics_ssl_context,
     server_credentials,
@@ -79,7 +80,10 @@ class WriterProcess(Server):
             self.store, os.path.join(self._directory, "writer.sock"), self._ready
         )
         self._reservation: socket.socket | None = None
+        self._gateway_reservation: socket.socket | None = None
         self.address = config.listen_address
+        #: --listen-gateway-urls with the port every front-end serves it on.
+        self._gateway_url = ""
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._ready_event = asyncio.Event()
         self._supervisors: set[asyncio.Task[None]] = set()
@@ -89,6 +93,10 @@ class WriterProcess(Server):
         self._credentials_check()
         self._reservation, self.address = reserve_port(self.config.listen_address)
         self.port = int(self.address.rpartition(":")[2])
+        if self.config.listen_gateway_urls:
+            scheme = "https" if self.config.server_cert_file else "http"
+            self._gateway_reservation, gateway = reserve_port(gateway_address(self.config))
+            self._gateway_url = f"{scheme}://{gateway}"
         try:
             try:
                 await self.driver.open()
@@ -154,6 +162,8 @@ class WriterProcess(Server):
             self.address,
             "--metrics-bind-address",
             "0",
+            "--listen-gateway-urls",
+            self._gateway_url,
             "--workers",
             str(self.count),  # sizes its database pool (see open_driver)
         ]
@@ -236,9 +246,10 @@ class WriterProcess(Server):
             await self.store.stop(timeout)
             self._store_started = False
         await self.driver.close()
-        if self._reservation is not None:
-            self._reservation.close()
-            self._reservation = None
+        for reservation in (self._reservation, self._gateway_reservation):
+            if reservation is not None:
+                reservation.close()
+        self._reservation = self._gateway_reservation = None
         with contextlib.suppress(OSError):
             os.unlink(self._channel.path)
         with contextlib.suppress(OSError):

@@ -1,0 +1,1 @@
+"""etcd's HTTP/JSON gateway (`--listen-gateway-urls`): for clients that do not speak gRPC."""
