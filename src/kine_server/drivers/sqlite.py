@@ -492,6 +492,32 @@ async def _transaction(link: _Link, begin: Awaitable[None]) -> AsyncIterator[Non
             await link.settle()
 
 
+#: Modes of what the driver creates: the database holds every Secret of a Kubernetes cluster.
+PRIVATE_DIRECTORY = 0o700
+PRIVATE_FILE = 0o600
+
+
+def create_private(path: str) -> None:
+    """Create the missing directories of `path` 0700 and the database file 0600, whatever the
+    umask. SQLite creates its -wal and -shm files with the database file's mode, so they are
+    private too. What exists already keeps its mode: the operator chose it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.mkdir(directory, PRIVATE_DIRECTORY)
+            os.chmod(directory, PRIVATE_DIRECTORY)  # mkdir's mode is cut by the umask
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE)
+    except FileExistsError:
+        return
+    os.fchmod(descriptor, PRIVATE_FILE)
+    os.close(descriptor)
+
+
 class SQLiteDriver(Driver):
     """A store in one SQLite file, written by exactly one kine-server process.
 
@@ -544,9 +570,12 @@ class SQLiteDriver(Driver):
             raise DriverError(f"cannot open SQLite database {self.path}: {exc}") from exc
 
     def _prepare_files(self) -> None:
-        """Create the directory; refuse a second server on the file (it would break revision order)."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        lock = open(self.path + ".lock", "ab")  # noqa: SIM115 - held open for the process lifetime
+        """Create the directory and the files private to this user; refuse a second server on
+        the file (it would break revision order)."""
+        create_private(self.path)
+        # Held open for the process's lifetime.
+        flags = os.O_CREAT | os.O_WRONLY | os.O_APPEND
+        lock = os.fdopen(os.open(self.path + ".lock", flags, PRIVATE_FILE), "ab")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
