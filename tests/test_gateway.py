@@ -212,6 +212,16 @@ def test_watch_same_as_etcd(pair: tuple[Gateway, Gateway]) -> None:
     assert all(line.endswith("}}\n") and line.startswith('{"result":') for line in streams[0])
 
 
+def test_member_list_names_the_gateway_as_the_client_url(pair: tuple[Gateway, Gateway]) -> None:
+    """Clients that sync endpoints from the member list (Patroni's etcd3 DCS) must be sent to
+    an address that speaks HTTP/JSON: for etcd its client port, for kine-server its gateway."""
+    for gateway in pair:
+        status, text = gateway.post("cluster/member/list", {})
+        members = json.loads(text)["members"]
+        assert status == 200 and len(members) == 1
+        assert members[0]["clientURLs"] == [f"http://{gateway.host}:{gateway.port}"]
+
+
 def test_http_errors_same_as_etcd(pair: tuple[Gateway, Gateway]) -> None:
     etcd, kine = pair
     cases: list[tuple[str, str, str | None]] = [

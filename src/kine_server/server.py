@@ -359,6 +359,7 @@ class Server:
             self.config.emulated_etcd_version,
             lambda: health(self.serving),
             self.config.max_request_bytes + GRPC_OVERHEAD_BYTES,
+            tls=bool(self.config.server_cert_file),
         )
         self._gateway_listener = HttpListener(
             "gateway",

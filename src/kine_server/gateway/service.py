@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from kine_server.gateway import jsonpb
 from kine_server.gateway.routes import Kind, Route, find
 from kine_server.httpd import BadRequest, Request, Response
+from kine_server.pb import rpc_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def _serialize(message: Message) -> bytes:
 class Gateway:
     """Answers gateway requests through a gRPC channel to `target` (this process's server)."""
 
-    def __init__(self, target: str, version: str, health: Health, max_message_bytes: int) -> None:
+    def __init__(
+        self, target: str, version: str, health: Health, max_message_bytes: int, tls: bool
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -53,6 +56,7 @@ class Gateway:
         major_minor = ".".join(version.split(".")[:2])
         self._version = jsonpb.dumps({"etcdserver": version, "etcdcluster": f"{major_minor}.0"})
         self._health = health
+        self._scheme = "https" if tls else "http"
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -98,7 +102,21 @@ class Gateway:
         except grpc.aio.AioRpcError as exc:
             await _fail(response, exc.code(), exc.details() or "")
             return
+        if isinstance(reply, pb.MemberListResponse):
+            self._advertise_gateway(reply, request)
         await response.send(200, JSON, jsonpb.dumps(jsonpb.encode(reply)))
+
+    def _advertise_gateway(self, reply: pb.MemberListResponse, request: Request) -> None:
+        """A member's client URLs, to a gateway client, are the gateway's: clients that sync
+        their endpoints from the member list (Patroni's etcd3 DCS) would otherwise be sent to
+        the gRPC port, which does not speak HTTP/1.1. The address is the one the client used
+        (its Host header), so a wildcard listener is advertised as the client reaches it."""
+        host = request.headers.get("host")
+        if not host:
+            return
+        for member in reply.members:
+            del member.clientURLs[:]
+            member.clientURLs.append(f"{self._scheme}://{host}")
 
     async def _server_stream(
         self, route: Route, request: Request, response: Response, metadata: Metadata
