@@ -91,10 +91,8 @@ class Gateway:
     async def _unary(
         self, route: Route, request: Request, response: Response, metadata: Metadata
     ) -> None:
-        try:
-            message = jsonpb.decode(await request.body(), route.request)
-        except jsonpb.DecodeError as exc:
-            await _fail(response, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        message = await _decode_body(route, request, response)
+        if message is None:
             return
         call = self._channel.unary_unary(route.method, _serialize, route.response.FromString)
         try:
@@ -121,10 +119,8 @@ class Gateway:
     async def _server_stream(
         self, route: Route, request: Request, response: Response, metadata: Metadata
     ) -> None:
-        try:
-            message = jsonpb.decode(await request.body(), route.request)
-        except jsonpb.DecodeError as exc:
-            await _fail(response, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        message = await _decode_body(route, request, response)
+        if message is None:
             return
         call = self._channel.unary_stream(route.method, _serialize, route.response.FromString)(
             message, metadata=metadata
@@ -182,6 +178,15 @@ def _metadata(request: Request) -> Metadata:
     gateway forwards it (etcd reads a token from `token` or `authorization` metadata)."""
     token = request.headers.get("authorization")
     return (("authorization", token),) if token else ()
+
+
+async def _decode_body(route: Route, request: Request, response: Response) -> Message | None:
+    """The request a whole body holds; None once a body that is not one has been answered."""
+    try:
+        return jsonpb.decode(await request.body(), route.request)
+    except jsonpb.DecodeError as exc:
+        await _fail(response, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return None
 
 
 async def _fail(response: Response, code: grpc.StatusCode, message: str) -> None:
