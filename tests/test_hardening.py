@@ -416,7 +416,7 @@ FAILED_STARTS = {
     ),
     "port out of range": (
         ["--listen-address", "127.0.0.1:99999"],
-        "invalid --listen-address '127.0.0.1:99999': port 99999 is out of range (0 to 65535)",
+        "invalid --listen-address '127.0.0.1:99999': port 99999 is out of range",
     ),
     "unreachable PostgreSQL": (
         ["--endpoint", "postgres://kine@127.0.0.1:NOBODY/db", "--datastore-connect-timeout", "1s"],

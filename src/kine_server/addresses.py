@@ -84,8 +84,10 @@ def parse(text: str, *, unix: bool = False) -> Address:
             raise ValueError("unix:// needs a socket path")
         return Address("unix", path=rest)
     elif scheme not in ("http", "https"):
-        expected = "http://, https:// or unix://" if unix else "http:// or https://"
-        raise ValueError(f"unsupported scheme {scheme!r} (expected {expected})")
+        expected = (
+            "http://, https:// or unix:// URLs" if unix else "http://HOST:PORT or https://HOST:PORT"
+        )
+        raise ValueError(f"unsupported scheme {scheme!r}: must be {expected}")
     if sep:
         rest = rest.removesuffix("/")
         if "/" in rest or "?" in rest or "@" in rest:
@@ -104,7 +106,7 @@ def _split_host_port(text: str) -> tuple[str, int]:
         return host, _port(tail[1:])
     host, colon, port = text.rpartition(":")
     if not colon:
-        raise ValueError("expected HOST:PORT, :PORT or a URL such as http://HOST:PORT")
+        raise ValueError("needs HOST:PORT, :PORT or a URL such as http://HOST:PORT")
     if ":" in host:
         raise ValueError("an IPv6 host goes in brackets: [::1]:PORT")
     if any(char.isspace() for char in host):
@@ -117,7 +119,7 @@ def _port(text: str) -> int:
         raise ValueError(f"port {text!r} is not a number" if text else "no port")
     port = int(text)
     if port > 65535:
-        raise ValueError(f"port {port} is out of range (0 to 65535)")
+        raise ValueError(f"port {port} is out of range: needs a port from 0 to 65535")
     return port
 
 

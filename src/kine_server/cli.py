@@ -76,12 +76,6 @@ def _one_metrics_url(text: str) -> str:
     return _metrics_address(text)
 
 
-def _gateway_url(text: str) -> str:
-    if text:
-        addresses.parse(text)
-    return text
-
-
 def _log_format(text: str) -> str:
     if text not in ("plain", "json"):
         raise ValueError("must be plain or json")
@@ -218,7 +212,6 @@ FLAGS = [
         "Serve etcd's HTTP/JSON gateway (POST /v3/kv/range, ...) on this URL: http://HOST:PORT, "
         "or https://HOST:PORT with the gRPC listener's TLS and client certificates "
         "(empty: not served)",
-        _gateway_url,
     ),
     Flag(
         "poll-interval",

@@ -126,7 +126,7 @@ def gateway_address(config: Config) -> Address:
     try:
         address = addresses.parse(url)
     except ValueError as exc:
-        raise StartupError(f"invalid {where}: {exc}") from exc
+        raise StartupError(f"{where}: {exc}") from exc
     if address.scheme == "https" and not tls:
         raise StartupError(f"{where}: https needs --server-cert-file and --server-key-file")
     if address.scheme == "http" and tls:
