@@ -2,16 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+# Two stamps: `make run` installs what serving needs, everything else the dev extras as well.
+RUNTIME := $(VENV)/.installed-runtime
+INSTALLED := $(VENV)/.installed-dev
 ARGS ?=
 
 .PHONY: run test lint check-protos proto deps e2e bench soak clean
 
-$(INSTALLED): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+
+$(RUNTIME): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
 	touch $@
+
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(RUNTIME)
 
 ## Regenerate the protobuf/gRPC stubs from protos/ (they are checked in).
 proto: $(INSTALLED)
@@ -21,7 +29,7 @@ check-protos: $(INSTALLED)
 	PYTHON=$(PY) scripts/check-protos.sh
 
 ## Serve etcd v3 on 127.0.0.1:2379 with the data in ./db/state.db (ARGS='--flag value' to change).
-run: $(INSTALLED)
+run: $(RUNTIME)
 	$(VENV)/bin/kine-server $(ARGS)
 
 ## Install the real etcd and PostgreSQL the tests start (as root; otherwise says what is missing).

@@ -122,9 +122,15 @@ def test_malformed_dsn_ends_with_one_line(endpoint: str, text: str) -> None:
 def test_unreachable_database_ends_with_one_line() -> None:
     port = free_port()  # nothing listens there
     result = run_cli(
-        "--endpoint", f"postgres://kine@127.0.0.1:{port}/db", "--listen-address", "127.0.0.1:0"
+        "--endpoint",
+        f"postgres://kine@127.0.0.1:{port}/db",
+        "--listen-address",
+        "127.0.0.1:0",
+        "--datastore-connect-timeout",  # start-up retries this long (30s by default)
+        "1s",
     )
     assert_one_line_error(result, "cannot open PostgreSQL database")
+    assert_one_line_error(result, f"cannot reach 127.0.0.1:{port}: connection refused")
 
 
 def test_busy_port_ends_with_one_line(tmp_path: Path) -> None:

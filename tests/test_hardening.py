@@ -368,7 +368,8 @@ async def test_once_the_grpc_port_accepts_the_metrics_listener_is_up(
         server.kill()
 
 
-def test_a_failed_start_prints_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_failed_start_prints_one_line(tmp_path: Path, workers: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -384,6 +385,8 @@ def test_a_failed_start_prints_one_line(tmp_path: Path) -> None:
                 f"127.0.0.1:{free_port()}",
                 "--metrics-bind-address",
                 f"127.0.0.1:{port}",
+                "--workers",
+                workers,
             ],
             capture_output=True,
             text=True,
@@ -393,6 +396,85 @@ def test_a_failed_start_prints_one_line(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert "cannot serve metrics" in lines[0]
+
+
+#: Each way a start fails, as flags (BUSY: a port something else listens on; FREE: a free one,
+#: NOBODY: a port nobody listens on) and the words its one line says.
+FAILED_STARTS = {
+    "busy gRPC port": (["--listen-address", "127.0.0.1:BUSY"], "cannot listen on 127.0.0.1:BUSY"),
+    "busy metrics port": (
+        ["--listen-metrics-urls", "http://127.0.0.1:BUSY"],
+        "cannot serve metrics on http://127.0.0.1:BUSY: address already in use",
+    ),
+    "busy gateway port": (
+        ["--listen-gateway-urls", "http://127.0.0.1:BUSY"],
+        "cannot serve the gateway on http://127.0.0.1:BUSY: address already in use",
+    ),
+    "second gRPC URL busy": (
+        ["--listen-client-urls", "http://127.0.0.1:FREE,http://127.0.0.1:BUSY"],
+        "cannot listen on http://127.0.0.1:BUSY",
+    ),
+    "port out of range": (
+        ["--listen-address", "127.0.0.1:99999"],
+        "invalid --listen-address '127.0.0.1:99999': port 99999 is out of range",
+    ),
+    "unreachable PostgreSQL": (
+        ["--endpoint", "postgres://kine@127.0.0.1:NOBODY/db", "--datastore-connect-timeout", "1s"],
+        "cannot reach 127.0.0.1:NOBODY: connection refused",
+    ),
+    "https without a certificate": (
+        ["--listen-client-urls", "https://127.0.0.1:FREE"],
+        "https needs --server-cert-file",
+    ),
+}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("case", sorted(FAILED_STARTS))
+def test_every_failed_start_prints_one_line_that_says_why(
+    tmp_path: Path, workers: str, case: str
+) -> None:
+    """Whatever stops the start, and with or without --workers: one line, no traceback, no
+    error of a background task that the failed start stopped."""
+    flags, expected = FAILED_STARTS[case]
+    defaults = []  # where the case sets neither of a setting's two names
+    if not {"--listen-address", "--listen-client-urls"} & set(flags):
+        defaults += ["--listen-address", f"127.0.0.1:{free_port()}"]
+    if "--listen-metrics-urls" not in flags:
+        defaults += ["--metrics-bind-address", "127.0.0.1:0"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {"BUSY": str(busy.getsockname()[1]), "FREE": str(free_port())}
+        ports["NOBODY"] = str(free_port())
+
+        def filled(text: str) -> str:
+            for name, port in ports.items():
+                text = text.replace(name, port)
+            return text
+
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kine_server",
+                "--endpoint",
+                f"sqlite://{tmp_path}/db/state.db",
+                *defaults,
+                "--workers",
+                workers,
+                *map(filled, flags),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("kine-server: error: ")
+    assert filled(expected) in lines[0]
 
 
 async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_silence(

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kine_server import __version__
-from kine_server.config import Config
+from kine_server import __version__, addresses
+from kine_server.config import Config, parse_urls
 from kine_server.drivers import DriverError, EndpointError, make_driver
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.durations import format_duration, parse_duration
@@ -57,6 +57,23 @@ def _percent(text: str) -> int:
     if value > 100:
         raise ValueError(f"must be a percentage from 0 to 100, got {value}")
     return value
+
+
+def _url_list(text: str) -> str:
+    parse_urls(text)
+    return text
+
+
+def _metrics_address(text: str) -> str:
+    if text.strip() not in ("", "0"):
+        addresses.parse(text)
+    return text
+
+
+def _one_metrics_url(text: str) -> str:
+    if "," in text:
+        raise ValueError("one URL only (kine-server serves metrics on one listener)")
+    return _metrics_address(text)
 
 
 def _log_format(text: str) -> str:
@@ -116,8 +133,25 @@ FLAGS = [
     Flag(
         "listen-address",
         "listen_address",
-        "Address to serve etcd's gRPC API on: HOST:PORT or unix://PATH",
+        "Address to serve etcd's gRPC API on: HOST:PORT, :PORT (every interface), [IPv6]:PORT, "
+        "http(s)://HOST:PORT or unix://PATH; several, comma-separated, as --listen-client-urls",
+        _url_list,
     ),
+    Flag(
+        "listen-client-urls",
+        "listen_address",
+        "etcd's name for --listen-address, with several comma-separated URLs, each its own "
+        "port of the same server (http:// plaintext, https:// TLS)",
+        _url_list,
+    ),
+    Flag(
+        "advertise-client-urls",
+        "advertise_client_urls",
+        "Comma-separated URLs MemberList reports to clients (default: the listen URLs, an "
+        "every-interface host replaced by this host's address on its default route)",
+        _url_list,
+    ),
+    Flag("name", "name", "Member name reported by MemberList (default: the host name)"),
     Flag("server-cert-file", "server_cert_file", "Serve TLS with this certificate (PEM)"),
     Flag("server-key-file", "server_key_file", "Private key of --server-cert-file (PEM)"),
     Flag(
@@ -162,8 +196,15 @@ FLAGS = [
     Flag(
         "metrics-bind-address",
         "metrics_bind_address",
-        "Serve Prometheus /metrics, /health and /readyz on HOST:PORT (0 disables; TLS as the "
-        "gRPC listener)",
+        "Serve Prometheus /metrics, /health and /readyz on HOST:PORT or :PORT (0 disables; TLS "
+        "as the gRPC listener unless an http:// or https:// URL says otherwise)",
+        _metrics_address,
+    ),
+    Flag(
+        "listen-metrics-urls",
+        "metrics_bind_address",
+        "etcd's name for --metrics-bind-address (one URL)",
+        _one_metrics_url,
     ),
     Flag(
         "listen-gateway-urls",
@@ -228,6 +269,14 @@ FLAGS = [
         format_duration,
     ),
     Flag(
+        "datastore-connect-timeout",
+        "datastore_connect_timeout",
+        "PostgreSQL: how long start-up keeps retrying a database it cannot reach, with backoff, "
+        "before giving up (Go duration)",
+        _positive_duration,
+        format_duration,
+    ),
+    Flag(
         "workers",
         "workers",
         "Processes serving clients, all sharing the port; writes go to one writer process "
@@ -265,11 +314,13 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
                 help=f"{flag.help} [env {flag.env}]",
             )
             continue
+        if flag.field != flag.name.replace("-", "_") or not shown or "(default" in flag.help:
+            shown = ""  # an alias (its flag shows the default), or nothing to show
         parser.add_argument(
             f"--{flag.name}",
             metavar="VALUE",
             default=None,
-            help=f"{flag.help} (default {shown}) [env {flag.env}]",
+            help=f"{flag.help}{f' (default {shown})' if shown else ''} [env {flag.env}]",
         )
     parser.add_argument("--version", action="version", version=f"kine-server {__version__}")
     return parser
@@ -278,20 +329,33 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
 def load_config(argv: Sequence[str], environ: dict[str, str]) -> Config:
     """Flags over environment over defaults; a bad value raises ValueError naming the flag."""
     config = Config()
-    args = build_parser(config).parse_args(argv)
+    args = vars(build_parser(config).parse_args(argv))
+    given: dict[str, tuple[bool, str, str]] = {}  # field: (from argv, source, raw text)
     for flag in FLAGS:
-        raw = getattr(args, flag.field)
-        source = f"--{flag.name}"
+        raw = args[flag.name.replace("-", "_")]
+        source, on_command_line = f"--{flag.name}", raw is not None
         if raw is None:
-            raw = environ.get(flag.env)
-            source = flag.env
+            raw, source = environ.get(flag.env), flag.env
         if raw is None:
             continue
         try:
-            setattr(config, flag.field, flag.parse(raw))
+            value = flag.parse(raw)
         except ValueError as exc:
             raise ValueError(f"invalid {source} {raw!r}: {exc}") from None
+        earlier = given.get(flag.field)
+        if earlier is not None and earlier[0] == on_command_line and earlier[2] != raw:
+            raise ValueError(f"{earlier[1]} and {source} are the same setting: give one")
+        if earlier is not None and earlier[0] and not on_command_line:
+            continue  # an alias on the command line wins over this one's environment variable
+        given[flag.field] = (on_command_line, source, raw)
+        setattr(config, flag.field, value)
     return config
+
+
+def aliases(field: str, value: str) -> list[str]:
+    """Command-line arguments that set `field` to `value` whichever of its flags (kine's or
+    etcd's name) the rest of a command line uses: for the --workers front-ends' commands."""
+    return [arg for flag in FLAGS if flag.field == field for arg in (f"--{flag.name}", value)]
 
 
 def restore(argv: Sequence[str], environ: dict[str, str]) -> int:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from kine_server import addresses
+from kine_server.addresses import Address
 from kine_server.drivers import DEFAULT_ENDPOINT
 
 #: etcd's default --max-request-bytes (1.5 MiB).
@@ -18,7 +23,12 @@ DEFAULT_ETCD_VERSION = "3.5.16"
 @dataclass
 class Config:
     endpoint: str = DEFAULT_ENDPOINT
+    #: --listen-address, or etcd's --listen-client-urls: comma-separated, one gRPC port each.
     listen_address: str = "127.0.0.1:2379"
+    #: etcd's flag: the URLs MemberList reports; empty: the listen URLs (see advertise_urls).
+    advertise_client_urls: str = ""
+    #: The member name (etcd's --name); empty: this host's name.
+    name: str = ""
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_txn_ops: int = 128
     #: etcd's default quota: 2 GiB.
@@ -46,6 +56,9 @@ class Config:
     #: PostgreSQL: connecting, waiting for a pooled connection and each statement give up after
     #: this long (kine_server.drivers.postgres.DEFAULT_TIMEOUT says why 10 s).
     datastore_timeout: float = 10.0
+    #: How long start-up keeps trying to reach an unreachable database (a database started at
+    #: the same time as the server, by compose or a pod, needs a moment).
+    datastore_connect_timeout: float = 30.0
     debug: bool = False
     log_format: str = "plain"
     slow_sql_threshold: float = 1.0
@@ -59,9 +72,49 @@ class Config:
         A unix socket cannot be shared between processes as a TCP port is (SO_REUSEPORT), so
         it is always served by one.
         """
-        if self.listen_address.startswith("unix://"):
+        if any(address.is_unix for address in self.listen_addresses()):
             return 1
         return self.workers or available_cores()
+
+    def listen_addresses(self) -> list[Address]:
+        """The gRPC listeners (ValueError naming the flag if malformed)."""
+        return _parsed("--listen-address", self.listen_address, parse_urls)
+
+    def metrics_address(self) -> Address | None:
+        """The metrics listener's address; None when disabled ("0" or empty)."""
+        if self.metrics_bind_address.strip() in ("", "0"):
+            return None
+        return _parsed("--metrics-bind-address", self.metrics_bind_address, _parse_tcp)
+
+    def advertise_urls(self, listening: list[Address]) -> list[str]:
+        """What MemberList reports: --advertise-client-urls, or else each listener's URL (with
+        its bound port) where every-interface hosts become this host's outward address."""
+        tls = bool(self.server_cert_file)
+        if self.advertise_client_urls:
+            given = _parsed("--advertise-client-urls", self.advertise_client_urls, parse_urls)
+            return [address.url(tls) for address in given]
+        return [addresses.advertised(address, tls) for address in listening]
+
+    def member_name(self) -> str:
+        return self.name or socket.gethostname()
+
+
+def _parse_tcp(text: str) -> Address:
+    return addresses.parse(text, unix=False)
+
+
+def parse_urls(text: str) -> list[Address]:
+    return addresses.parse_list(text, unix=True)
+
+
+T = TypeVar("T")
+
+
+def _parsed(flag: str, text: str, parse: Callable[[str], T]) -> T:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ValueError(f"invalid {flag} {text!r}: {exc}") from None
 
 
 def available_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:

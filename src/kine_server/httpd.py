@@ -16,6 +16,9 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
+from kine_server import addresses
+from kine_server.addresses import Address
+
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 128
@@ -199,12 +202,13 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpListener:
-    """Serves `handler` on `address` (HOST:PORT; an empty host is every interface)."""
+    """Serves `handler` on `address` (its scheme is the caller's business: `ssl_context`
+    decides TLS)."""
 
     def __init__(
         self,
         name: str,
-        address: str,
+        address: Address,
         handler: Handler,
         ssl_context: ssl.SSLContext | None = None,
         *,
@@ -231,6 +235,11 @@ class HttpListener:
         self._last_refusal = -REFUSAL_QUIET_SECONDS
         self.port = 0
 
+    @property
+    def address(self) -> Address:
+        """Where it listens: the port bound once `bind` ran."""
+        return self._address.with_port(self.port) if self.port else self._address
+
     async def start(self) -> None:
         """Bind, listen and accept (OSError, ValueError if the address cannot be served)."""
         self.bind()
@@ -239,20 +248,8 @@ class HttpListener:
     def bind(self) -> None:
         """Bind and listen: from here a client's connection waits in the backlog until
         `accept` (so a listener can be opened before what it serves is ready)."""
-        host, _, port = self._address.rpartition(":")
-        infos = socket.getaddrinfo(
-            host.strip("[]") or "0.0.0.0",
-            int(port),
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_PASSIVE,
-        )
-        family, kind, proto, _, address = infos[0]
-        listener = socket.socket(family, kind, proto)
+        listener = addresses.bind(self._address, reuse_port=self._reuse_port)
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self._reuse_port:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind(address)
             listener.listen(LISTEN_BACKLOG)
             listener.setblocking(False)
         except BaseException:

@@ -23,11 +23,16 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from kine_server import errors
+from kine_server.addresses import Address
 from kine_server.httpd import HttpListener, Request, Response
 from kine_server.store.compactor import CompactionStatus
 from kine_server.store.store import Storage, WriteSideStatus
 
 log = logging.getLogger(__name__)
+#: --debug's line per request: a logger of its own, so that it can be turned up or down alone.
+request_log = logging.getLogger("kine_server.requests")
+#: Keys longer than this are cut in request lines.
+LOGGED_KEY_CHARS = 120
 
 #: Connections the metrics listener serves at once; scrapers and probes need a handful.
 MAX_CONNECTIONS = 64
@@ -80,6 +85,8 @@ class Metrics:
         behavior = handler.unary_unary
         if behavior is None:
             return handler
+        if request_log.isEnabledFor(logging.DEBUG):  # decided once: no cost without --debug
+            behavior = logged(method, behavior)
         latency = self.latency.labels(method)
         by_code: dict[str, Any] = {}
         requests = self.requests
@@ -105,6 +112,69 @@ class Metrics:
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def logged(method: str, behavior: Behavior) -> Behavior:
+    """`behavior`, logging one debug line per call: the method, what it asked for, the
+    revision it answered at, how long it took and its status code."""
+
+    async def logging_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        began = time.perf_counter()
+        response, code = None, "OK"
+        try:
+            response = await behavior(request, context)
+            return response
+        except BaseException:
+            code_value = context.code()
+            code = code_value.name if code_value is not None else "UNKNOWN"
+            raise
+        finally:
+            header = getattr(response, "header", None)
+            request_log.debug(
+                "%s %s revision=%s took=%.3fms code=%s",
+                method,
+                describe_request(request),
+                header.revision if header is not None else "-",
+                (time.perf_counter() - began) * 1000,
+                code,
+            )
+
+    return logging_call
+
+
+def describe_request(request: Any) -> str:
+    """What a request asks for, in a few words: its key or range, and the fields that change
+    what it does (a Range's revision and limit, a Txn's shape, a lease)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)  # None: a request that did not decode
+    fields = set(descriptor.fields_by_name) if descriptor is not None else set()
+    parts = []
+    if "key" in fields:
+        parts.append(f"key={_key(request.key)}")
+        if "range_end" in fields and request.range_end:
+            parts.append(f"range_end={_key(request.range_end)}")
+    if "compare" in fields:
+        keys = ",".join(_key(compare.key) for compare in request.compare[:3])
+        parts.append(
+            f"compare=[{keys}{',...' if len(request.compare) > 3 else ''}] "
+            f"success={len(request.success)} failure={len(request.failure)}"
+        )
+    for name, shown in (("revision", "at_revision"), ("limit", "limit"), ("ID", "id")):
+        if name in fields and getattr(request, name):
+            parts.append(f"{shown}={getattr(request, name)}")
+    for name in ("TTL", "lease"):
+        if name in fields and getattr(request, name):
+            parts.append(f"{name.lower()}={getattr(request, name)}")
+    return " ".join(parts) or "-"
+
+
+def _key(key: bytes) -> str:
+    if key == b"\0":
+        return "\\0"
+    text = key.decode("utf-8", "backslashreplace")
+    return text if len(text) <= LOGGED_KEY_CHARS else text[:LOGGED_KEY_CHARS] + "..."
 
 
 class _StoreState(Collector):
@@ -274,7 +344,7 @@ class HttpEndpoint:
         self,
         metrics: Metrics,
         store: Storage,
-        address: str,
+        address: Address,
         ssl_context: ssl.SSLContext | None,
         watch_stats: Callable[[], tuple[int, int, int]],
         gather: Callable[[], Awaitable[list[tuple[int, bytes]]]] | None = None,
@@ -300,8 +370,20 @@ class HttpEndpoint:
     def port(self) -> int:
         return self._listener.port
 
+    @property
+    def address(self) -> Address:
+        """Where it listens, with the port bound."""
+        return self._listener.address
+
     async def start(self) -> None:
         await self._listener.start()
+
+    def bind(self) -> None:
+        """Bind now (OSError if it cannot), serve from `accept`: see HttpListener.bind."""
+        self._listener.bind()
+
+    def accept(self) -> None:
+        self._listener.accept()
 
     async def stop(self) -> None:
         await self._listener.stop()

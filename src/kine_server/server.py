@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from prometheus_client import generate_latest
 
-from kine_server import errors
+from kine_server import addresses, errors
+from kine_server.addresses import Address
 from kine_server.api import decoding
 from kine_server.api.auth import AuthService
 from kine_server.api.cluster import ClusterService
@@ -29,6 +29,8 @@ from kine_server.api.maintenance import MaintenanceService
 from kine_server.api.watch import WatchService, WatchSettings
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import DatabaseTLS, Driver, DriverError, EndpointError, make_driver
+from kine_server.drivers.base import DatabaseUnreachable
+from kine_server.durations import format_duration
 from kine_server.gateway.service import CORS_HEADERS, Gateway
 from kine_server.httpd import HttpListener
 from kine_server.metrics import HttpEndpoint, Metrics, health
@@ -40,76 +42,116 @@ from kine_server.store.store import Storage, Store
 log = logging.getLogger(__name__)
 
 
+#: How start-up errors name the gateway's listener: "cannot serve the gateway on ADDRESS: ...".
+GATEWAY = "serve the gateway on"
+
+
 class StartupError(Exception):
     """The server cannot start; the message is the one line the operator sees."""
 
 
-def grpc_address(listen_address: str) -> str:
-    """kine's listen syntax (HOST:PORT or unix://PATH) to gRPC's."""
-    if listen_address.startswith("unix://"):
-        return "unix:" + listen_address[len("unix://") :]
-    _, sep, port = listen_address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise StartupError(
-            f"invalid --listen-address {listen_address!r}: expected HOST:PORT or unix://PATH"
-        )
-    return listen_address
-
-
-def check_port_free(listen_address: str) -> None:
-    """Fail with one clear line before gRPC would log its own multi-line bind error."""
-    if listen_address.startswith("unix://"):
-        return
-    host, _, port = listen_address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+def listen_addresses(config: Config) -> list[Address]:
+    """The gRPC listeners, each checked against the TLS settings: one line if anything is off."""
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise StartupError(f"cannot listen on {listen_address}: {exc}") from exc
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        # As gRPC's own bind: connections of a previous run in TIME_WAIT must not block a
-        # restart (a live listener still does).
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening = config.listen_addresses()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    for address in listening:
+        if address.scheme == "https" and not config.server_cert_file:
+            raise StartupError(
+                f"cannot listen on {address}: https needs --server-cert-file and --server-key-file"
+            )
+    return listening
+
+
+def advertise_check(config: Config, listening: list[Address]) -> None:
+    """--advertise-client-urls, checked before anything starts."""
+    try:
+        config.advertise_urls(listening)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+#: Start-up's retries of an unreachable database: the first after this long, doubling up to
+#: the most; the operator hears about it once it has lasted CONNECT_PATIENCE seconds.
+CONNECT_RETRY_FIRST = 0.1
+CONNECT_RETRY_MOST = 2.0
+CONNECT_PATIENCE = 5.0
+
+
+async def open_database(driver: Driver, timeout: float) -> None:
+    """Open `driver`, retrying with backoff for up to `timeout` seconds while the database
+    cannot be reached (--datastore-connect-timeout): a database started beside the server (by
+    compose, a pod) may take a moment. Other errors (a password, TLS) fail at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay, warned = CONNECT_RETRY_FIRST, False
+    while True:
         try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
+            await driver.open()
+            return
+        except DatabaseUnreachable as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise StartupError(
+                    f"{exc} (gave up after --datastore-connect-timeout {format_duration(timeout)})"
+                ) from exc
+            if not warned and timeout - remaining >= CONNECT_PATIENCE:
+                log.warning("%s; retrying for up to %s", exc, format_duration(timeout))
+                warned = True
+            log.debug("%s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, CONNECT_RETRY_MOST)
+        except DriverError as exc:
+            raise StartupError(str(exc)) from exc
 
 
-def client_url(listen_address: str, port: int, tls: bool) -> str:
-    if listen_address.startswith("unix://"):
-        return listen_address
-    host = listen_address.rpartition(":")[0] or "127.0.0.1"
-    if host in ("0.0.0.0", "[::]", "::"):
-        host = "127.0.0.1"
-    return f"{'https' if tls else 'http'}://{host}:{port}"
+def check_port_free(address: Address, what: str = "listen on") -> None:
+    """Fail with one clear line ("cannot `what` ADDRESS: why") before gRPC would log its own
+    multi-line bind error."""
+    if address.is_unix:
+        return
+    try:
+        addresses.bind(address).close()
+    except OSError as exc:
+        raise StartupError(f"cannot {what} {address}: {addresses.bind_error(exc)}") from exc
 
 
-def gateway_address(config: Config) -> str:
-    """--listen-gateway-urls as HOST:PORT. Its scheme must say what the listener serves: the
-    gateway follows the gRPC listener's TLS settings, so https:// exactly when it has TLS."""
+def gateway_address(config: Config) -> Address:
+    """--listen-gateway-urls. Its scheme must say what the listener serves: the gateway
+    follows the gRPC listener's TLS settings, so https:// exactly when it has TLS."""
     url = config.listen_gateway_urls
     tls = bool(config.server_cert_file)
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = ("https" if tls else "http"), url
     where = f"--listen-gateway-urls {url}"
-    if scheme not in ("http", "https"):
-        raise StartupError(f"{where}: must be http://HOST:PORT or https://HOST:PORT")
-    if scheme == "https" and not tls:
+    try:
+        address = addresses.parse(url)
+    except ValueError as exc:
+        raise StartupError(f"{where}: {exc}") from exc
+    if address.scheme == "https" and not tls:
         raise StartupError(f"{where}: https needs --server-cert-file and --server-key-file")
-    if scheme == "http" and tls:
+    if address.scheme == "http" and tls:
         raise StartupError(f"{where}: the gateway serves TLS as the gRPC listener does: use https")
-    host, colon, port = rest.rstrip("/").rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise StartupError(f"{where}: needs HOST:PORT with a port from 0 to 65535")
-    return f"{host}:{port}"
+    return address
 
 
-def metrics_ssl_context(config: Config) -> ssl.SSLContext | None:
-    """The metrics listener follows the gRPC listener's TLS settings."""
-    if not config.server_cert_file:
+def metrics_address(config: Config) -> Address | None:
+    """--metrics-bind-address, None when disabled; an https:// URL needs the server's TLS."""
+    try:
+        address = config.metrics_address()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    if address is not None and address.scheme == "https" and not config.server_cert_file:
+        raise StartupError(
+            f"cannot serve metrics on {address}: https needs --server-cert-file and "
+            "--server-key-file"
+        )
+    return address
+
+
+def metrics_ssl_context(config: Config, tls: bool = True) -> ssl.SSLContext | None:
+    """The metrics listener and the gateway follow the gRPC listener's TLS settings (`tls`
+    False: an http:// URL asked for plaintext)."""
+    if not config.server_cert_file or not tls:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.server_cert_file, config.server_key_file)
@@ -241,36 +283,61 @@ class Server:
         self._gateway_listener: HttpListener | None = None
         self._gateway_directory: str | None = None
         self._store_started = False
+        self.listening_urls: list[str] = []
+        self.advertised: list[str] = []
 
     async def start(self) -> None:
-        address = grpc_address(self.config.listen_address)
+        """Check and bind what can fail cheaply (addresses, TLS files, ports) before the
+        database is opened and the store's tasks run: a failed start prints one line only."""
+        listening = listen_addresses(self.config)
         self._credentials = server_credentials(self.config)
+        advertise_check(self.config, listening)
         if not self.shared_port:
-            check_port_free(self.config.listen_address)
+            for address in listening:
+                check_port_free(address)
+            if self.config.listen_gateway_urls:
+                check_port_free(gateway_address(self.config), GATEWAY)
         try:
-            await self.driver.open()
-        except DriverError as exc:
-            raise StartupError(str(exc)) from exc
-        try:
-            await self._serve(address)
+            self._bind_metrics()
+            await open_database(self.driver, self.config.datastore_connect_timeout)
+            await self._serve(listening)
         except BaseException:
             await self._undo_start()
             raise
         self._started()
 
     def _started(self) -> None:
-        log.info(
-            "kine-server serving etcd v3 on %s (%s)", self.config.listen_address, self.driver.name
-        )
+        log.info("kine-server %s", self.describe())
 
-    async def _serve(self, address: str) -> None:
+    def describe(self, workers: int = 1, gateway: str = "") -> str:
+        """The first line of the log: what is served where."""
+        metrics = "off" if self.http is None else str(self.http.address)
+        parts = [
+            f"serving etcd v3 on {', '.join(self.listening_urls)}",
+            f"data in {self.driver.location}",
+            f"metrics on {metrics}",
+        ]
+        if self._gateway_listener is not None:
+            gateway = self._gateway_listener.address.url(self._credentials is not None)
+        if gateway:
+            parts.append(f"gateway on {gateway}")
+        parts += [
+            f"{workers} worker{'s' if workers != 1 else ''}",
+            f"TLS {'on' if self._credentials is not None else 'off'}"
+            + (" (client certificates required)" if self.config.trusted_ca_file else ""),
+            f"member {self.config.member_name()!r} advertising {', '.join(self.advertised)}",
+        ]
+        return "; ".join(parts)
+
+    async def _serve(self, listening: list[Address]) -> None:
         """Start everything, the gRPC port last: once a client can connect, the store, its
         background tasks and the metrics listener are all up (a TCP probe means ready)."""
         cluster_id = await self.driver.meta("cluster_id") or 1
-        name = socket.gethostname()
+        name = self.config.member_name()
         self._store_started = True
         await self.serving.start()
-        await self._start_metrics()
+        if self.http is not None:
+            self.http.accept()
         server = grpc.aio.server(
             options=[
                 # A busy port must fail, not be shared; --workers front-ends share theirs.
@@ -290,15 +357,7 @@ class Server:
                 ("grpc.server.max_pending_requests_hard_limit", 2**31 - 1),
             ],
         )
-        try:
-            if self._credentials is None:
-                self.port = server.add_insecure_port(address)
-            else:
-                self.port = server.add_secure_port(address, self._credentials)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {self.config.listen_address}: {exc}") from exc
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {self.config.listen_address}: address in use")
+        self._add_ports(server, listening)
         if self.config.listen_gateway_urls:
             self._bind_gateway(self._add_gateway_port(server))
         # From here to server.start() nothing awaits: connections wait in the listen backlog.
@@ -306,9 +365,7 @@ class Server:
             cluster_id=cluster_id,
             member_id=member_id(cluster_id, name),
             name=name,
-            client_urls=[
-                client_url(self.config.listen_address, self.port, self._credentials is not None)
-            ],
+            client_urls=self.advertised,
         )
         store = self.serving
         services = _Services(self.metrics, self.config.max_txn_ops)
@@ -337,10 +394,32 @@ class Server:
         server.add_generic_rpc_handlers(services.handlers)
         self._server = server
         await server.start()
-        if address.startswith("unix:"):
-            os.chmod(address[len("unix:") :], 0o600)
+        for address in listening:
+            if address.is_unix:
+                os.chmod(address.path, 0o600)
         if self._gateway_listener is not None:
             self._gateway_listener.accept()
+
+    def _add_ports(self, server: grpc.aio.Server, listening: list[Address]) -> None:
+        """One port of the same server per listen URL, each with TLS or not as its scheme (or
+        the certificate flags) say; port 0 becomes the kernel's choice, in the URLs reported."""
+        tls = self._credentials is not None
+        bound = []
+        for address in listening:
+            target = address.grpc_target()
+            try:
+                if address.tls(tls) and self._credentials is not None:
+                    port = server.add_secure_port(target, self._credentials)
+                else:
+                    port = server.add_insecure_port(target)
+            except RuntimeError as exc:
+                raise StartupError(f"cannot listen on {address}: {exc}") from exc
+            if port == 0 and not address.is_unix:
+                raise StartupError(f"cannot listen on {address}: address already in use")
+            bound.append(address if address.is_unix else address.with_port(port))
+        self.port = bound[0].port
+        self.listening_urls = [address.url(tls) for address in bound]
+        self.advertised = self.config.advertise_urls(bound)
 
     def _add_gateway_port(self, server: grpc.aio.Server) -> str:
         """A second, private port of the gRPC server for the gateway to call: a unix socket in
@@ -376,7 +455,7 @@ class Server:
         try:
             self._gateway_listener.bind()
         except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot serve the gateway on {address}: {exc}") from exc
+            raise StartupError(f"cannot {GATEWAY} {address}: {exc}") from exc
 
     @property
     def gateway_port(self) -> int:
@@ -396,20 +475,22 @@ class Server:
     async def _undo_start(self) -> None:
         """A start that failed half way: stop what did start, in order, so that its only output
         is the error that stopped it (not the store's tasks failing on a closed driver)."""
+        if self._server is not None:
+            await self._server.stop(0)
+            self._server = None
         if self.http is not None:
             await self.http.stop()
             self.http = None
         await self._stop_gateway()
-        if self._server is not None:
-            await self._server.stop(0)
-            self._server = None
         if self._store_started:
             await self.serving.stop()
+            self._store_started = False
         await self.driver.close()
 
-    async def _start_metrics(self) -> None:
-        address = self.config.metrics_bind_address
-        if address in ("", "0"):
+    def _bind_metrics(self) -> None:
+        """Bind the metrics listener (it accepts once the store runs: `self.http.accept()`)."""
+        address = metrics_address(self.config)
+        if address is None:
             return
 
         def watch_stats() -> tuple[int, int, int]:
@@ -418,18 +499,22 @@ class Server:
                 return 0, 0, 0
             return watch.stats.streams, watch.stats.watchers, watch.buffered_events()
 
+        tls = address.tls(bool(self.config.server_cert_file))
         self.http = HttpEndpoint(
             self.metrics,
             self.serving,
             address,
-            metrics_ssl_context(self.config),
+            metrics_ssl_context(self.config, tls),
             watch_stats,
             *self._other_processes(),
         )
         try:
-            await self.http.start()
-        except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot serve metrics on {address}: {exc}") from exc
+            self.http.bind()
+        except OSError as exc:
+            self.http = None
+            raise StartupError(
+                f"cannot serve metrics on {address}: {addresses.bind_error(exc)}"
+            ) from exc
 
     def _other_processes(
         self,
@@ -489,7 +574,7 @@ class FrontendServer(Server):
         return bytes(generate_latest(self.metrics.registry))
 
     def _started(self) -> None:
-        log.debug("front-end %d serving on %s", self.worker, self.config.listen_address)
+        log.debug("front-end %d serving on %s", self.worker, ", ".join(self.listening_urls))
         self.frontend.ready(self.worker)
 
 

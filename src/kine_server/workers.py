@@ -25,15 +25,21 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
+from kine_server import addresses
+from kine_server.addresses import Address
+from kine_server.cli import aliases
 from kine_server.config import Config
-from kine_server.drivers import DriverError
 from kine_server.server import (
+    GATEWAY,
     Server,
     StartupError,
+    advertise_check,
     check_port_free,
     gateway_address,
-    grpc_address,
+    listen_addresses,
+    metrics_address,
     metrics_ssl_context,
+    open_database,
     server_credentials,
 )
 from kine_server.store.channel import WriterChannel
@@ -46,26 +52,15 @@ START_TIMEOUT = 60.0
 STABLE_SECONDS = 10.0
 
 
-def reserve_port(listen_address: str) -> tuple[socket.socket, str]:
-    """Bind (without listening) the gRPC address with SO_REUSEPORT: the port stays this
+def reserve_port(address: Address, what: str = "listen on") -> tuple[socket.socket, Address]:
+    """Bind (without listening) a TCP address with SO_REUSEPORT: the port stays this
     server's while front-ends come and go, and port 0 becomes one concrete port for all."""
-    grpc_address(listen_address)  # the same one-line error for a malformed address
-    check_port_free(listen_address)
-    host, _, port = listen_address.rpartition(":")
-    bare = host.strip("[]") or "0.0.0.0"
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)[
-        0
-    ]
-    reservation = socket.socket(family, kind, proto)
-    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    check_port_free(address, what)
     try:
-        reservation.bind(sockaddr)
+        reservation = addresses.bind(address, reuse_port=True)
     except OSError as exc:
-        reservation.close()
-        raise StartupError(f"cannot listen on {listen_address}: {exc.strerror}") from exc
-    chosen = reservation.getsockname()[1]
-    return reservation, f"{host}:{chosen}"
+        raise StartupError(f"cannot {what} {address}: {addresses.bind_error(exc)}") from exc
+    return reservation, address.with_port(reservation.getsockname()[1])
 
 
 class WriterProcess(Server):
@@ -79,9 +74,9 @@ class WriterProcess(Server):
         self._channel = WriterChannel(
             self.store, os.path.join(self._directory, "writer.sock"), self._ready
         )
-        self._reservation: socket.socket | None = None
-        self._gateway_reservation: socket.socket | None = None
-        self.address = config.listen_address
+        self._reservations: list[socket.socket] = []
+        #: The listen addresses with the ports every front-end serves (port 0 made concrete).
+        self.addresses: list[Address] = []
         #: --listen-gateway-urls with the port every front-end serves it on.
         self._gateway_url = ""
         self._processes: dict[int, asyncio.subprocess.Process] = {}
@@ -90,32 +85,37 @@ class WriterProcess(Server):
         self._stopping = False
 
     async def start(self) -> None:
+        """As Server.start: addresses, TLS files and ports first, then the database, the
+        store, and the front-ends; whatever fails, one line."""
+        listening = listen_addresses(self.config)
         self._credentials_check()
-        self._reservation, self.address = reserve_port(self.config.listen_address)
-        self.port = int(self.address.rpartition(":")[2])
-        if self.config.listen_gateway_urls:
-            scheme = "https" if self.config.server_cert_file else "http"
-            self._gateway_reservation, gateway = reserve_port(gateway_address(self.config))
-            self._gateway_url = f"{scheme}://{gateway}"
+        advertise_check(self.config, listening)
         try:
-            try:
-                await self.driver.open()
-            except DriverError as exc:
-                raise StartupError(str(exc)) from exc
+            for address in listening:
+                reservation, bound = reserve_port(address)
+                self._reservations.append(reservation)
+                self.addresses.append(bound)
+            self.port = self.addresses[0].port
+            if self.config.listen_gateway_urls:
+                scheme = "https" if self.config.server_cert_file else "http"
+                reservation, gateway = reserve_port(gateway_address(self.config), GATEWAY)
+                self._reservations.append(reservation)
+                self._gateway_url = f"{scheme}://{gateway.host_port}"
+            self._bind_metrics()
+            await open_database(self.driver, self.config.datastore_connect_timeout)
             self._store_started = True
             await self.store.start()
-            await self._start_metrics()
+            if self.http is not None:
+                self.http.accept()
             await self._channel.start()
             await self._start_frontends()
         except BaseException:
             await self._undo()
             raise
-        log.info(
-            "kine-server serving etcd v3 on %s (%s, %d workers)",
-            self.address,
-            self.driver.name,
-            self.count,
-        )
+        tls = bool(self.config.server_cert_file)
+        self.listening_urls = [address.url(tls) for address in self.addresses]
+        self.advertised = self.config.advertise_urls(self.addresses)
+        log.info("kine-server %s", self.describe(self.count, self._gateway_url))
 
     def _other_processes(
         self,
@@ -125,6 +125,7 @@ class WriterProcess(Server):
     def _credentials_check(self) -> None:
         """Fail here, in one line, on TLS settings every front-end would refuse."""
         server_credentials(self.config)
+        metrics_address(self.config)
         metrics_ssl_context(self.config)
 
     async def _start_frontends(self) -> None:
@@ -150,6 +151,8 @@ class WriterProcess(Server):
             self._supervise(worker)
 
     def _frontend_command(self, worker: int) -> list[str]:
+        """The command line's flags, then what this process decided: the ports reserved (over
+        whichever of kine's or etcd's names the command line used), no metrics listener."""
         return [
             sys.executable,
             "-m",
@@ -158,10 +161,8 @@ class WriterProcess(Server):
             self._channel.path,
             str(worker),
             *self._argv,
-            "--listen-address",
-            self.address,
-            "--metrics-bind-address",
-            "0",
+            *aliases("listen_address", ",".join(map(str, self.addresses))),
+            *aliases("metrics_bind_address", "0"),
             "--listen-gateway-urls",
             self._gateway_url,
             "--workers",
@@ -246,10 +247,9 @@ class WriterProcess(Server):
             await self.store.stop(timeout)
             self._store_started = False
         await self.driver.close()
-        for reservation in (self._reservation, self._gateway_reservation):
-            if reservation is not None:
-                reservation.close()
-        self._reservation = self._gateway_reservation = None
+        for reservation in self._reservations:
+            reservation.close()
+        self._reservations.clear()
         with contextlib.suppress(OSError):
             os.unlink(self._channel.path)
         with contextlib.suppress(OSError):

@@ -70,13 +70,15 @@ class ThrowawayPostgres:
     on the same port and data directory so tests can simulate a database outage.
     """
 
-    def __init__(self, startup_timeout: float = 30.0) -> None:
+    def __init__(self, startup_timeout: float = 30.0, port: int = 0) -> None:
         external = os.environ.get(DSN_ENV_VAR)
         self.external: bool = bool(external)
         """True when the DSN came from KINE_TEST_PG_DSN and nothing is started."""
         self.dsn: str = external or ""
         """libpq/asyncpg connection string; empty until :meth:`start` succeeds."""
         self.port: int = 0
+        #: The port to start on; 0: a free one (and another if a race took it).
+        self._wanted_port = port
         self.startup_timeout = startup_timeout
         self._base_dir: Path | None = None
         self._running = False
@@ -121,13 +123,13 @@ class ThrowawayPostgres:
         try:
             self._initdb()
             for attempt in range(_PORT_ATTEMPTS):
-                self.port = free_port()
+                self.port = self._wanted_port or free_port()
                 try:
                     self._start_server()
                     break
                 except RuntimeError:
                     port_taken = "already in use" in _tail(self.log_path, 10)
-                    if not port_taken or attempt == _PORT_ATTEMPTS - 1:
+                    if not port_taken or self._wanted_port or attempt == _PORT_ATTEMPTS - 1:
                         raise
         except BaseException:
             self.stop()

@@ -277,6 +277,11 @@ class Driver(abc.ABC):
     #: A short name for logs and metrics: "sqlite" or "postgres".
     name: str
 
+    @property
+    def location(self) -> str:
+        """Where the data is, for the start-up log line: never a password."""
+        return self.name
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect, create the database and schema if missing, check the schema version."""

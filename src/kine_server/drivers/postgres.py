@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import ssl as ssl_module
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -133,6 +134,28 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "no answer from PostgreSQL in time"
     return str(exc) or type(exc).__name__
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Connecting failed in a way waiting may cure: nobody listens yet, no route or no name yet
+    (a pod that starts beside its database), no answer in time, or a server still starting."""
+    if isinstance(exc, ssl_module.SSLError):  # a certificate does not get better by waiting
+        return False
+    return isinstance(
+        exc, OSError | asyncpg.CannotConnectNowError | asyncpg.PostgresConnectionError
+    )
+
+
+def describe_connect_error(exc: BaseException) -> str:
+    """A connect error in a few words: asyncpg joins one per address it tried ("Multiple
+    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ...")."""
+    if isinstance(exc, ConnectionRefusedError) or "Errno 111" in str(exc):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, TimeoutError):
+        return exc.strerror
+    return describe(exc)
 
 
 def unanswered(exc: BaseException) -> bool:
@@ -437,7 +460,28 @@ class PostgresDriver(Driver):
                 await self._create_schema(conn)
         except DATABASE_ERRORS as exc:
             await self.close()
+            if unreachable(exc):
+                raise DatabaseUnreachable(
+                    f"cannot open PostgreSQL database: cannot reach {self.server}: "
+                    f"{describe_connect_error(exc)}"
+                ) from exc
             raise DriverError(f"cannot open PostgreSQL database: {describe(exc)}") from exc
+
+    @property
+    def server(self) -> str:
+        """HOST:PORT of the DSN (the first of several; the socket directory of a unix one)."""
+        parts = urllib.parse.urlsplit(self.dsn)
+        query = urllib.parse.parse_qs(parts.query)
+        host = (parts.hostname or query.get("host", ["localhost"])[0]).split(",")[0]
+        try:
+            port = parts.port or int(query.get("port", ["5432"])[0])
+        except ValueError:  # several ports, as several hosts: asyncpg tries them in turn
+            port = 5432
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def location(self) -> str:
+        return f"postgres {self.server}/{database_name(self.dsn)}"
 
     async def _pool(self, size: int, settings: dict[str, str] | None = None) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(

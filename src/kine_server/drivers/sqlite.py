@@ -527,6 +527,10 @@ class SQLiteDriver(Driver):
 
     name = "sqlite"
 
+    @property
+    def location(self) -> str:
+        return f"sqlite {self.path}"
+
     def __init__(
         self,
         path: str,
