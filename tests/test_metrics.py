@@ -113,3 +113,22 @@ def test_metrics_listener_follows_the_servers_tls(tmp_path: Path) -> None:
             asyncio.run(get(f"https://127.0.0.1:{port}/health", bare))
         with pytest.raises(Exception):  # noqa: B017
             asyncio.run(get(f"http://127.0.0.1:{port}/health"))
+
+
+async def test_the_nospace_alarm_and_the_database_show_in_metrics(
+    server: Server, kine: Client
+) -> None:
+    """What the alert rules in deploy/monitoring/ fire on."""
+    assert server.http is not None
+    url = f"http://127.0.0.1:{server.http.port}/metrics"
+    _, text = await get(url)
+    assert sample(text, "kine_alarm_nospace") == 0
+    assert sample(text, "kine_database_up") == 1
+    activate = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=0, alarm=pb.NOSPACE)
+    await kine.maintenance.Alarm(activate)
+    _, text = await get(url)
+    assert sample(text, "kine_alarm_nospace") == 1
+    deactivate = pb.AlarmRequest(action=pb.AlarmRequest.DEACTIVATE, memberID=0, alarm=pb.NOSPACE)
+    await kine.maintenance.Alarm(deactivate)
+    _, text = await get(url)
+    assert sample(text, "kine_alarm_nospace") == 0

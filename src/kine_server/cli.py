@@ -277,6 +277,14 @@ FLAGS = [
         format_duration,
     ),
     Flag(
+        "shutdown-grace",
+        "shutdown_grace",
+        "On SIGTERM, how long in-flight requests and queued writes get to finish before they are "
+        "cut off (Go duration; keep it below the container runtime's stop timeout)",
+        _positive_duration,
+        format_duration,
+    ),
+    Flag(
         "workers",
         "workers",
         "Processes serving clients, all sharing the port; writes go to one writer process "

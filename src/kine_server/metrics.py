@@ -191,9 +191,17 @@ class _StoreState(Collector):
         self.watchers = 0
         self.buffered_events = 0
         self.streams = 0
+        #: Whether the database answered the last scrape's first query: the one figure an
+        #: alert on an unreachable database can use (the others keep their last values).
+        self.database_up = False
 
     async def refresh(self) -> None:
-        counters = await self._store.counters()
+        try:
+            counters = await self._store.counters()
+        except errors.EtcdError:
+            self.database_up = False
+            raise
+        self.database_up = True
         self.revision, self.compact_revision = counters.revision, counters.compact_revision
         self.db_size, self.db_size_in_use = await self._store.size()
         self.write_side = await self._store.write_side_status()
@@ -230,6 +238,14 @@ class _StoreState(Collector):
             "kine_lease_expired": (
                 "Leases expired by this instance",
                 self.write_side.expired_leases,
+            ),
+            "kine_database_up": (
+                "1 when the database answered this scrape, 0 when it did not",
+                int(self.database_up),
+            ),
+            "kine_alarm_nospace": (
+                "1 while etcd's NOSPACE alarm is raised (writes that add data are refused)",
+                int(self.write_side.nospace),
             ),
         }
         for name, (doc, value) in gauges.items():

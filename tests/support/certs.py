@@ -39,12 +39,15 @@ def make_ca(directory: Path, name: str) -> Pair:
     return pair
 
 
-def issue(ca: Pair, directory: Path, name: str, server: bool) -> Pair:
-    """A certificate signed by `ca`; server ones are valid for 127.0.0.1 and localhost."""
+def issue(ca: Pair, directory: Path, name: str, server: bool, client_too: bool = False) -> Pair:
+    """A certificate signed by `ca`; server ones are valid for 127.0.0.1 and localhost, and
+    with `client_too` for client authentication as well (as kubeadm issues etcd's)."""
     pair = Pair(directory / f"{name}.crt", directory / f"{name}.key")
     csr = directory / f"{name}.csr"
     ext = directory / f"{name}.ext"
     usage = "serverAuth" if server else "clientAuth"
+    if server and client_too:
+        usage = "serverAuth, clientAuth"
     lines = [f"extendedKeyUsage = {usage}"]
     if server:
         lines.append("subjectAltName = IP:127.0.0.1, DNS:localhost")
