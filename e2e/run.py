@@ -118,7 +118,9 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float, every: float = 0.5) -> None:
+def wait_until(
+    what: str, predicate: Callable[[], bool], timeout: float, every: float = 0.5
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -333,7 +335,9 @@ def brief(obj: Any) -> str:
     return text[:300]
 
 
-def cm_body(name: str, data: dict[str, str], labels: dict[str, str] | None = None) -> dict[str, Any]:
+def cm_body(
+    name: str, data: dict[str, str], labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if labels:
         meta["labels"] = labels
@@ -602,8 +606,12 @@ class Suite:
                 "apiVersion": "v1",
                 "kind": "Event",
                 "metadata": {"name": "e2e-ttl"},
-                "involvedObject": {"kind": "ConfigMap", "apiVersion": "v1",
-                                   "namespace": "e2e-events", "name": "anything"},
+                "involvedObject": {
+                    "kind": "ConfigMap",
+                    "apiVersion": "v1",
+                    "namespace": "e2e-events",
+                    "name": "anything",
+                },
                 "reason": "E2E",
                 "message": "expires through a kine-server lease",
                 "type": "Normal",
@@ -693,7 +701,10 @@ class Suite:
             v1 = state["v1"]
             body = dict(v1, data={"a": "2"})
             v2 = api.expect(200, "PUT", cms(ns, "crud"), body)
-            rv1, rv2 = int(v1["metadata"]["resourceVersion"]), int(v2["metadata"]["resourceVersion"])
+            rv1, rv2 = (
+                int(v1["metadata"]["resourceVersion"]),
+                int(v2["metadata"]["resourceVersion"]),
+            )
             if rv2 <= rv1 or v2["data"] != {"a": "2"}:
                 raise CheckFailed(f"update answered rv {rv2} (was {rv1}), data {v2['data']}")
             note.append(f"rv {rv1} -> {rv2}")
@@ -796,10 +807,14 @@ class Suite:
                 if op == "create":
                     status, body = api.request("POST", cms(ns), cm_body(name, data or {}))
                     if status == 201:
-                        return Expected("ADDED", name, int(body["metadata"]["resourceVersion"]), data)
+                        return Expected(
+                            "ADDED", name, int(body["metadata"]["resourceVersion"]), data
+                        )
                     if status == 409 and attempts > 1:
                         cur = api.expect(200, "GET", cms(ns, name))
-                        return Expected("ADDED", name, int(cur["metadata"]["resourceVersion"]), data)
+                        return Expected(
+                            "ADDED", name, int(cur["metadata"]["resourceVersion"]), data
+                        )
                 elif op == "update":
                     body_in = {**cm_body(name, data or {}),
                                "metadata": {"name": name, "resourceVersion": str(rv)}}  # fmt: skip
@@ -925,8 +940,10 @@ class Suite:
         if len(got) != len(expected):
             problems.append(f"{len(got)} events for {len(expected)} changes")
         for i, (g, e) in enumerate(zip(got, expected, strict=False)):
-            if (g.type, g.name) != (e.type, e.name) or (e.rv is not None and g.rv != e.rv) or (
-                e.data is not None and g.data != e.data
+            if (
+                (g.type, g.name) != (e.type, e.name)
+                or (e.rv is not None and g.rv != e.rv)
+                or (e.data is not None and g.data != e.data)
             ):
                 problems.append(f"event {i}: got {g.type} {g.name} rv {g.rv}, "
                                 f"want {e.type} {e.name} rv {e.rv}")  # fmt: skip
@@ -950,6 +967,7 @@ class Suite:
         assert api is not None and apiserver is not None
         if not self.early_rv:
             raise CheckFailed("no early resourceVersion recorded")
+
         # The apiserver's compactor first runs one interval after start (recording the
         # revision), and compacts up to that revision one interval later.
         def compacted_revs() -> list[str]:
@@ -1067,7 +1085,9 @@ class Suite:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--kube-apiserver", help="binary to use (default: scripts/kube-apiserver.sh)")
+    parser.add_argument(
+        "--kube-apiserver", help="binary to use (default: scripts/kube-apiserver.sh)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and logs")
     parser.add_argument("--no-watch-cache", action="store_true",
                         help="run kube-apiserver with --watch-cache=false, so that every client "
