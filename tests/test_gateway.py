@@ -10,8 +10,6 @@ import json
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from kine_server.gateway.routes import ROUTES
 from tests.support.certs import Pair
 from tests.support.etcd import RealEtcd
 from tests.support.ports import free_port
-from tests.support.process import KineProcess
+from tests.support.process import KineProcess, failed_start
 from tests.test_metrics import sample
 from tests.test_tls import pki as pki  # a fixture, used by name
 from tests.test_tls import tls_flags
@@ -511,27 +509,16 @@ def test_https_gateway_with_the_grpc_listeners_client_certificates(
 def test_a_bad_gateway_url_fails_the_start_in_one_line(
     tmp_path: Path, pki: dict[str, Pair], url: str, tls: bool, says: str, workers: str
 ) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kine_server",
-            "--endpoint",
-            f"sqlite://{tmp_path}/db/state.db",
-            "--listen-address",
-            f"127.0.0.1:{free_port()}",
-            "--metrics-bind-address",
-            "0",
-            "--workers",
-            workers,
-            "--listen-gateway-urls",
-            url,
-            *(tls_flags(pki, mutual=False) if tls else []),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    line = failed_start(
+        f"sqlite://{tmp_path}/db/state.db",
+        "--listen-address",
+        f"127.0.0.1:{free_port()}",
+        "--metrics-bind-address",
+        "0",
+        "--workers",
+        workers,
+        "--listen-gateway-urls",
+        url,
+        *(tls_flags(pki, mutual=False) if tls else []),
     )
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 1 and len(lines) == 1, done.stderr
-    assert f"--listen-gateway-urls {url}: " in lines[0] and says in lines[0], lines[0]
+    assert f"--listen-gateway-urls {url}: " in line and says in line, line

@@ -13,8 +13,6 @@ import logging
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,7 +30,7 @@ from kine_server.store.compactor import CompactionSettings
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.ports import free_port
-from tests.support.process import KineProcess
+from tests.support.process import KineProcess, failed_start
 from tests.support.watching import WatchStream
 from tests.test_compaction import Faults, write_history
 
@@ -374,28 +372,16 @@ def test_a_failed_start_prints_one_line(tmp_path: Path, workers: str) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kine_server",
-                "--endpoint",
-                f"sqlite://{tmp_path}/db/state.db",
-                "--listen-address",
-                f"127.0.0.1:{free_port()}",
-                "--metrics-bind-address",
-                f"127.0.0.1:{port}",
-                "--workers",
-                workers,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        line = failed_start(
+            f"sqlite://{tmp_path}/db/state.db",
+            "--listen-address",
+            f"127.0.0.1:{free_port()}",
+            "--metrics-bind-address",
+            f"127.0.0.1:{port}",
+            "--workers",
+            workers,
         )
-    assert done.returncode == 1
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert "cannot serve metrics" in lines[0]
+    assert "cannot serve metrics" in line
 
 
 #: Each way a start fails, as flags (BUSY: a port something else listens on; FREE: a free one,
@@ -453,28 +439,15 @@ def test_every_failed_start_prints_one_line_that_says_why(
                 text = text.replace(name, port)
             return text
 
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kine_server",
-                "--endpoint",
-                f"sqlite://{tmp_path}/db/state.db",
-                *defaults,
-                "--workers",
-                workers,
-                *map(filled, flags),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
+        line = failed_start(
+            f"sqlite://{tmp_path}/db/state.db",
+            *defaults,
+            "--workers",
+            workers,
+            *map(filled, flags),
         )
-    assert done.returncode == 1
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("kine-server: error: ")
-    assert filled(expected) in lines[0]
+    assert line.startswith("kine-server: error: ")
+    assert filled(expected) in line
 
 
 async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_silence(

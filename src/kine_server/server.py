@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
+import ipaddress
 import logging
 import os
 import shutil
 import signal
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from prometheus_client import generate_latest
@@ -115,6 +117,59 @@ def check_port_free(address: Address, what: str = "listen on") -> None:
         addresses.bind(address).close()
     except OSError as exc:
         raise StartupError(f"cannot {what} {address}: {addresses.bind_error(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    """Files created in the block get at most ~mask (the umask is the process's: only for a
+    moment at start-up, when nothing else creates files)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _loopback(address: Address) -> bool:
+    """Reachable only from this machine: a unix socket, localhost, 127.0.0.0/8 or ::1. A
+    wildcard or a name that is not localhost counts as reachable from elsewhere."""
+    if address.is_unix:
+        return True
+    host = address.host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_warnings(
+    config: Config, listening: list[Address], gateway: Address | None
+) -> list[str]:
+    """What an operator must hear about the client listeners (gRPC and the gateway), as etcd
+    warns: one reachable from other machines without TLS lets anyone on the network read and
+    change every key (Kubernetes Secrets included); one with TLS but no client certificates
+    lets anyone who can connect do the same, since there is no auth to stop them."""
+    tls = bool(config.server_cert_file)
+    listeners = [a for a in [*listening, *([gateway] if gateway else [])] if not _loopback(a)]
+    warnings = []
+    for address in listeners:
+        url = address.url(tls)
+        if not address.tls(tls):
+            warnings.append(
+                f"serving insecure client requests on {url}, this is strongly discouraged! "
+                "Anyone who can reach it can read and change every key: serve TLS "
+                "(--server-cert-file, --server-key-file) with client certificates "
+                "(--trusted-ca-file)"
+            )
+        elif not config.trusted_ca_file:
+            warnings.append(
+                f"serving client requests on {url} without client certificates: anyone who can "
+                "connect can read and change every key (there is no auth); require them with "
+                "--trusted-ca-file"
+            )
+    return warnings
 
 
 def gateway_address(config: Config) -> Address:
@@ -284,6 +339,7 @@ class Server:
         self._gateway_directory: str | None = None
         self._store_started = False
         self.listening_urls: list[str] = []
+        self._bound: list[Address] = []
         self.advertised: list[str] = []
 
     async def start(self) -> None:
@@ -308,6 +364,9 @@ class Server:
 
     def _started(self) -> None:
         log.info("kine-server %s", self.describe())
+        gateway = None if self._gateway_listener is None else self._gateway_listener.address
+        for warning in insecure_warnings(self.config, self._bound, gateway):
+            log.warning(warning)
 
     def describe(self, workers: int = 1, gateway: str = "") -> str:
         """The first line of the log: what is served where."""
@@ -408,15 +467,20 @@ class Server:
         for address in listening:
             target = address.grpc_target()
             try:
-                if address.tls(tls) and self._credentials is not None:
-                    port = server.add_secure_port(target, self._credentials)
-                else:
-                    port = server.add_insecure_port(target)
+                # gRPC binds a unix socket here, and it would be created with the umask's mode
+                # (often 0755) until the chmod after start: created 0600, it is never open to
+                # others, not even for the moment a connection could be made and kept.
+                with _umask(0o177) if address.is_unix else contextlib.nullcontext():
+                    if address.tls(tls) and self._credentials is not None:
+                        port = server.add_secure_port(target, self._credentials)
+                    else:
+                        port = server.add_insecure_port(target)
             except RuntimeError as exc:
                 raise StartupError(f"cannot listen on {address}: {exc}") from exc
             if port == 0 and not address.is_unix:
                 raise StartupError(f"cannot listen on {address}: address already in use")
             bound.append(address if address.is_unix else address.with_port(port))
+        self._bound = bound
         self.port = bound[0].port
         self.listening_urls = [address.url(tls) for address in bound]
         self.advertised = self.config.advertise_urls(bound)

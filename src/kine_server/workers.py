@@ -36,6 +36,7 @@ from kine_server.server import (
     advertise_check,
     check_port_free,
     gateway_address,
+    insecure_warnings,
     listen_addresses,
     metrics_address,
     metrics_ssl_context,
@@ -116,6 +117,9 @@ class WriterProcess(Server):
         self.listening_urls = [address.url(tls) for address in self.addresses]
         self.advertised = self.config.advertise_urls(self.addresses)
         log.info("kine-server %s", self.describe(self.count, self._gateway_url))
+        served = addresses.parse(self._gateway_url) if self._gateway_url else None
+        for warning in insecure_warnings(self.config, self.addresses, served):
+            log.warning(warning)
 
     def _other_processes(
         self,

@@ -99,3 +99,20 @@ class KineProcess:
             # without their writer: nothing of this server outlives the test.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def failed_start(endpoint: str, *args: str, timeout: float = 60.0) -> str:
+    """Run `python -m kine_server --endpoint ENDPOINT ARGS` to its exit, which must be a failed
+    start: exit code 1 and exactly one line on stderr, which is returned."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kine_server", "--endpoint", endpoint, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, (done.returncode, done.stderr)
+    return lines[0]
