@@ -205,14 +205,20 @@ def test_unix_socket_is_private_and_serves_etcdctl(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
 
 
-def test_slow_transactions_are_logged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_slow_transactions_are_logged(tmp_path: Path, workers: str) -> None:
+    """Writes by the writer, reads by whichever process serves them (a front-end's too)."""
     from tests.test_etcdctl import etcdctl
 
     endpoint = f"sqlite://{tmp_path}/s.db"
-    with KineProcess(endpoint, tmp_path, "--slow-sql-threshold", "1ns") as kine:
+    flags = ["--slow-sql-threshold", "1ns", "--workers", workers]
+    with KineProcess(endpoint, tmp_path, *flags) as kine:
         etcdctl(kine.address, "put /slow 1")
+        etcdctl(kine.address, "get /slow")
         assert kine.stop() == 0
-    assert "slow write transaction: 1 requests took" in kine.log()
+    log = kine.log()
+    assert "slow write transaction: 1 requests took" in log
+    assert "slow read transaction: Range took" in log
 
 
 async def test_sigterm_ends_streams_and_the_port_is_free_at_once(tmp_path: Path) -> None:

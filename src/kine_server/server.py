@@ -322,6 +322,7 @@ class Server:
         self._init_serving(self.store)
         self.store.writer.observe = self.metrics.observe_batch
         self.store.writer.slow_threshold = config.slow_sql_threshold
+        self.store.slow_threshold = config.slow_sql_threshold
 
     def _init_serving(self, store: Storage) -> None:
         self.serving: Storage = store
@@ -622,6 +623,7 @@ class FrontendServer(Server):
         self.config = config
         self.driver = open_driver(config, read_only=True)
         self.frontend = FrontendStore(self.driver, writer_socket, on_lost)
+        self.frontend.slow_threshold = config.slow_sql_threshold
         self.worker = worker
         self._init_serving(self.frontend)
         self.shared_port = True

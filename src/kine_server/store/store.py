@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import logging
 import struct
+import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kine_server import errors
-from kine_server.drivers.base import OPEN_END, Counters, Driver
+from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, has_puts, is_read_only
@@ -28,6 +32,8 @@ from kine_server.store.quota import Quota
 from kine_server.store.snapshot import copy_store
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,21 @@ class Storage(abc.ABC):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
         self.hub = EventHub()
+        #: Read transactions slower than this many seconds are logged (--slow-sql-threshold;
+        #: 0 disables), as the writer logs slow write transactions.
+        self.slow_threshold = 0.0
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, what: str) -> AsyncIterator[ReadTx]:
+        """One read transaction: the driver's errors become the client's answer, and one that
+        takes longer than `slow_threshold` is logged with what it served."""
+        began = time.monotonic()
+        with errors.database_errors():
+            async with self.driver.read() as tx:
+                yield tx
+        took = time.monotonic() - began
+        if 0 < self.slow_threshold <= took:
+            log.warning("slow read transaction: %s took %.3fs", what, took)
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -102,10 +123,9 @@ class Storage(abc.ABC):
     async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
         if not is_read_only(req):
             return await self.write_txn(req)
-        with errors.database_errors():
-            async with self.driver.read() as tx:
-                counters = await tx.counters()
-                return await Applier(tx, counters.revision, counters.compact_revision).txn(req)
+        async with self._reading("Txn") as tx:
+            counters = await tx.counters()
+            return await Applier(tx, counters.revision, counters.compact_revision).txn(req)
 
     async def lease_time_to_live(self, lease_id: int, with_keys: bool) -> LeaseStatus | None:
         return await lease_status(self.driver, lease_id, with_keys)
@@ -114,35 +134,32 @@ class Storage(abc.ABC):
         return await lease_ids(self.driver)
 
     async def counters(self) -> Counters:
-        with errors.database_errors():
-            async with self.driver.read() as tx:
-                return await tx.counters()
+        async with self._reading("counters") as tx:
+            return await tx.counters()
 
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
-        with errors.database_errors():
-            async with self.driver.read() as tx:
-                counters = await tx.counters()
-                return await Applier(tx, counters.revision, counters.compact_revision).range(req)
+        async with self._reading("Range") as tx:
+            counters = await tx.counters()
+            return await Applier(tx, counters.revision, counters.compact_revision).range(req)
 
     async def history(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
     ) -> HistoryPage:
         """The changes of a key range after `after`, at most about `limit` of them, whole
         revisions only, read from one snapshot; `page.through` says how far the page reaches."""
-        with errors.database_errors():
-            async with self.driver.read() as tx:
-                counters = await tx.counters()
-                if after + 1 < counters.compact_revision:
-                    return HistoryPage(counters.compact_revision, [], after)
-                changes = await tx.changes(after, through, key, end, limit)
-                if len(changes) < limit:
-                    return HistoryPage(counters.compact_revision, changes, through)
-                whole = whole_revisions(changes)
-                if not whole:  # one revision bigger than a page: read all of it
-                    through = changes[0].row.mod_revision
-                    whole = await tx.changes(after, through, key, end, 2**62)
-                else:
-                    through = whole[-1].row.mod_revision
+        async with self._reading("watch history") as tx:
+            counters = await tx.counters()
+            if after + 1 < counters.compact_revision:
+                return HistoryPage(counters.compact_revision, [], after)
+            changes = await tx.changes(after, through, key, end, limit)
+            if len(changes) < limit:
+                return HistoryPage(counters.compact_revision, changes, through)
+            whole = whole_revisions(changes)
+            if not whole:  # one revision bigger than a page: read all of it
+                through = changes[0].row.mod_revision
+                whole = await tx.changes(after, through, key, end, 2**62)
+            else:
+                through = whole[-1].row.mod_revision
         return HistoryPage(counters.compact_revision, whole, through)
 
     async def snapshot(self, path: str) -> Counters:
@@ -167,28 +184,27 @@ class Storage(abc.ABC):
         every instance and across restarts, since it is computed from the table alone.
         """
         crc = 0
-        with errors.database_errors():
-            async with self.driver.read() as tx:
-                counters = await tx.counters()
-                # As etcd's HashByRev: 0 is the current revision, the compact revision itself
-                # is compacted, and a negative one hashes nothing (it is not an error).
-                if revision > 0 and revision <= counters.compact_revision:
-                    raise errors.Compacted()
-                if revision > counters.revision:
-                    raise errors.FutureRevision()
-                at = revision or counters.revision
-                key = b"\x00"
-                while True:
-                    rows = await tx.range(key, OPEN_END, at, 1000)
-                    for row in rows:
-                        crc = zlib.crc32(row.key, crc)
-                        header = struct.pack(
-                            ">qqqq", row.create_revision, row.mod_revision, row.version, row.lease
-                        )
-                        crc = zlib.crc32(row.value, zlib.crc32(header, crc))
-                    if len(rows) < 1000:
-                        break
-                    key = rows[-1].key + b"\x00"
+        async with self._reading("HashKV") as tx:
+            counters = await tx.counters()
+            # As etcd's HashByRev: 0 is the current revision, the compact revision itself
+            # is compacted, and a negative one hashes nothing (it is not an error).
+            if revision > 0 and revision <= counters.compact_revision:
+                raise errors.Compacted()
+            if revision > counters.revision:
+                raise errors.FutureRevision()
+            at = revision or counters.revision
+            key = b"\x00"
+            while True:
+                rows = await tx.range(key, OPEN_END, at, 1000)
+                for row in rows:
+                    crc = zlib.crc32(row.key, crc)
+                    header = struct.pack(
+                        ">qqqq", row.create_revision, row.mod_revision, row.version, row.lease
+                    )
+                    crc = zlib.crc32(row.value, zlib.crc32(header, crc))
+                if len(rows) < 1000:
+                    break
+                key = rows[-1].key + b"\x00"
         return crc, at, counters.compact_revision
 
 
