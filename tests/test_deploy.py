@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -323,6 +324,40 @@ async def test_shutdown_grace_bounds_sigterm_with_a_request_stuck_on_the_databas
     assert isinstance(outcome, grpc.aio.AioRpcError), outcome
     assert outcome.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     # Far from the default grace (10 s): the flag, not the default, bounded the stop.
+    assert took < grace + CLOSE_SECONDS + 5, f"SIGTERM took {took:.1f}s"
+
+
+async def test_shutdown_grace_bounds_sigterm_while_another_process_holds_the_sqlite_lock(
+    tmp_path: Path,
+) -> None:
+    """A Put waiting for SQLite's write lock, held by another process (a backup, the sqlite3
+    shell): SQLite's 30 s busy timeout held SIGTERM for 30 s whatever the grace."""
+    grace = 1.0
+    database = tmp_path / "state.db"
+    flags = ["--shutdown-grace", "1s", "--workers", "1"]
+    with KineProcess(f"sqlite://{database}", tmp_path, *flags) as kine:
+        assert kine.proc is not None
+        client = connect(kine.address)
+        await client.kv.Put(pb.PutRequest(key=b"/g/before", value=b"v"))
+        holder = sqlite3.connect(database, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # SQLite's one write lock, held
+        try:
+            put = asyncio.ensure_future(
+                client.kv.Put(pb.PutRequest(key=b"/g/stuck", value=b"v"), timeout=120)
+            )
+            await asyncio.sleep(0.5)  # the Put reaches the writer and waits for the lock
+            assert not put.done()
+            began = time.monotonic()
+            kine.proc.terminate()
+            code = await asyncio.to_thread(kine.proc.wait, 60)
+            took = time.monotonic() - began
+            [outcome] = await asyncio.gather(put, return_exceptions=True)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await client.close()
+    assert code == 0, kine.log()
+    assert isinstance(outcome, grpc.aio.AioRpcError), outcome
     assert took < grace + CLOSE_SECONDS + 5, f"SIGTERM took {took:.1f}s"
 
 

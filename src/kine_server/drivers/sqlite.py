@@ -29,6 +29,8 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Self, TypeVar
@@ -396,6 +398,10 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+#: How long one step of waiting for another process's lock lasts (see _Link.wait_for_lock).
+LOCK_STEP_MS = 100
+
+
 class _Link:
     """One sqlite3 connection and the one thread that runs its blocking steps, in order."""
 
@@ -407,6 +413,33 @@ class _Link:
         self.busy_timeout_ms = busy_timeout_ms
         #: Looked up once: asyncio.get_running_loop() makes a getpid() system call on 3.11.
         self._loop = asyncio.get_running_loop()
+        #: Set by close(): a statement waiting for another connection's lock gives up (see
+        #: wait_for_lock), so that stopping is not held up for the whole busy timeout.
+        self.closing = False
+
+    def wait_for_lock(
+        self,
+        conn: sqlite3.Connection,
+        statement: str,
+        timeout_ms: int,
+        abandoned: threading.Event | None = None,
+    ) -> None:
+        """On the thread: run `statement`, waiting up to `timeout_ms` while another process
+        holds the lock it needs. The wait is SQLite's busy handler in steps of LOCK_STEP_MS,
+        so that close(), or the caller setting `abandoned` (it was cancelled), ends it: one
+        busy timeout of 30 s held a SIGTERM for 30 s whatever the grace, and the link's
+        thread, behind it, could not even roll back. Leaves the busy timeout at the step."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        conn.execute(f"PRAGMA busy_timeout={min(LOCK_STEP_MS, timeout_ms)}")
+        while True:
+            try:
+                conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                given_up = self.closing or (abandoned is not None and abandoned.is_set())
+                if not busy or given_up or time.monotonic() >= deadline:
+                    raise
 
     @classmethod
     async def connect(
@@ -446,6 +479,7 @@ class _Link:
         await asyncio.shield(self.submit(_rollback))
 
     async def close(self) -> None:
+        self.closing = True
         try:
             await self.call(lambda conn: conn.close())
         finally:
@@ -465,14 +499,19 @@ class _WriterLink(_Link):
             if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                 raise
 
+        abandoned = threading.Event()
+
         def waiting(conn: sqlite3.Connection) -> None:
-            conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self.wait_for_lock(conn, "BEGIN IMMEDIATE", self.busy_timeout_ms, abandoned)
             finally:
                 conn.execute("PRAGMA busy_timeout=0")
 
-        await self.call(waiting)
+        try:
+            await self.call(waiting)
+        except asyncio.CancelledError:
+            abandoned.set()  # the batch was given up (a stop's deadline): so is the wait
+            raise
 
 
 @contextlib.asynccontextmanager
@@ -647,8 +686,7 @@ class SQLiteDriver(Driver):
         assert link is not None, "driver not open"
 
         def vacuum(conn: sqlite3.Connection) -> None:
-            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-            conn.execute("VACUUM")
+            link.wait_for_lock(conn, "VACUUM", self._busy_timeout_ms)
             conn.execute("PRAGMA busy_timeout=1000")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
