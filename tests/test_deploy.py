@@ -351,6 +351,7 @@ async def test_shutdown_grace_bounds_sigterm_while_another_process_holds_the_sql
             kine.proc.terminate()
             code = await asyncio.to_thread(kine.proc.wait, 60)
             took = time.monotonic() - began
+            outcome: BaseException | pb.PutResponse
             [outcome] = await asyncio.gather(put, return_exceptions=True)
         finally:
             holder.execute("ROLLBACK")

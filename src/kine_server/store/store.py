@@ -47,6 +47,24 @@ class WriteSideStatus:
     write_requests: int
 
 
+async def key_space_hash(tx: ReadTx, at: int) -> int:
+    """HashKV's crc32: every live key's create/mod revision, version, lease and value as of
+    `at`, in key order (the same on every instance and across restarts: the table alone)."""
+    crc = 0
+    key = b"\x00"
+    while True:
+        rows = await tx.range(key, OPEN_END, at, 1000)
+        for row in rows:
+            crc = zlib.crc32(row.key, crc)
+            header = struct.pack(
+                ">qqqq", row.create_revision, row.mod_revision, row.version, row.lease
+            )
+            crc = zlib.crc32(row.value, zlib.crc32(header, crc))
+        if len(rows) < 1000:
+            return crc
+        key = rows[-1].key + b"\x00"
+
+
 class Storage(abc.ABC):
     """Reads straight from the database; writes (abstract) through a writer."""
 
@@ -183,7 +201,6 @@ class Storage(abc.ABC):
         Every key's create/mod revision, version, lease and value, in key order: the same on
         every instance and across restarts, since it is computed from the table alone.
         """
-        crc = 0
         async with self._reading("HashKV") as tx:
             counters = await tx.counters()
             # As etcd's HashByRev: 0 is the current revision, the compact revision itself
@@ -193,18 +210,7 @@ class Storage(abc.ABC):
             if revision > counters.revision:
                 raise errors.FutureRevision()
             at = revision or counters.revision
-            key = b"\x00"
-            while True:
-                rows = await tx.range(key, OPEN_END, at, 1000)
-                for row in rows:
-                    crc = zlib.crc32(row.key, crc)
-                    header = struct.pack(
-                        ">qqqq", row.create_revision, row.mod_revision, row.version, row.lease
-                    )
-                    crc = zlib.crc32(row.value, zlib.crc32(header, crc))
-                if len(rows) < 1000:
-                    break
-                key = rows[-1].key + b"\x00"
+            crc = await key_space_hash(tx, at)
         return crc, at, counters.compact_revision
 
 
