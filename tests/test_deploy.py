@@ -37,7 +37,7 @@ from kine_server.drivers.postgres import with_database
 from kine_server.durations import parse_duration
 from kine_server.pb import rpc_pb2 as pb
 from tests.support.certs import issue, make_ca
-from tests.support.client import connect
+from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.ports import free_port
 from tests.support.postgres import ThrowawayPostgres
@@ -292,6 +292,26 @@ def postgres_dsn(postgres: ThrowawayPostgres) -> str:
     return with_database(postgres.dsn, f"kine_{uuid.uuid4().hex[:12]}")
 
 
+async def sigterm_with_a_stuck_put(
+    kine: KineProcess, client: Client
+) -> tuple[int, float, BaseException | pb.PutResponse]:
+    """Send a Put the database will not answer, SIGTERM the server while it waits: (exit code,
+    seconds SIGTERM took, what the Put got)."""
+    assert kine.proc is not None
+    put = asyncio.ensure_future(
+        client.kv.Put(pb.PutRequest(key=b"/g/stuck", value=b"v"), timeout=120)
+    )
+    await asyncio.sleep(0.5)  # the Put reaches the server and waits on the database
+    assert not put.done()
+    began = time.monotonic()
+    kine.proc.terminate()
+    code = await asyncio.to_thread(kine.proc.wait, 60)
+    took = time.monotonic() - began
+    outcome: BaseException | pb.PutResponse
+    [outcome] = await asyncio.gather(put, return_exceptions=True)
+    return code, took, outcome
+
+
 async def test_shutdown_grace_bounds_sigterm_with_a_request_stuck_on_the_database(
     postgres: ThrowawayPostgres, postgres_dsn: str, tmp_path: Path
 ) -> None:
@@ -307,17 +327,7 @@ async def test_shutdown_grace_bounds_sigterm_with_a_request_stuck_on_the_databas
         client = connect(kine.address)
         await client.kv.Put(pb.PutRequest(key=b"/g/before", value=b"v"))
         proxy.set_mode(Mode.BLACKHOLE)
-        put = asyncio.ensure_future(
-            client.kv.Put(pb.PutRequest(key=b"/g/stuck", value=b"v"), timeout=120)
-        )
-        await asyncio.sleep(0.5)  # the Put reaches the server and waits on the database
-        assert not put.done()
-        began = time.monotonic()
-        kine.proc.terminate()
-        code = await asyncio.to_thread(kine.proc.wait, 60)
-        took = time.monotonic() - began
-        outcome: BaseException | pb.PutResponse
-        [outcome] = await asyncio.gather(put, return_exceptions=True)
+        code, took, outcome = await sigterm_with_a_stuck_put(kine, client)
         await client.close()
         proxy.set_mode(Mode.FORWARD)
     assert code == 0, kine.log()
@@ -342,17 +352,7 @@ async def test_shutdown_grace_bounds_sigterm_while_another_process_holds_the_sql
         holder = sqlite3.connect(database, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # SQLite's one write lock, held
         try:
-            put = asyncio.ensure_future(
-                client.kv.Put(pb.PutRequest(key=b"/g/stuck", value=b"v"), timeout=120)
-            )
-            await asyncio.sleep(0.5)  # the Put reaches the writer and waits for the lock
-            assert not put.done()
-            began = time.monotonic()
-            kine.proc.terminate()
-            code = await asyncio.to_thread(kine.proc.wait, 60)
-            took = time.monotonic() - began
-            outcome: BaseException | pb.PutResponse
-            [outcome] = await asyncio.gather(put, return_exceptions=True)
+            code, took, outcome = await sigterm_with_a_stuck_put(kine, client)
         finally:
             holder.execute("ROLLBACK")
             holder.close()

@@ -32,6 +32,14 @@ from tests.support.postgres import ThrowawayPostgres
 from tests.support.process import KineProcess
 from tests.test_etcdctl import etcdctl
 
+#: kine's indexes, the same on both databases.
+KINE_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS kine_name_index ON kine (name)",
+    "CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name,id)",
+    "CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id,deleted)",
+    "CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision)",
+]
 #: kine's SQLite schema (pkg/drivers/sqlite), as every release since 0.10 creates it.
 KINE_SQLITE_DDL = [
     """CREATE TABLE IF NOT EXISTS kine
@@ -46,11 +54,7 @@ KINE_SQLITE_DDL = [
             value BLOB,
             old_value BLOB
         )""",
-    "CREATE INDEX IF NOT EXISTS kine_name_index ON kine (name)",
-    "CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name,id)",
-    "CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id,deleted)",
-    "CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision)",
+    *KINE_INDEXES,
 ]
 #: kine's PostgreSQL schema of the 0.10 releases (later ones widen id to BIGSERIAL).
 KINE_POSTGRES_DDL = [
@@ -66,11 +70,7 @@ KINE_POSTGRES_DDL = [
             value bytea,
             old_value bytea
         )""",
-    "CREATE INDEX IF NOT EXISTS kine_name_index ON kine (name)",
-    "CREATE INDEX IF NOT EXISTS kine_name_id_index ON kine (name,id)",
-    "CREATE INDEX IF NOT EXISTS kine_id_deleted_index ON kine (id,deleted)",
-    "CREATE INDEX IF NOT EXISTS kine_prev_revision_index ON kine (prev_revision)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS kine_name_prev_revision_uindex ON kine (name, prev_revision)",
+    *KINE_INDEXES,
 ]
 #: The columns kine's inserts fill, in its order.
 COLUMNS = "name, created, deleted, create_revision, prev_revision, lease, value, old_value"
