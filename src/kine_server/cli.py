@@ -21,6 +21,8 @@ from kine_server.drivers.base import OPEN_END
 from kine_server.drivers.kine_source import open_kine
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.durations import format_duration, parse_duration
+from kine_server.etcd_backend.bbolt import BoltError, BoltFile
+from kine_server.etcd_backend.mvcc import is_bbolt, restore_etcd
 from kine_server.server import StartupError, WriterGone, serve, serve_frontend
 from kine_server.store.kine_import import import_kine
 from kine_server.store.snapshot import SnapshotError, copy_store, strip_checksum
@@ -374,7 +376,8 @@ def restore(argv: Sequence[str], environ: dict[str, str]) -> int:
     """`kine-server restore [--endpoint DSN] SNAPSHOT`: load a snapshot into an empty database."""
     parser = argparse.ArgumentParser(
         prog="kine-server restore",
-        description="Copy a snapshot (from `etcdctl snapshot save`) into an empty database.",
+        description="Copy a snapshot (from `etcdctl snapshot save` of kine-server or of etcd, or "
+        "an etcd data directory's member/snap/db) into an empty database.",
     )
     parser.add_argument("snapshot", help="the snapshot file")
     parser.add_argument(
@@ -388,24 +391,36 @@ def restore(argv: Sequence[str], environ: dict[str, str]) -> int:
         print(f"kine-server restore: error: no snapshot file {args.snapshot}", file=sys.stderr)
         return 1
 
+    def progress(line: str) -> None:
+        print(f"kine-server restore: {line}", file=sys.stderr, flush=True)
+
     async def run(database: str) -> int:
-        source = SQLiteDriver(database, readers=1)
         target = make_driver(args.endpoint)
+        await target.open()
         try:
-            await source.open()
-            await target.open()
-            counters = await copy_store(source, target)
+            if is_bbolt(database):  # etcd's own: `etcdctl snapshot save`, or member/snap/db
+                with BoltFile(database) as bolt:
+                    report = await restore_etcd(bolt, target, progress)
+                revision = report.revision
+                detail = f" from etcd: {report.rows} rows, {report.leases} leases"
+            else:
+                source = SQLiteDriver(database, readers=1)
+                await source.open()
+                try:
+                    revision = (await copy_store(source, target)).revision
+                finally:
+                    await source.close()
+                detail = ""
         finally:
             await target.close()
-            await source.close()
-        print(f"restored revision {counters.revision} into {target.location}")
+        print(f"restored revision {revision} into {target.location}{detail}")
         return 0
 
     try:
         with tempfile.TemporaryDirectory(prefix="kine-restore-") as directory:
             database = strip_checksum(args.snapshot, os.path.join(directory, "snapshot.db"))
             return asyncio.run(run(database))
-    except (SnapshotError, DriverError, EndpointError) as exc:
+    except (SnapshotError, DriverError, EndpointError, BoltError) as exc:
         print(f"kine-server restore: error: {exc}", file=sys.stderr)
         return 1
 

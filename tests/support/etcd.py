@@ -90,6 +90,17 @@ class RealEtcd:
             raise RuntimeError("RealEtcd has not been started")
         return self._base_dir / "etcd.log"
 
+    @property
+    def data_dir(self) -> Path:
+        """etcd's --data-dir (member/snap/db is its backend)."""
+        if self._base_dir is None:
+            raise RuntimeError("RealEtcd has not been started")
+        return self._base_dir / "data"
+
+    def stop_process(self) -> None:
+        """Terminate etcd but keep its files (for reading its data directory)."""
+        self._terminate()
+
     def start(self) -> None:
         """Start etcd and wait until it serves requests; clean up on failure."""
         if self._proc is not None:

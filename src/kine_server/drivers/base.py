@@ -213,6 +213,10 @@ class WriteTx(ReadTx):
     async def insert_raw(self, rows: list[RawRow]) -> None: ...
 
     @abc.abstractmethod
+    async def link_history(self) -> None:
+        """Set every row's next_revision from the rows after it (see sql.LINK_HISTORY)."""
+
+    @abc.abstractmethod
     async def insert_lease(self, lease_id: int, ttl: int) -> bool:
         """A lease due `ttl` seconds from now (the database's clock); False if the id is taken."""
 

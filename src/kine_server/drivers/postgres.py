@@ -331,6 +331,9 @@ class _Write(_Read, WriteTx):
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._conn.executemany(_INSERT_RAW, rows)
 
+    async def link_history(self) -> None:
+        await self._conn.execute(sql.LINK_HISTORY)
+
     async def insert_lease(self, lease_id: int, ttl: int) -> bool:
         return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, ttl)) == 1
 

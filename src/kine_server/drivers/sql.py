@@ -90,6 +90,15 @@ DUMP = (
     "ORDER BY mod_revision, sub LIMIT ?"
 )
 INSERT_RAW = f"INSERT INTO kine_kv ({RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+#: After rows were inserted without it (a restore of another format): each row's
+#: next_revision is the revision of its key's next row, as the writer would have set it.
+LINK_HISTORY = (
+    "UPDATE kine_kv SET next_revision = ("
+    "SELECT n.mod_revision FROM kine_kv n WHERE n.key = kine_kv.key AND "
+    "(n.mod_revision > kine_kv.mod_revision OR "
+    "(n.mod_revision = kine_kv.mod_revision AND n.sub > kine_kv.sub)) "
+    "ORDER BY n.mod_revision, n.sub LIMIT 1)"
+)
 ALL_LEASES = "SELECT id, ttl, expires_at FROM kine_lease ORDER BY id"
 ALL_META = "SELECT name, value FROM kine_meta"
 

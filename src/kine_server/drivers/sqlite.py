@@ -348,6 +348,9 @@ class _Write(_Queries, WriteTx):
     async def insert_raw(self, rows: list[RawRow]) -> None:
         await self._many(sql.INSERT_RAW, rows)
 
+    async def link_history(self) -> None:
+        await self._run(sql.LINK_HISTORY, ())
+
     async def insert_lease(self, lease_id: int, ttl: int) -> bool:
         return await self._run(_INSERT_LEASE, (lease_id, ttl, ttl)) == 1
 
