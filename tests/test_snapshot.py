@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -63,3 +64,28 @@ def test_snapshot_save_and_restore(
         assert "required revision has been compacted" in etcdctl(kine.address, "get /s/1 --rev 19")
         assert "/leased" in etcdctl(kine.address, f"lease timetolive {lease} --keys")
     assert after == before
+
+
+def test_a_kine_server_sqlite_snapshot_still_restores(tmp_path: Path) -> None:
+    """Snapshots were kine-server SQLite files (with etcd's SHA-256 trailer) before they became
+    etcd's format: those taken then still restore."""
+    origin = f"sqlite://{tmp_path}/a/state.db"
+    with KineProcess(origin, tmp_path) as kine:
+        for i in range(5):
+            etcdctl(kine.address, f"put /old/{i} v{i}")
+        before = etcdctl(kine.address, "get --prefix /old/ -w json")
+        assert kine.stop() == 0
+    data = (tmp_path / "a" / "state.db").read_bytes()
+    snapshot = tmp_path / "old.snapshot"
+    snapshot.write_bytes(data + hashlib.sha256(data).digest())
+    copy = f"sqlite://{tmp_path}/b/state.db"
+    restored = subprocess.run(
+        [sys.executable, "-m", "kine_server", "restore", "--endpoint", copy, str(snapshot)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert " from etcd" not in restored.stdout
+    with KineProcess(copy, tmp_path) as kine:
+        assert etcdctl(kine.address, "get --prefix /old/ -w json") == before

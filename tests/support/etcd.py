@@ -67,12 +67,19 @@ class RealEtcd:
     :meth:`start` / :meth:`stop` explicitly.
     """
 
-    def __init__(self, binary: str | None = None, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        startup_timeout: float = 30.0,
+        restore_from: Path | None = None,
+    ) -> None:
         found = binary or etcd_binary()
         if found is None:
             raise FileNotFoundError("etcd binary not found (install etcd-server)")
         self.binary: str = found
         self.startup_timeout = startup_timeout
+        #: A snapshot (`etcdctl snapshot save`) the member starts from, restored by etcdctl.
+        self.restore_from = restore_from
         self.endpoint: str = ""
         """``127.0.0.1:PORT`` of the client listener; empty until started."""
         self.client_port = 0
@@ -171,6 +178,8 @@ class RealEtcd:
         self.endpoint = f"127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         env = _clean_env("ETCD_")
+        if self.restore_from is not None:
+            self._restore(peer_url)
         machine = platform.machine().lower()
         if machine in ("aarch64", "arm64"):
             # etcd 3.4 refuses to start on arm64 unless explicitly allowed.
@@ -202,6 +211,37 @@ class RealEtcd:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def _restore(self, peer_url: str) -> None:
+        """`etcdctl snapshot restore` into the data directory, for this member and peer URL."""
+        assert self._base_dir is not None and self.restore_from is not None
+        ctl = etcdctl_binary()
+        if ctl is None:
+            raise FileNotFoundError("etcdctl not installed (make deps installs it)")
+        data = self._base_dir / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        env = _clean_env("ETCDCTL_")
+        env["ETCDCTL_API"] = "3"
+        subprocess.run(
+            [
+                ctl,
+                "snapshot",
+                "restore",
+                str(self.restore_from),
+                "--data-dir",
+                str(data),
+                "--name",
+                "default",
+                "--initial-cluster",
+                f"default={peer_url}",
+                "--initial-advertise-peer-urls",
+                peer_url,
+            ],
+            env=env,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
 
     def _terminate(self) -> None:
         if self._proc is not None:

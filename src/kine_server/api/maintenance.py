@@ -98,7 +98,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     async def Snapshot(
         self, request: rpc_pb2.SnapshotRequest, context: Context
     ) -> AsyncIterator[rpc_pb2.SnapshotResponse]:
-        """A consistent copy of the store, as a kine-server SQLite database, in 64 KiB chunks,
+        """A consistent copy of the store, as etcd's backend file (bbolt), in 64 KiB chunks,
         followed (as etcd does) by the SHA-256 of the database, which etcdctl checks."""
         with tempfile.TemporaryDirectory(prefix="kine-snapshot-") as directory:
             path = os.path.join(directory, "snapshot.db")

@@ -13,8 +13,9 @@ the bucket is inline, its one leaf page following in the value. All integers lit
 from __future__ import annotations
 
 import mmap
+import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 _HEADER = struct.Struct("<QHHI")
 _META = struct.Struct("<IIII QQ QQQ Q")
@@ -131,3 +132,149 @@ def _walk(bolt: BoltFile, page: memoryview) -> Iterator[tuple[bytes, bytes, bool
         key = bytes(page[start : start + ksize])
         value = bytes(page[start + ksize : start + ksize + vsize])
         yield key, value, bool(element_flags & BUCKET_LEAF)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+FREELIST_PAGE = 0x10
+#: Pages 0 and 1 are the metas, 2 the (empty) freelist; data pages follow.
+FIRST_DATA_PAGE = 3
+
+
+class BoltWriter:
+    """Writes a new bbolt file in one pass: top-level buckets, each filled in key order.
+
+    Leaves are written as they fill and only each page's first key is kept for the branch
+    pages above them, so memory stays bounded however large the file. The file is what bbolt
+    itself would leave after one transaction: two meta pages, an empty freelist, every page in
+    use. `close()` writes the root bucket and the metas.
+    """
+
+    def __init__(self, path: str, page_size: int = 4096) -> None:
+        self.page_size = page_size
+        # 0600: a snapshot holds every Secret of the cluster (closed by close()).
+        self._file = os.fdopen(os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600), "wb")
+        self._next = FIRST_DATA_PAGE
+        self._buckets: list[tuple[bytes, int]] = []
+        self._open: tuple[bytes, _Tree] | None = None
+
+    def write_page(self, flags: int, count: int, body: bytes) -> int:
+        """One page (and its overflow pages) at the next id; returns the id."""
+        size = _HEADER.size + len(body)
+        pages = max(1, -(-size // self.page_size))
+        pgid = self._next
+        self._next += pages
+        header = _HEADER.pack(pgid, flags, count, pages - 1)
+        self._file.seek(pgid * self.page_size)
+        self._file.write(header + body + b"\0" * (pages * self.page_size - size))
+        return pgid
+
+    def bucket(self, name: bytes, items: Iterable[tuple[bytes, bytes]] = ()) -> _Tree:
+        """Start a top-level bucket (names must ascend) holding `items` so far; more can be
+        `add`ed, in ascending key order, until the next bucket starts or the file closes."""
+        if self._buckets and name <= self._buckets[-1][0]:
+            raise ValueError("buckets must be written in name order")
+        self._finish_bucket()
+        tree = _Tree(self)
+        for key, value in items:
+            tree.add(key, value)
+        self._open = (name, tree)
+        return tree
+
+    def _finish_bucket(self) -> None:
+        if self._open is not None:
+            name, tree = self._open
+            self._buckets.append((name, tree.finish()))
+            self._open = None
+
+    def write_branch(self, children: list[tuple[bytes, int]]) -> int:
+        elements = b""
+        keys = b""
+        table = _BRANCH_ELEMENT.size * len(children)
+        for index, (key, pgid) in enumerate(children):
+            pos = table - index * _BRANCH_ELEMENT.size + len(keys)
+            elements += _BRANCH_ELEMENT.pack(pos, len(key), pgid)
+            keys += key
+        return self.write_page(BRANCH_PAGE, len(children), elements + keys)
+
+    def close(self) -> None:
+        """The root bucket, the freelist and both metas; the file is then complete."""
+        try:
+            self._finish_bucket()
+            tree = _Tree(self)
+            for name, bucket_root in self._buckets:
+                tree.add(name, _BUCKET.pack(bucket_root, 0), BUCKET_LEAF)
+            root = tree.finish()
+            self._file.seek(2 * self.page_size)
+            freelist = _HEADER.pack(2, FREELIST_PAGE, 0, 0)
+            self._file.write(freelist + b"\0" * (self.page_size - len(freelist)))
+            for pgid in (0, 1):
+                meta = struct.pack(
+                    "<IIII QQ QQQ", MAGIC, VERSION, self.page_size, 0, root, 0, 2, self._next, pgid
+                )
+                body = _HEADER.pack(pgid, META_PAGE, 0, 0) + meta + struct.pack("<Q", _fnv64a(meta))
+                self._file.seek(pgid * self.page_size)
+                self._file.write(body + b"\0" * (self.page_size - len(body)))
+            self._file.truncate(self._next * self.page_size)
+        finally:
+            self._file.close()
+
+
+class _Tree:
+    """One B+tree, built bottom up: leaves as they fill, then the branch levels above them."""
+
+    def __init__(self, writer: BoltWriter) -> None:
+        self._writer = writer
+        self._level: list[tuple[bytes, int]] = []  # each leaf's first key and page id
+        self._page: list[tuple[int, bytes, bytes]] = []
+        self._used = _HEADER.size
+        self._last: bytes | None = None
+
+    def add(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        if self._last is not None and key <= self._last:
+            raise ValueError("keys must be added in ascending order")
+        self._last = key
+        size = _LEAF_ELEMENT.size + len(key) + len(value)
+        if self._page and self._used + size > self._writer.page_size:
+            self._flush()
+        self._page.append((flags, key, value))
+        self._used += size
+
+    def _flush(self) -> None:
+        body = _leaf_body(self._page)
+        pgid = self._writer.write_page(LEAF_PAGE, len(self._page), body)
+        self._level.append((self._page[0][1] if self._page else b"", pgid))
+        self._page, self._used = [], _HEADER.size
+
+    def finish(self) -> int:
+        """Write what is left and the branches; the root's page id."""
+        if self._page or not self._level:
+            self._flush()
+        level = self._level
+        while len(level) > 1:
+            above: list[tuple[bytes, int]] = []
+            children: list[tuple[bytes, int]] = []
+            used = _HEADER.size
+            for key, pgid in level:
+                size = _BRANCH_ELEMENT.size + len(key)
+                if children and used + size > self._writer.page_size:
+                    above.append((children[0][0], self._writer.write_branch(children)))
+                    children, used = [], _HEADER.size
+                children.append((key, pgid))
+                used += size
+            above.append((children[0][0], self._writer.write_branch(children)))
+            level = above
+        return level[0][1]
+
+
+def _leaf_body(elements: list[tuple[int, bytes, bytes]]) -> bytes:
+    table = _LEAF_ELEMENT.size * len(elements)
+    heads = []
+    data = []
+    offset = 0
+    for index, (flags, key, value) in enumerate(elements):
+        pos = table - index * _LEAF_ELEMENT.size + offset
+        heads.append(_LEAF_ELEMENT.pack(flags, pos, len(key), len(value)))
+        data.append(key + value)
+        offset += len(key) + len(value)
+    return b"".join(heads) + b"".join(data)

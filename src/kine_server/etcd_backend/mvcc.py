@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kine_server.drivers.base import Driver, RawRow
-from kine_server.etcd_backend.bbolt import BoltError, BoltFile
+from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx
+from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
 from kine_server.pb import kv_pb2
 from kine_server.store.snapshot import SnapshotError
 
@@ -132,3 +132,82 @@ async def restore_etcd(
         await writer.set_meta("compact_revision", compacted if compacted > 0 else -1)
         await writer.set_meta("compacted_through", max(finished, 0))
     return RestoreReport(revision, compacted, rows, leases)
+
+
+def revision_key(main: int, sub: int, tombstone: bool) -> bytes:
+    return main.to_bytes(8, "big") + b"_" + sub.to_bytes(8, "big") + (b"t" if tombstone else b"")
+
+
+def etcd_value(raw: RawRow) -> bytes:
+    """The mvccpb.KeyValue etcd stores for a row; a tombstone's holds only the key."""
+    if raw.version == 0:
+        return bytes(kv_pb2.KeyValue(key=raw.key).SerializeToString())
+    kv = kv_pb2.KeyValue(
+        key=raw.key,
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        version=raw.version,
+        value=raw.value,
+        lease=raw.lease,
+    )
+    return bytes(kv.SerializeToString())
+
+
+def lease_value(lease_id: int, ttl: int) -> bytes:
+    """leasepb.Lease{ID, TTL}: two varint fields."""
+    return _field(1, lease_id) + _field(2, ttl)
+
+
+def _field(number: int, value: int) -> bytes:
+    out = bytearray()
+    for part in (number << 3, value & 0xFFFFFFFFFFFFFFFF):
+        while part >= 0x80:
+            out.append(part & 0x7F | 0x80)
+            part >>= 7
+        out.append(part)
+    return bytes(out)
+
+
+#: The buckets etcd's backend has, in bbolt's (byte) order; the ones not written here are
+#: left empty (no users or roles, no alarms: a restored member starts without them).
+BUCKETS = (
+    b"alarm",
+    b"auth",
+    b"authRoles",
+    b"authUsers",
+    b"cluster",
+    b"key",
+    b"lease",
+    b"members",
+    b"members_removed",
+    b"meta",
+)
+
+
+async def write_etcd_snapshot(tx: ReadTx, path: str) -> Counters:
+    """The store as etcd's backend file (see the module), from one read transaction: what
+    `etcdctl snapshot status` and `etcdctl snapshot restore` read. Written a page of rows at a
+    time, so memory stays bounded."""
+    counters = await tx.counters()
+    bolt = BoltWriter(path)
+    try:
+        for name in BUCKETS[: BUCKETS.index(b"key")]:
+            bolt.bucket(name)
+        keys = bolt.bucket(b"key")
+        after = (0, -1)
+        while page := await tx.dump(after, PAGE):
+            for raw in page:
+                keys.add(revision_key(raw.mod_revision, raw.sub, raw.version == 0), etcd_value(raw))
+            after = (page[-1].mod_revision, page[-1].sub)
+        leases = sorted((lease_id, ttl) for lease_id, ttl, _ in await tx.all_leases())
+        bolt.bucket(b"lease", ((i.to_bytes(8, "big"), lease_value(i, ttl)) for i, ttl in leases))
+        bolt.bucket(b"members")
+        bolt.bucket(b"members_removed")
+        meta: list[tuple[bytes, bytes]] = []
+        if counters.compact_revision > 0:
+            compacted = revision_key(counters.compact_revision, 0, False)
+            meta = [(b"finishedCompactRev", compacted), (b"scheduledCompactRev", compacted)]
+        bolt.bucket(b"meta", meta)
+    finally:
+        bolt.close()
+    return counters

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
-from kine_server.drivers.sqlite import SQLiteDriver
+from kine_server.etcd_backend.mvcc import write_etcd_snapshot
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.applier import Applier, has_puts, is_read_only
 from kine_server.store.compactor import CompactionStatus, Compactor
@@ -29,7 +29,6 @@ from kine_server.store.hub import EventHub
 from kine_server.store.leases import LeaseStatus, Lessor, lease_ids, lease_status
 from kine_server.store.poller import Poller
 from kine_server.store.quota import Quota
-from kine_server.store.snapshot import copy_store
 from kine_server.store.watch import HistoryPage, whole_revisions
 from kine_server.store.writer import Writer
 
@@ -181,14 +180,10 @@ class Storage(abc.ABC):
         return HistoryPage(counters.compact_revision, whole, through)
 
     async def snapshot(self, path: str) -> Counters:
-        """Write a consistent copy of the store to a new SQLite file at `path`."""
-        target = SQLiteDriver(path, readers=1)
-        try:
-            with errors.database_errors():
-                await target.open()
-                return await copy_store(self.driver, target)
-        finally:
-            await target.close()
+        """Write a consistent copy of the store to `path` as etcd's own backend file (a bbolt
+        database), so etcd's tools read it: `etcdctl snapshot status`, `snapshot restore`."""
+        async with self._reading("Snapshot") as tx:
+            return await write_etcd_snapshot(tx, path)
 
     async def size(self) -> tuple[int, int]:
         """(bytes the database occupies, bytes in use)."""
