@@ -129,7 +129,7 @@ async def test_an_etcd_snapshot_restores_with_every_revision(dsn: str, tmp_path:
     done = restore(snapshot, dsn)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"restored revision {expected['revision']} into "), done.stdout
-    assert " from etcd: " in done.stdout
+    assert " leases, " in done.stdout and "; HashKV " in done.stdout, done.stdout
     with KineProcess(dsn, tmp_path) as kine:
         assert await seen_by(kine.address, compacted) == expected
 

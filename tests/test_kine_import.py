@@ -299,7 +299,7 @@ def test_the_import_command_then_etcdctl(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("imported revision 11 into sqlite "), done.stdout
-    assert "4 keys, 2 leases, compacted through 7; HashKV " in done.stdout, done.stdout
+    assert ": 6 rows, 2 leases, compacted through 7, 4 keys; HashKV " in done.stdout, done.stdout
     with KineProcess(endpoint, tmp_path) as kine:
         got = etcdctl(kine.address, "get /a -w fields")
         assert '"ModRevision" : 8' in got and '"Value" : "3"' in got, got

@@ -8,25 +8,15 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kine_server import __version__, addresses
+from kine_server import __version__, addresses, migrate
 from kine_server.config import Config, parse_urls
-from kine_server.drivers import DriverError, EndpointError, make_driver
-from kine_server.drivers.base import OPEN_END
-from kine_server.drivers.kine_source import open_kine
-from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.durations import format_duration, parse_duration
-from kine_server.etcd_backend.bbolt import BoltError, BoltFile
-from kine_server.etcd_backend.mvcc import is_bbolt, restore_etcd
 from kine_server.server import StartupError, WriterGone, serve, serve_frontend
-from kine_server.store.kine_import import import_kine
-from kine_server.store.snapshot import SnapshotError, copy_store, strip_checksum
-from kine_server.store.store import key_space_hash
 
 
 @dataclass(frozen=True)
@@ -372,124 +362,12 @@ def aliases(field: str, value: str) -> list[str]:
     return [arg for flag in FLAGS if flag.field == field for arg in (f"--{flag.name}", value)]
 
 
-def restore(argv: Sequence[str], environ: dict[str, str]) -> int:
-    """`kine-server restore [--endpoint DSN] SNAPSHOT`: load a snapshot into an empty database."""
-    parser = argparse.ArgumentParser(
-        prog="kine-server restore",
-        description="Copy a snapshot (from `etcdctl snapshot save` of kine-server or of etcd, or "
-        "an etcd data directory's member/snap/db) into an empty database.",
-    )
-    parser.add_argument("snapshot", help="the snapshot file")
-    parser.add_argument(
-        "--endpoint",
-        default=environ.get("KINE_ENDPOINT", Config().endpoint),
-        help="the database to restore into, as for the server [env KINE_ENDPOINT]",
-    )
-    args = parser.parse_args(argv)
-
-    if not os.path.isfile(args.snapshot):
-        print(f"kine-server restore: error: no snapshot file {args.snapshot}", file=sys.stderr)
-        return 1
-
-    def progress(line: str) -> None:
-        print(f"kine-server restore: {line}", file=sys.stderr, flush=True)
-
-    async def run(database: str) -> int:
-        target = make_driver(args.endpoint)
-        await target.open()
-        try:
-            if is_bbolt(database):  # etcd's own: `etcdctl snapshot save`, or member/snap/db
-                with BoltFile(database) as bolt:
-                    report = await restore_etcd(bolt, target, progress)
-                revision = report.revision
-                detail = f" from etcd: {report.rows} rows, {report.leases} leases"
-            else:
-                source = SQLiteDriver(database, readers=1)
-                await source.open()
-                try:
-                    revision = (await copy_store(source, target)).revision
-                finally:
-                    await source.close()
-                detail = ""
-        finally:
-            await target.close()
-        print(f"restored revision {revision} into {target.location}{detail}")
-        return 0
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="kine-restore-") as directory:
-            database = strip_checksum(args.snapshot, os.path.join(directory, "snapshot.db"))
-            return asyncio.run(run(database))
-    except (SnapshotError, DriverError, EndpointError, BoltError) as exc:
-        print(f"kine-server restore: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def import_kine_command(argv: Sequence[str], environ: dict[str, str]) -> int:
-    """`kine-server import --from KINE_DSN [--endpoint DSN]`: a K3s kine database, revisions
-    kept, into an empty kine-server store (see store/kine_import.py)."""
-    parser = argparse.ArgumentParser(
-        prog="kine-server import",
-        description="Copy a K3s kine database (SQLite or PostgreSQL) into an empty kine-server "
-        "store, with its revisions, so kube-apiserver's resourceVersions and watches carry on.",
-    )
-    parser.add_argument(
-        "--from",
-        dest="source",
-        required=True,
-        help="the kine database, as kine's --endpoint: sqlite://PATH or postgres://user@host/db",
-    )
-    parser.add_argument(
-        "--endpoint",
-        default=environ.get("KINE_ENDPOINT", Config().endpoint),
-        help="the empty database to import into, as for the server [env KINE_ENDPOINT]",
-    )
-    args = parser.parse_args(argv)
-
-    def progress(line: str) -> None:
-        print(f"kine-server import: {line}", file=sys.stderr, flush=True)
-
-    async def run() -> int:
-        source = open_kine(args.source)
-        target = make_driver(args.endpoint)
-        await target.open()
-        try:
-            report = await import_kine(source, target, progress)
-            async with target.read() as tx:  # check what was committed, as a server reads it
-                counters = await tx.counters()
-                live = await tx.count(b"\x00", OPEN_END, None)
-                crc = await key_space_hash(tx, counters.revision)
-        finally:
-            await target.close()
-        if (counters.revision, live) != (report.revision, report.live_keys):
-            progress(
-                f"error: the store holds {live} keys at revision {counters.revision}; kine held "
-                f"{report.live_keys} at revision {report.revision}"
-            )
-            return 1
-        compacted = f"compacted through {report.compact_revision}"
-        if report.compact_revision <= 0:
-            compacted = "never compacted"
-        print(
-            f"imported revision {report.revision} into {target.location}: {report.rows} rows, "
-            f"{live} keys, {report.leases} leases, {compacted}; HashKV {crc} at revision "
-            f"{counters.revision}"
-        )
-        return 0
-
-    try:
-        return asyncio.run(run())
-    except (SnapshotError, DriverError, EndpointError) as exc:
-        print(f"kine-server import: error: {exc}", file=sys.stderr)
-        return 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "restore":
-        return restore(argv[1:], dict(os.environ))
+        return migrate.restore_command(argv[1:], dict(os.environ))
     if argv and argv[0] == "import":
-        return import_kine_command(argv[1:], dict(os.environ))
+        return migrate.import_command(argv[1:], dict(os.environ))
     if argv and argv[0] == "frontend":
         return frontend(argv[1:], dict(os.environ))
     try:

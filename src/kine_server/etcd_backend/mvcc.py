@@ -31,6 +31,8 @@ class RestoreReport:
     compact_revision: int
     rows: int
     leases: int
+    #: Keys whose newest revision is not a deletion: what the restored store must count.
+    live_keys: int
 
 
 def is_bbolt(path: str) -> bool:
@@ -102,8 +104,10 @@ async def restore_etcd(
             )
         revision = rows = 0
         page: list[RawRow] = []
+        alive: dict[bytes, bool] = {}  # each key's newest revision so far is not a deletion
         for key, value in bolt.items(b"key"):
             converted = row(key, value)
+            alive[converted.key] = converted.version > 0
             page.append(converted)
             revision = max(revision, converted.mod_revision)
             if len(page) >= PAGE:
@@ -131,7 +135,7 @@ async def restore_etcd(
         await writer.set_meta("revision", revision)
         await writer.set_meta("compact_revision", compacted if compacted > 0 else -1)
         await writer.set_meta("compacted_through", max(finished, 0))
-    return RestoreReport(revision, compacted, rows, leases)
+    return RestoreReport(revision, compacted, rows, leases, sum(alive.values()))
 
 
 def revision_key(main: int, sub: int, tombstone: bool) -> bytes:
