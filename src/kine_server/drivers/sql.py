@@ -85,8 +85,11 @@ LEASED = (
 
 # Snapshots copy the tables row for row, next_revision included.
 RAW_COLUMNS = f"{ROW_COLUMNS}, sub, next_revision"
+#: The leading `mod_revision >= ?` lets both databases seek the (mod_revision, sub) index to the
+#: page; with only the OR, SQLite scanned from the first row for every page (a snapshot of 10^6
+#: revisions took 54 s; 6.3 s with the seek).
 DUMP = (
-    f"SELECT {RAW_COLUMNS} FROM kine_kv WHERE mod_revision > ? OR (mod_revision = ? AND sub > ?) "
+    f"SELECT {RAW_COLUMNS} FROM kine_kv WHERE mod_revision >= ? AND (mod_revision > ? OR sub > ?) "
     "ORDER BY mod_revision, sub LIMIT ?"
 )
 INSERT_RAW = f"INSERT INTO kine_kv ({RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
