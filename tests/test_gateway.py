@@ -70,11 +70,16 @@ class Gateway:
 def pair(dsn: str, tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
     """(etcd's gateway, kine-server's) on fresh stores; kine-server as operators run it by
     default here: a writer and two front-ends, which share the gateway's port too."""
-    port = free_port()
-    flags = ["--listen-gateway-urls", f"http://127.0.0.1:{port}", "--workers", "2"]
-    with RealEtcd() as etcd, KineProcess(dsn, tmp_path, *flags):
-        host, etcd_port = etcd.endpoint.rsplit(":", 1)
-        yield Gateway(host, int(etcd_port)), Gateway("127.0.0.1", port)
+    with RealEtcd() as etcd:
+        kine = KineProcess(dsn, tmp_path, "--workers", "2")
+        taken = {kine.port, etcd.client_port, etcd.peer_port}
+        port = free_port()
+        while port in taken:  # a port free a moment ago may be one of theirs by now
+            port = free_port()
+        kine.args += ["--listen-gateway-urls", f"http://127.0.0.1:{port}"]
+        with kine:
+            host, etcd_port = etcd.endpoint.rsplit(":", 1)
+            yield Gateway(host, int(etcd_port)), Gateway("127.0.0.1", port)
 
 
 #: Fields that name the member or count raft entries: each server has its own.
@@ -503,16 +508,19 @@ def test_https_gateway_with_the_grpc_listeners_client_certificates(
         ("ftp://127.0.0.1:1", False, "must be http://HOST:PORT or https://HOST:PORT"),
         ("http://127.0.0.1:99999", False, "a port from 0 to 65535"),
         ("http://127.0.0.1", False, "needs HOST:PORT"),
+        ("http://127.0.0.1:GRPC", False, "the port is the gRPC listener's"),
     ],
 )
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_bad_gateway_url_fails_the_start_in_one_line(
     tmp_path: Path, pki: dict[str, Pair], url: str, tls: bool, says: str, workers: str
 ) -> None:
+    grpc_port = str(free_port())
+    url = url.replace("GRPC", grpc_port)
     line = failed_start(
         f"sqlite://{tmp_path}/db/state.db",
         "--listen-address",
-        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{grpc_port}",
         "--metrics-bind-address",
         "0",
         "--workers",

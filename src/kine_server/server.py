@@ -186,6 +186,16 @@ def gateway_address(config: Config) -> Address:
         raise StartupError(f"{where}: https needs --server-cert-file and --server-key-file")
     if address.scheme == "http" and tls:
         raise StartupError(f"{where}: the gateway serves TLS as the gRPC listener does: use https")
+    # With --workers every listener is bound with SO_REUSEPORT, so the same port for the
+    # gateway and gRPC would not fail to bind: the two would share it, each answering a part
+    # of the connections. Refuse it, as a single process's busy port is refused.
+    if address.port:
+        with contextlib.suppress(ValueError):  # a malformed listen address fails on its own
+            for grpc_listener in config.listen_addresses():
+                if grpc_listener.port == address.port and not grpc_listener.is_unix:
+                    raise StartupError(
+                        f"{where}: the port is the gRPC listener's ({grpc_listener})"
+                    )
     return address
 
 
