@@ -35,10 +35,13 @@ def member_id(cluster_id: int, name: str) -> int:
 
 
 def answer(alarms: list[Alarm]) -> list[rpc_pb2.AlarmMember]:
+    """Alarms as an AlarmResponse lists them (the type may be one this proto does not name)."""
     return [rpc_pb2.AlarmMember(memberID=member, alarm=kind) for member, kind in alarms]  # type: ignore[arg-type]
 
 
 class Alarms:
+    """The alarms of the store, and this process's copy of them for the write checks."""
+
     def __init__(self, driver: Driver, writer: Writer) -> None:
         self._driver = driver
         self._writer = writer
@@ -60,6 +63,7 @@ class Alarms:
             raise errors.Corrupt()
 
     async def refresh(self) -> None:
+        """Read the alarms again: another instance (or process) may have changed them."""
         with errors.database_errors():
             async with self._driver.read() as tx:
                 self.raised = frozenset(await tx.alarms())
