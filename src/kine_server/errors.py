@@ -62,6 +62,7 @@ LeaseTTLTooLarge = _error(
 NoSpace = _error(
     "NoSpace", grpc.StatusCode.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded"
 )
+Corrupt = _error("Corrupt", grpc.StatusCode.DATA_LOSS, "etcdserver: corrupt cluster")
 
 
 class WatchRefused(Exception):

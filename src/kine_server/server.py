@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import ipaddress
 import logging
 import os
@@ -37,6 +36,7 @@ from kine_server.gateway.service import CORS_HEADERS, Gateway
 from kine_server.httpd import HttpListener
 from kine_server.metrics import HttpEndpoint, Metrics, health
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
+from kine_server.store.alarms import member_id
 from kine_server.store.compactor import CompactionSettings, Compactor
 from kine_server.store.frontend import FrontendStore
 from kine_server.store.store import Storage, Store
@@ -247,12 +247,6 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
-def member_id(cluster_id: int, name: str) -> int:
-    """A stable member id: the same store served under the same name keeps its id across restarts."""
-    digest = hashlib.sha256(f"{cluster_id}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF or 1
-
-
 class _Services:
     """Stands in for the server while the generated code registers a service: keeps each method,
     with a deserializer that never raises and timed for metrics, in a generic handler only.
@@ -319,6 +313,7 @@ def make_store(config: Config, driver: Driver) -> Store:
         poll_interval=config.poll_interval,
         poll_batch_size=config.poll_batch_size,
         quota_bytes=config.quota_backend_bytes,
+        member_name=config.member_name(),
     )
 
 

@@ -56,12 +56,10 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
 
     @etcd_errors
     async def Alarm(self, request: rpc_pb2.AlarmRequest, context: Context) -> rpc_pb2.AlarmResponse:
+        # GET lists the raised alarms; ACTIVATE the one it names, DEACTIVATE the one it cleared.
         listed = await self._store.alarm(request)
         counters = await self._store.counters()
-        response = rpc_pb2.AlarmResponse()
-        # GET lists the raised alarms; ACTIVATE and DEACTIVATE list the ones they changed.
-        if listed:
-            response.alarms.add(memberID=self._member.member_id, alarm=rpc_pb2.NOSPACE)
+        response = rpc_pb2.AlarmResponse(alarms=listed)
         response.header.revision = counters.revision
         self._member.stamp(response.header)
         return response

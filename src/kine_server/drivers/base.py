@@ -25,7 +25,9 @@ from typing import Any, NamedTuple
 
 #: 2: changes of one key within one revision (a Txn that puts and deletes it) are ordered by
 #: `sub`, so (key, mod_revision) is no longer unique; "never compacted" is -1, as in etcd.
-SCHEMA_VERSION = 2
+#: 3: alarms are kept as etcd keeps them, one row of kine_alarm per raised (member id, alarm
+#: type), instead of one NOSPACE flag in kine_meta.
+SCHEMA_VERSION = 3
 
 #: Sentinel end of range: every key at or after the start key.
 OPEN_END = b""
@@ -171,6 +173,10 @@ class ReadTx(abc.ABC):
     async def all_meta(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
+    async def alarms(self) -> list[tuple[int, int]]:
+        """Every raised alarm as (member id, alarm type), the id as etcd's uint64."""
+
+    @abc.abstractmethod
     async def leased(self, lease_id: int) -> list[Row]:
         """The live keys attached to a lease, in key order."""
 
@@ -246,6 +252,14 @@ class WriteTx(ReadTx):
     @abc.abstractmethod
     async def set_meta(self, name: str, value: int) -> None:
         """Set a named integer of the meta table (alarms and the like)."""
+
+    @abc.abstractmethod
+    async def raise_alarm(self, member_id: int, alarm: int) -> bool:
+        """Record the alarm (`member_id` a uint64); False if it was raised already."""
+
+    @abc.abstractmethod
+    async def clear_alarm(self, member_id: int, alarm: int) -> bool:
+        """Remove the alarm; False if it was not raised."""
 
     @abc.abstractmethod
     async def lock_compact_revision(self) -> int:

@@ -60,6 +60,11 @@ SCHEMA = [
         expires_at BIGINT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at)",
+    """CREATE TABLE IF NOT EXISTS kine_alarm (
+        member_id BIGINT NOT NULL,
+        alarm INTEGER NOT NULL,
+        PRIMARY KEY (member_id, alarm)
+    )""",
     """CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
         WHERE next_revision IS NULL AND version > 0""",
     # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
@@ -212,6 +217,9 @@ _RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
 _LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
 _LEASED = DIALECT(sql.LEASED)
 _MIGRATE_1_TO_2 = [DIALECT(statement) for statement in sql.MIGRATE_1_TO_2]
+_MIGRATE_2_TO_3 = [DIALECT(statement) for statement in sql.MIGRATE_2_TO_3]
+_RAISE_ALARM = DIALECT(sql.RAISE_ALARM)
+_CLEAR_ALARM = DIALECT(sql.CLEAR_ALARM)
 
 
 def _row(record: Sequence[Any]) -> Row:
@@ -299,6 +307,9 @@ class _Read(ReadTx):
     async def all_meta(self) -> dict[str, int]:
         return {r[0]: r[1] for r in await self._conn.fetch(_ALL_META)}
 
+    async def alarms(self) -> list[tuple[int, int]]:
+        return [(sql.member_of(r[0]), r[1]) for r in await self._conn.fetch(sql.ALARMS)]
+
     async def leased(self, lease_id: int) -> list[Row]:
         return await _rows(await self._conn.fetch(_LEASED, lease_id))
 
@@ -359,6 +370,14 @@ class _Write(_Read, WriteTx):
 
     async def set_meta(self, name: str, value: int) -> None:
         await self._conn.execute(_SET_META, value, name)
+
+    async def raise_alarm(self, member_id: int, alarm: int) -> bool:
+        status = await self._conn.execute(_RAISE_ALARM, sql.stored_member(member_id), alarm)
+        return _affected(status) == 1
+
+    async def clear_alarm(self, member_id: int, alarm: int) -> bool:
+        status = await self._conn.execute(_CLEAR_ALARM, sql.stored_member(member_id), alarm)
+        return _affected(status) == 1
 
     async def lock_compact_revision(self) -> int:
         return int(await self._conn.fetchval(_LOCK_COMPACT_REVISION))
@@ -530,8 +549,11 @@ class PostgresDriver(Driver):
             raise DriverError(
                 f"schema version {found} is newer than this kine-server ({SCHEMA_VERSION})"
             )
-        if found == 1:
+        if found < 2:
             for statement in _MIGRATE_1_TO_2:
+                await conn.execute(statement)
+        if found < 3:
+            for statement in _MIGRATE_2_TO_3:
                 await conn.execute(statement)
 
     async def listen(self, on_commit: Callable[[int], None]) -> None:

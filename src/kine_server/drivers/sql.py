@@ -122,6 +122,30 @@ MIGRATE_1_TO_2 = [
     "UPDATE kine_meta SET value = 2 WHERE name = 'schema_version'",
 ]
 
+#: From schema 2: the one NOSPACE flag becomes a row of kine_alarm. It did not say which
+#: instance raised it, so it becomes member 0's (what `etcdctl alarm disarm` clears as well).
+MIGRATE_2_TO_3 = [
+    "INSERT INTO kine_alarm (member_id, alarm) "
+    "SELECT 0, 1 FROM kine_meta WHERE name = 'alarm_nospace' AND value <> 0",
+    "DELETE FROM kine_meta WHERE name = 'alarm_nospace'",
+    "UPDATE kine_meta SET value = 3 WHERE name = 'schema_version'",
+]
+
+#: Alarms, as etcd's alarm bucket holds them: one row per raised (member id, alarm type).
+ALARMS = "SELECT member_id, alarm FROM kine_alarm"
+RAISE_ALARM = "INSERT INTO kine_alarm (member_id, alarm) VALUES (?, ?) ON CONFLICT DO NOTHING"
+CLEAR_ALARM = "DELETE FROM kine_alarm WHERE member_id = ? AND alarm = ?"
+
+
+def stored_member(member_id: int) -> int:
+    """etcd's member ids are uint64, both databases' integers int64: the one with the same bits."""
+    return member_id - 2**64 if member_id >= 2**63 else member_id
+
+
+def member_of(stored: int) -> int:
+    """The uint64 member id a stored int64 stands for."""
+    return stored % 2**64
+
 
 def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
     """Rows a new store starts with: etcd's first revision is 1, nothing compacted."""
@@ -130,7 +154,6 @@ def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
         ("revision", 1),
         ("compact_revision", -1),
         ("compacted_through", 0),
-        ("alarm_nospace", 0),
         ("cluster_id", cluster_id),
         ("lease_served_until", 0),
     ]

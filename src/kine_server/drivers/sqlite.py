@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS kine_lease (
     expires_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at);
+CREATE TABLE IF NOT EXISTS kine_alarm (
+    member_id INTEGER NOT NULL,
+    alarm INTEGER NOT NULL,
+    PRIMARY KEY (member_id, alarm)
+);
 CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
     WHERE next_revision IS NULL AND version > 0;
 CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev_sub ON kine_kv (key, mod_revision, sub);
@@ -100,8 +105,11 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             raise sqlite3.DatabaseError(
                 f"schema version {found[0][0]} is newer than this kine-server ({SCHEMA_VERSION})"
             )
-        if found[0][0] == 1:
+        if found[0][0] < 2:
             for statement in sql.MIGRATE_1_TO_2:
+                conn.execute(statement)
+        if found[0][0] < 3:
+            for statement in sql.MIGRATE_2_TO_3:
                 conn.execute(statement)
     except BaseException:
         conn.execute("ROLLBACK")
@@ -240,6 +248,9 @@ class _Queries(ReadTx):
     async def all_meta(self) -> dict[str, int]:
         return {r[0]: r[1] for r in await self._all(sql.ALL_META, ())}
 
+    async def alarms(self) -> list[tuple[int, int]]:
+        return [(sql.member_of(r[0]), r[1]) for r in await self._all(sql.ALARMS, ())]
+
     async def leased(self, lease_id: int) -> list[Row]:
         return await self._rows(sql.LEASED, (lease_id,))
 
@@ -374,6 +385,12 @@ class _Write(_Queries, WriteTx):
 
     async def set_meta(self, name: str, value: int) -> None:
         await self._run(sql.SET_META, (value, name))
+
+    async def raise_alarm(self, member_id: int, alarm: int) -> bool:
+        return await self._run(sql.RAISE_ALARM, (sql.stored_member(member_id), alarm)) == 1
+
+    async def clear_alarm(self, member_id: int, alarm: int) -> bool:
+        return await self._run(sql.CLEAR_ALARM, (sql.stored_member(member_id), alarm)) == 1
 
     async def lock_compact_revision(self) -> int:
         # BEGIN IMMEDIATE already holds the write lock; nothing else can change it.

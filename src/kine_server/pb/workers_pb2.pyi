@@ -75,7 +75,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttls", "alarm_listed", "defragmented", "status", "error")
+    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttls", "defragmented", "status", "alarms", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -84,9 +84,9 @@ class Result(_message.Message):
     LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
     LEASE_REVOKED_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTLS_FIELD_NUMBER: _ClassVar[int]
-    ALARM_LISTED_FIELD_NUMBER: _ClassVar[int]
     DEFRAGMENTED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     id: int
     put: _rpc_pb2.PutResponse
@@ -96,11 +96,11 @@ class Result(_message.Message):
     lease_grant: _rpc_pb2.LeaseGrantResponse
     lease_revoked: bool
     lease_ttls: KeepAliveTTLs
-    alarm_listed: bool
     defragmented: bool
     status: StatusReply
+    alarms: _rpc_pb2.AlarmResponse
     error: Error
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttls: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., alarm_listed: _Optional[bool] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttls: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., alarms: _Optional[_Union[_rpc_pb2.AlarmResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Feed(_message.Message):
     __slots__ = ("skipped_through", "events")

@@ -72,7 +72,7 @@ async def execute(store: Store, command: workers_pb2.Command) -> bytes:
             request = command.compaction
             result.compacted_at = await store.compact(request.revision, request.physical)
         elif kind == "alarm":
-            result.alarm_listed = await store.alarm(command.alarm)
+            result.alarms.alarms.extend(await store.alarm(command.alarm))
         elif kind == "defragment":
             await store.defragment()
             result.defragmented = True

@@ -169,8 +169,8 @@ class FrontendStore(Storage):
         keep_alive = workers_pb2.KeepAlives(ids=lease_ids)
         return list((await self._call(lease_keep_alive=keep_alive)).lease_ttls.ttls)
 
-    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
-        return (await self._call(alarm=req)).alarm_listed
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> list[rpc_pb2.AlarmMember]:
+        return list((await self._call(alarm=req)).alarms.alarms)
 
     async def defragment(self) -> None:
         await self._call(defragment=rpc_pb2.DefragmentRequest())

@@ -23,6 +23,7 @@ from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.etcd_backend.mvcc import write_etcd_snapshot
 from kine_server.pb import kv_pb2, rpc_pb2
+from kine_server.store.alarms import Alarms, member_id
 from kine_server.store.applier import Applier, has_puts, is_read_only
 from kine_server.store.compactor import CompactionStatus, Compactor
 from kine_server.store.hub import EventHub
@@ -125,9 +126,8 @@ class Storage(abc.ABC):
         or revoked): one writer request for what a keep-alive stream has read."""
 
     @abc.abstractmethod
-    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
-        """Carry out an Alarm request; whether its answer lists NOSPACE (GET: it is raised;
-        ACTIVATE and DEACTIVATE: it changed)."""
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> list[rpc_pb2.AlarmMember]:
+        """Carry out an Alarm request; the alarms its answer lists (store/alarms.py)."""
 
     @abc.abstractmethod
     async def defragment(self) -> None: ...
@@ -219,16 +219,22 @@ class Store(Storage):
         poll_interval: float = 1.0,
         poll_batch_size: int = 500,
         quota_bytes: int = 0,
+        member_name: str = "default",
     ) -> None:
         super().__init__(driver)
         self.writer = Writer(driver, self._committed)
         self.poller = Poller(driver, self.hub, poll_interval, poll_batch_size)
         self.compactor = compactor or Compactor(driver)
         self.lessor = Lessor(driver, self.writer)
-        self.quota = Quota(driver, self.writer, quota_bytes)
+        self.alarms = Alarms(driver, self.writer)
+        self.quota = Quota(driver, self.alarms, quota_bytes)
+        self._member_name = member_name
 
     async def start(self) -> None:
         self.hub.revision = (await self.counters()).revision
+        with errors.database_errors():
+            cluster_id = await self.driver.meta("cluster_id") or 1
+        self.alarms.member_id = member_id(cluster_id, self._member_name)
         await self.poller.start()
         self.writer.start()
         await self.lessor.start()
@@ -259,23 +265,28 @@ class Store(Storage):
             self.poller.wake()
 
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
+        self.alarms.check_write()
         await self.quota.check(req.ByteSize())
         response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))
         return response
 
     async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+        self.alarms.check_write()
         response: rpc_pb2.DeleteRangeResponse = await self.writer.submit(
             lambda a: a.delete_range(req)
         )
         return response
 
     async def write_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        self.alarms.check_write()
         if has_puts(req):
             await self.quota.check(req.ByteSize())
         response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
         return response
 
     async def compact(self, revision: int, physical: bool) -> int:
+        self.alarms.check_write()
+
         async def mark(applier: Applier) -> int:
             # Read under lock: a periodic compaction may have raised it since the batch began.
             compacted = await applier.write_tx.lock_compact_revision()
@@ -294,28 +305,19 @@ class Store(Storage):
         return current
 
     async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> tuple[int, int]:
+        self.alarms.check_write()
         await self.quota.check(req.ByteSize())
         return await self.lessor.grant(req.ID, req.TTL)
 
     async def lease_revoke(self, lease_id: int) -> None:
+        self.alarms.check_write()
         await self.lessor.revoke(lease_id)
 
     async def lease_keep_alive_many(self, lease_ids: list[int]) -> list[int]:
         return await self.lessor.keep_alive_many(lease_ids)
 
-    async def alarm(self, req: rpc_pb2.AlarmRequest) -> bool:
-        quota = self.quota
-        await quota.refresh()
-        if req.action == rpc_pb2.AlarmRequest.ACTIVATE and req.alarm == rpc_pb2.NOSPACE:
-            changed = not quota.nospace
-            await quota.set_alarm(True)
-            return changed
-        if req.action == rpc_pb2.AlarmRequest.DEACTIVATE:
-            if req.alarm in (rpc_pb2.NOSPACE, rpc_pb2.NONE) and quota.nospace:
-                await quota.set_alarm(False)
-                return True
-            return False
-        return req.action == rpc_pb2.AlarmRequest.GET and quota.nospace
+    async def alarm(self, req: rpc_pb2.AlarmRequest) -> list[rpc_pb2.AlarmMember]:
+        return await self.alarms.request(req)
 
     async def defragment(self) -> None:
         with errors.database_errors():
@@ -324,7 +326,7 @@ class Store(Storage):
     async def write_side_status(self) -> WriteSideStatus:
         return WriteSideStatus(
             compaction=self.compactor.status,
-            nospace=self.quota.nospace,
+            nospace=self.alarms.nospace,
             expired_leases=self.lessor.expired_total,
             write_batches=self.writer.batches,
             write_requests=self.writer.requests,
