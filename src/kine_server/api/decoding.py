@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from kine_server import errors
 from kine_server.pb import rpc_pb2
+from kine_server.store.frames import read_varint
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ def txn_depth(data: bytes, limit: int) -> int:
         if pos >= end:
             stack.pop()
             continue
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         field, wire = key >> 3, key & 7
         if wire == 2:
-            length, pos = _varint(data, pos)
+            length, pos = read_varint(data, pos)
             if pos + length > end:
                 raise ValueError("a field runs past its message")
             if kind == _TXN and field in (2, 3):
@@ -114,7 +115,7 @@ def txn_depth(data: bytes, limit: int) -> int:
                 continue
             pos += length
         elif wire == 0:
-            _, pos = _varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -122,19 +123,6 @@ def txn_depth(data: bytes, limit: int) -> int:
         else:
             raise ValueError(f"wire type {wire} is not one a request uses")
     return deepest
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 async def _requests(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
 from kine_server.pb import kv_pb2
+from kine_server.store.frames import read_varint, varint
 from kine_server.store.snapshot import SnapshotError
 
 #: Rows written per step.
@@ -61,26 +62,18 @@ def varint_fields(data: bytes) -> dict[int, int]:
     """The varint fields of a protobuf message (what leasepb.Lease is made of)."""
     fields: dict[int, int] = {}
     at = 0
-    while at < len(data):
-        tag, at = _varint(data, at)
-        if tag & 7 != 0:
-            raise BoltError("a lease record with a field that is not a varint")
-        value, at = _varint(data, at)
-        fields[tag >> 3] = value - (1 << 64) if value >= 1 << 63 else value
+    try:
+        while at < len(data):
+            tag, at = read_varint(data, at)
+            if tag & 7 != 0:
+                raise BoltError("a lease record with a field that is not a varint")
+            value, at = read_varint(data, at)
+            fields[tag >> 3] = value - (1 << 64) if value >= 1 << 63 else value
+    except BoltError:
+        raise
+    except ValueError as exc:
+        raise BoltError(f"a damaged lease record: {exc}") from None
     return fields
-
-
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data):
-            raise BoltError("a truncated varint")
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 def compact_revisions(bolt: BoltFile) -> tuple[int, int]:
@@ -158,18 +151,9 @@ def etcd_value(raw: RawRow) -> bytes:
 
 
 def lease_value(lease_id: int, ttl: int) -> bytes:
-    """leasepb.Lease{ID, TTL}: two varint fields."""
-    return _field(1, lease_id) + _field(2, ttl)
-
-
-def _field(number: int, value: int) -> bytes:
-    out = bytearray()
-    for part in (number << 3, value & 0xFFFFFFFFFFFFFFFF):
-        while part >= 0x80:
-            out.append(part & 0x7F | 0x80)
-            part >>= 7
-        out.append(part)
-    return bytes(out)
+    """leasepb.Lease{ID, TTL}: two varint fields (an int64 as its two's complement)."""
+    mask = 0xFFFFFFFFFFFFFFFF
+    return varint(1 << 3) + varint(lease_id & mask) + varint(2 << 3) + varint(ttl & mask)
 
 
 #: The buckets etcd's backend has, in bbolt's (byte) order; the ones not written here are

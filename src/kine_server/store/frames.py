@@ -67,6 +67,21 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at `pos` and the position after it; ValueError if it is cut short
+    or longer than 64 bits."""
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
 class FrameConnection(asyncio.Protocol):
     """One end of a connection; `on_frame` gets each frame, `on_lost` the end of it."""
 
