@@ -20,7 +20,7 @@ import pytest
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
 from tests.conftest import fresh_dsn, test_config
-from tests.support.client import Client, connect
+from tests.support.client import Client, Recorder, connect
 from tests.support.process import KineProcess
 from tests.test_etcdctl import etcdctl
 from tests.test_metrics import get, sample
@@ -33,13 +33,12 @@ TOP = 2**64 - 1
 LEASE = 7000
 
 
-class Session:
+class Session(Recorder):
     """Calls on one server, each outcome recorded as a line with SELF for its own member id."""
 
     def __init__(self, client: Client) -> None:
-        self.client = client
+        super().__init__(client, render=lambda response: f"revision {response.header.revision}")
         self.member = 0
-        self.transcript: list[str] = []
 
     async def start(self) -> None:
         status = await self.client.maintenance.Status(pb.StatusRequest())
@@ -57,14 +56,7 @@ class Session:
         self.transcript.append(f"Alarm {name} {who} {pb.AlarmType.Name(alarm)} -> {listed}")
 
     async def call(self, method: str, request: Any) -> None:
-        service, name = method.split(".")
-        stub = getattr(getattr(self.client, service), name)
-        try:
-            response = await stub(request, timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            self.transcript.append(f"{method} -> {exc.code().name}: {exc.details()}")
-            return
-        self.transcript.append(f"{method} -> revision {response.header.revision}")
+        await self(method, request)
 
 
 def writes() -> list[tuple[str, Any]]:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd, etcdctl_binary
 from tests.support.process import KineProcess
 from tests.test_etcdctl import etcdctl
+from tests.test_snapshot import restore
 
 LEASE = 0x1234
 
@@ -98,15 +98,6 @@ async def observed(client: Client, compacted: int) -> dict[str, Any]:
         "leases": leases,
         "below_compaction": below,
     }
-
-
-def restore(snapshot: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kine_server", "restore", "--endpoint", endpoint, str(snapshot)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def seen_by(address: str, compacted: int) -> dict[str, Any]:

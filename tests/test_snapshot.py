@@ -23,6 +23,15 @@ def state(address: str) -> tuple[object, ...]:
     return now["header"]["revision"], now["kvs"], old["kvs"]
 
 
+def restore(snapshot: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kine_server", "restore", "--endpoint", endpoint, str(snapshot)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(("source", "target"), [("sqlite", "postgres"), ("postgres", "sqlite")])
 def test_snapshot_save_and_restore(
     source: str, target: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -44,20 +53,10 @@ def test_snapshot_save_and_restore(
         saved = etcdctl(kine.address, f"snapshot save {snapshot}")
         assert "[exit 0]" in saved and f"Snapshot saved at {snapshot}" in saved
         before = state(kine.address)
-    restored = subprocess.run(
-        [sys.executable, "-m", "kine_server", "restore", "--endpoint", copy, str(snapshot)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    restored = restore(snapshot, copy)
     assert restored.returncode == 0, restored.stderr
     assert restored.stdout.startswith("restored revision 33 into ")
-    again = subprocess.run(
-        [sys.executable, "-m", "kine_server", "restore", "--endpoint", copy, str(snapshot)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = restore(snapshot, copy)
     assert again.returncode == 1 and "already holds data" in again.stderr
     with KineProcess(copy, tmp_path) as kine:
         after = state(kine.address)
@@ -79,12 +78,7 @@ def test_a_kine_server_sqlite_snapshot_still_restores(tmp_path: Path) -> None:
     snapshot = tmp_path / "old.snapshot"
     snapshot.write_bytes(data + hashlib.sha256(data).digest())
     copy = f"sqlite://{tmp_path}/b/state.db"
-    restored = subprocess.run(
-        [sys.executable, "-m", "kine_server", "restore", "--endpoint", copy, str(snapshot)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    restored = restore(snapshot, copy)
     assert restored.returncode == 0, restored.stderr
     assert ": 5 keys; HashKV " in restored.stdout, restored.stdout
     with KineProcess(copy, tmp_path) as kine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +59,10 @@ class Recorder:
     etcd and compares the two transcripts line by line.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, render: Callable[[Any], str] = normalized) -> None:
         self.client = client
+        #: How a response is written in the transcript.
+        self._render = render
         self.transcript: list[str] = []
 
     async def __call__(self, method: str, request: Any) -> Any:
@@ -70,7 +73,7 @@ class Recorder:
         except grpc.aio.AioRpcError as exc:
             self.transcript.append(f"{method} -> {exc.code().name}: {exc.details()}")
             return None
-        self.transcript.append(f"{method} -> {normalized(response)}")
+        self.transcript.append(f"{method} -> {self._render(response)}")
         return response
 
     def note(self, text: str) -> None:
