@@ -4,6 +4,7 @@ where the content is deterministic, on both databases, and used through a real c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
@@ -530,3 +531,27 @@ def test_a_bad_gateway_url_fails_the_start_in_one_line(
         *(tls_flags(pki, mutual=False) if tls else []),
     )
     assert f"--listen-gateway-urls {url}: " in line and says in line, line
+
+
+async def test_a_handler_that_fails_answers_500_and_the_listener_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kine_server.addresses import parse
+    from kine_server.httpd import HttpListener, Request, Response
+
+    async def handler(request: Request, response: Response) -> None:
+        if request.path == "/bug":
+            raise RuntimeError("a bug")
+        await response.send(200, "text/plain", b"fine\n")
+
+    listener = HttpListener("test", parse("127.0.0.1:0"), handler, max_connections=4, max_body=1024)
+    await listener.start()
+    try:
+        plain = Gateway("127.0.0.1", listener.port)
+        bug = await asyncio.to_thread(plain.request, "/bug", None, "GET")
+        assert bug[0] == 500, bug
+        fine = await asyncio.to_thread(plain.request, "/ok", None, "GET")
+        assert fine == (200, "text/plain", "fine\n")
+    finally:
+        await listener.stop()
+    assert "test listener: request failed" in caplog.text

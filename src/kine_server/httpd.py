@@ -345,6 +345,16 @@ class HttpListener:
                 await response.send(exc.status, "text/plain; charset=utf-8", f"{exc}\n".encode())
                 await _linger(reader, writer)
             return False
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            raise  # the connection is gone or too slow: it is closed
+        except Exception:
+            # A bug of a handler: logged with its trace, answered 500 if nothing was sent yet,
+            # and the connection closed; the listener and every other connection go on.
+            log.exception("%s listener: request failed", self._name)
+            if not response.started:
+                response.close_after = True
+                await response.send(500, "text/plain; charset=utf-8", b"internal error\n")
+            return False
         return not response.close_after
 
 
