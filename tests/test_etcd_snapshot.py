@@ -193,3 +193,47 @@ def etcdctl_json(command: str) -> str:
         timeout=60,
     )
     return done.stdout
+
+
+async def test_a_negative_lease_id_survives_a_snapshot(tmp_path: Path) -> None:
+    """etcd lets a client choose any lease id, negative ones too; its backend keys them as
+    unsigned 64-bit numbers. A negative one used to fail every snapshot."""
+    endpoint, copy = f"sqlite://{tmp_path}/a/state.db", f"sqlite://{tmp_path}/b/state.db"
+    snapshot = tmp_path / "s.snapshot"
+    with KineProcess(endpoint, tmp_path) as kine:
+        client = connect(kine.address)
+        for lease in (-5, 3):
+            await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=lease, TTL=600))
+        await client.kv.Put(pb.PutRequest(key=b"/neg", value=b"v", lease=-5))
+        await client.close()
+        saved = etcdctl(kine.address, f"snapshot save {snapshot}")
+        assert "[exit 0]" in saved, saved
+    done = restore(snapshot, copy)
+    assert done.returncode == 0, done.stderr
+    with KineProcess(copy, tmp_path) as kine:
+        client = connect(kine.address)
+        leases = await client.lease.LeaseLeases(pb.LeaseLeasesRequest())
+        ttl = await client.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=-5, keys=True))
+        await client.close()
+    assert sorted(lease.ID for lease in leases.leases) == [-5, 3]
+    assert list(ttl.keys) == [b"/neg"]
+
+
+def test_a_truncated_etcd_snapshot_is_one_line(tmp_path: Path) -> None:
+    """Cut short, a bbolt file points at pages that are not there: one line, no traceback."""
+    from kine_server.etcd_backend.bbolt import BoltWriter
+
+    whole = tmp_path / "whole.db"
+    writer = BoltWriter(str(whole))
+    keys = writer.bucket(b"key")
+    for revision in range(2, 3000):
+        key = revision.to_bytes(8, "big") + b"_" + bytes(8)
+        keys.add(key, pb.ResponseHeader(revision=revision).SerializeToString() * 8)
+    writer.bucket(b"meta")
+    writer.close()
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(whole.read_bytes()[: 4096 * 20])
+    done = restore(cut, f"sqlite://{tmp_path}/s.db")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "damaged" in lines[0] or "past the end" in lines[0], lines[0]

@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -555,3 +556,67 @@ async def test_a_handler_that_fails_answers_500_and_the_listener_goes_on(
     finally:
         await listener.stop()
     assert "test listener: request failed" in caplog.text
+
+
+def test_a_chunked_watch_whose_connection_breaks_ends_its_watch(dsn: str, tmp_path: Path) -> None:
+    """The body of a streamed watch never ended (no last chunk) when the client vanished: the
+    gRPC watch must still end, or each such client holds a stream and a connection forever."""
+    port, metrics = free_port(), free_port()
+    flags = ["--listen-gateway-urls", f"127.0.0.1:{port}", "--workers", "1"]
+    flags += ["--metrics-bind-address", f"127.0.0.1:{metrics}"]
+    with KineProcess(dsn, tmp_path, *flags):
+
+        def streams() -> float:
+            connection = http.client.HTTPConnection("127.0.0.1", metrics, timeout=10)
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+            connection.close()
+            return sample(text, "kine_watch_streams")
+
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        create = json.dumps({"create_request": {"key": b64("k")}}).encode()
+        sock.sendall(b"%x\r\n%s\r\n" % (len(create), create))
+        assert b'"created":true' in sock.recv(4096) or b'"created":true' in sock.recv(4096)
+        assert streams() == 1
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, in the middle of the body
+        deadline = time.monotonic() + 10
+        while streams() != 0:
+            assert time.monotonic() < deadline, "the watch of a broken connection was left behind"
+            time.sleep(0.05)
+
+
+async def test_a_streamed_body_limits_each_request_not_the_total() -> None:
+    """A keep-alive stream over the gateway lasts as long as its leases: its body has no end,
+    so only one request's size is limited (the whole body's size limits a unary call)."""
+    from kine_server.httpd import BadRequest, Request
+
+    def request(chunks: int) -> Request:
+        reader = asyncio.StreamReader()
+        body = b"".join(b"%x\r\n%s\r\n" % (10, b"{" + b'"ID":1' + b"}  ") for _ in range(chunks))
+        reader.feed_data(body + b"0\r\n\r\n")
+        reader.feed_eof()
+        return Request(
+            "POST", "/v3/lease/keepalive", "HTTP/1.1", {"transfer-encoding": "chunked"}, reader, 100
+        )
+
+    total = 0
+    async for part in request(50).chunks(total_limit=False):  # 500 bytes, over the 100 limit
+        total += len(part)
+    assert total == 500
+    with pytest.raises(BadRequest):
+        async for _ in request(50).chunks():
+            pass
+    objects = jsonpb.ObjectStream(max_pending=8)
+    assert objects.feed(b'{"ID":1}') == ['{"ID":1}']
+    with pytest.raises(jsonpb.DecodeError, match="larger than 8 bytes"):
+        objects.feed(b'{"ID": 12345')
+
+
+def test_a_content_length_that_is_not_ascii_digits_is_a_bad_request() -> None:
+    from kine_server.httpd import BadRequest, _content_length
+
+    with pytest.raises(BadRequest) as refused:
+        _content_length({"content-length": "\u00b2"})  # "²".isdigit() is True
+    assert refused.value.status == 400

@@ -105,8 +105,9 @@ class Request:
                 parts.append(part)
         return b"".join(parts)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: for a streaming client (a watch written to over time)."""
+    async def chunks(self, total_limit: bool = True) -> AsyncIterator[bytes]:
+        """The body as it arrives: for a streaming client (a watch written to over time).
+        Without `total_limit` only each chunk is limited: the caller limits what it buffers."""
         total = 0
         while not self._body_done:
             if self._chunked:
@@ -118,7 +119,7 @@ class Request:
                 self._remaining -= len(part)
                 self._body_done = self._remaining == 0
             total += len(part)
-            if total > self._max_body:
+            if total_limit and total > self._max_body:
                 raise BadRequest(413, "request body is too large")
             if part:
                 yield part
@@ -151,7 +152,7 @@ class Request:
 
 def _content_length(headers: dict[str, str]) -> int:
     text = headers.get("content-length", "0").strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit() is True
         raise BadRequest(400, "malformed Content-Length")
     return int(text)
 

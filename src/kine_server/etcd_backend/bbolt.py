@@ -12,6 +12,7 @@ the bucket is inline, its one leaf page following in the value. All integers lit
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -94,17 +95,28 @@ class BoltFile:
 
     def buckets(self) -> list[bytes]:
         """The top-level buckets' names."""
-        return [name for name, _, bucket in _walk(self, self._page(self._root)) if bucket]
+        with _damage():
+            return [name for name, _, bucket in _walk(self, self._page(self._root)) if bucket]
 
     def items(self, name: bytes) -> Iterator[tuple[bytes, bytes]]:
         """A top-level bucket's keys and values, in key order (nested buckets left out)."""
-        for key, value, is_bucket in _walk(self, self._page(self._root)):
-            if is_bucket and key == name:
-                for inner_key, inner_value, inner_bucket in _walk_bucket(self, value):
-                    if not inner_bucket:
-                        yield inner_key, inner_value
-                return
+        with _damage():
+            for key, value, is_bucket in _walk(self, self._page(self._root)):
+                if is_bucket and key == name:
+                    for inner_key, inner_value, inner_bucket in _walk_bucket(self, value):
+                        if not inner_bucket:
+                            yield inner_key, inner_value
+                    return
         raise BoltError(f"no bucket {name.decode(errors='replace')!r}")
+
+
+@contextlib.contextmanager
+def _damage() -> Iterator[None]:
+    """A damaged file (a short page, pages that point at each other) as one BoltError."""
+    try:
+        yield
+    except (struct.error, RecursionError, IndexError) as exc:
+        raise BoltError(f"a damaged bbolt database: {exc or type(exc).__name__}") from None
 
 
 def _walk_bucket(bolt: BoltFile, header: bytes) -> Iterator[tuple[bytes, bytes, bool]]:

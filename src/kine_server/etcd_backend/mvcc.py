@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
 from kine_server.pb import kv_pb2
@@ -52,7 +54,10 @@ def parse_revision(key: bytes) -> tuple[int, int, bool]:
 
 def row(key: bytes, value: bytes) -> RawRow:
     main, sub, tombstone = parse_revision(key)
-    kv = kv_pb2.KeyValue.FromString(value)
+    try:
+        kv = kv_pb2.KeyValue.FromString(value)
+    except DecodeError as exc:
+        raise BoltError(f"a damaged key-value at revision {main}: {exc}") from None
     if tombstone:  # as kine-server writes a deletion
         return RawRow(kv.key, 0, main, 0, b"", 0, sub, None)
     return RawRow(kv.key, kv.create_revision, main, kv.version, kv.value, kv.lease, sub, None)
@@ -187,8 +192,11 @@ async def write_etcd_snapshot(tx: ReadTx, path: str) -> Counters:
             for raw in page:
                 keys.add(revision_key(raw.mod_revision, raw.sub, raw.version == 0), etcd_value(raw))
             after = (page[-1].mod_revision, page[-1].sub)
-        leases = sorted((lease_id, ttl) for lease_id, ttl, _ in await tx.all_leases())
-        bolt.bucket(b"lease", ((i.to_bytes(8, "big"), lease_value(i, ttl)) for i, ttl in leases))
+        # etcd's key is the id as an unsigned 64-bit number (a client may grant a negative id):
+        # in that order, as bbolt keeps keys.
+        mask = 0xFFFFFFFFFFFFFFFF
+        leases = sorted((i & mask, i, ttl) for i, ttl, _ in await tx.all_leases())
+        bolt.bucket(b"lease", ((u.to_bytes(8, "big"), lease_value(i, ttl)) for u, i, ttl in leases))
         bolt.bucket(b"members")
         bolt.bucket(b"members_removed")
         meta: list[tuple[bytes, bytes]] = []

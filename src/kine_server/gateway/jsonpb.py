@@ -107,10 +107,12 @@ class ObjectStream:
     """Splits a streamed request body into its JSON values, as Go's json.Decoder reads them:
     one after another, separated by any whitespace (or none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int = 0) -> None:
         self._text = codecs.getincrementaldecoder("utf-8")()
         self._buffer = ""
         self._decoder = json.JSONDecoder()
+        #: The longest a value may grow before it is complete (0: no limit).
+        self._max_pending = max_pending
 
     def feed(self, data: bytes) -> list[str]:
         """The values complete so far, each as its text. Text that does not parse yet is kept:
@@ -129,6 +131,8 @@ class ObjectStream:
             self._buffer = text[end:]
         else:
             self._buffer = ""
+        if self._max_pending and len(self._buffer) > self._max_pending:
+            raise DecodeError(f"a request larger than {self._max_pending} bytes")
         return values
 
     def finish(self) -> None:

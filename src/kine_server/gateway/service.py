@@ -57,6 +57,8 @@ class Gateway:
         self._version = jsonpb.dumps({"etcdserver": version, "etcdcluster": f"{major_minor}.0"})
         self._health = health
         self._scheme = "https" if tls else "http"
+        #: The most one JSON request may take before it is whole (bytes travel as base64).
+        self._max_message = 2 * max_message_bytes
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
@@ -138,8 +140,10 @@ class Gateway:
         """Requests decoded from the body as they arrive, each response written as it comes.
         The call lasts until the server ends it or the client goes away (a watch outlives its
         request body, as in etcd; a keep-alive stream ends with it)."""
-        objects = jsonpb.ObjectStream()
-        chunks = request.chunks()
+        # A stream's body lasts as long as the call (a keep-alive stream for days): each request
+        # is limited, not their total.
+        objects = jsonpb.ObjectStream(max_pending=self._max_message)
+        chunks = request.chunks(total_limit=False)
         first: list[Message] = []
         try:
             # The first request is decoded before the call starts: a body that does not begin
@@ -221,7 +225,8 @@ async def _send_requests(
 ) -> None:
     """Feed the call the body's requests; when the body ends, close the sending side, then end
     the call when the client closes its connection. A request that does not decode ends the
-    sending side, as etcd's gateway stops reading at one (it logs it; so do we, at debug)."""
+    sending side, as etcd's gateway stops reading at one (it logs it; so do we, at debug). A
+    connection that breaks in the middle of the body ends the call at once: its client is gone."""
     try:
         for message in first:
             await call.write(message)
@@ -233,6 +238,10 @@ async def _send_requests(
         log.debug("gateway %s: stopped reading requests: %s", route.method, exc)
     except (grpc.RpcError, grpc.aio.UsageError):
         return  # the call has ended: nothing more to send
+    except (asyncio.IncompleteReadError, OSError):
+        gone.set()
+        call.cancel()
+        return
     try:
         await call.done_writing()
     except (grpc.RpcError, grpc.aio.UsageError):

@@ -9,6 +9,7 @@ an empty database of either kind.
 from __future__ import annotations
 
 import hashlib
+import os
 
 from kine_server.drivers.base import Counters, Driver
 
@@ -26,16 +27,25 @@ class SnapshotError(Exception):
 def strip_checksum(path: str, into: str) -> str:
     """The database file of a saved snapshot: etcdctl keeps the SHA-256 that ends the stream
     (database pages are multiples of 512 bytes, the hash 32 more). Checked and cut off into
-    `into`; a file without one is used as it is."""
-    with open(path, "rb") as file:
-        data = file.read()
-    if len(data) % 512 != hashlib.sha256().digest_size:
+    `into`, a megabyte at a time (a snapshot can be larger than memory); a file without one
+    is used as it is."""
+    size = os.path.getsize(path)
+    digest_size = hashlib.sha256().digest_size
+    if size % 512 != digest_size:
         return path
-    body, checksum = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != checksum:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source, open(into, "wb") as target:
+        left = size - digest_size
+        while left:
+            chunk = source.read(min(left, 1 << 20))
+            if not chunk:
+                raise SnapshotError(f"{path}: the file ended while it was read")
+            digest.update(chunk)
+            target.write(chunk)
+            left -= len(chunk)
+        checksum = source.read(digest_size)
+    if digest.digest() != checksum:
         raise SnapshotError(f"{path}: the snapshot's SHA-256 does not match its contents")
-    with open(into, "wb") as file:
-        file.write(body)
     return into
 
 
