@@ -527,10 +527,6 @@ class Server:
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot {GATEWAY} {address}: {exc}") from exc
 
-    @property
-    def gateway_port(self) -> int:
-        return 0 if self._gateway_listener is None else self._gateway_listener.port
-
     async def _stop_gateway(self) -> None:
         if self._gateway_listener is not None:
             await self._gateway_listener.stop()

@@ -79,7 +79,7 @@ class WriterProcess(Server):
         #: The listen addresses with the ports every front-end serves (port 0 made concrete).
         self.addresses: list[Address] = []
         #: --listen-gateway-urls with the port every front-end serves it on.
-        self._gateway_url = ""
+        self._gateway_at: Address | None = None
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._ready_event = asyncio.Event()
         self._supervisors: set[asyncio.Task[None]] = set()
@@ -98,10 +98,8 @@ class WriterProcess(Server):
                 self.addresses.append(bound)
             self.port = self.addresses[0].port
             if self.config.listen_gateway_urls:
-                scheme = "https" if self.config.server_cert_file else "http"
-                reservation, gateway = reserve_port(gateway_address(self.config), GATEWAY)
+                reservation, self._gateway_at = reserve_port(gateway_address(self.config), GATEWAY)
                 self._reservations.append(reservation)
-                self._gateway_url = f"{scheme}://{gateway.host_port}"
             self._bind_metrics()
             await open_database(self.driver, self.config.datastore_connect_timeout)
             self._store_started = True
@@ -116,10 +114,14 @@ class WriterProcess(Server):
         tls = bool(self.config.server_cert_file)
         self.listening_urls = [address.url(tls) for address in self.addresses]
         self.advertised = self.config.advertise_urls(self.addresses)
-        log.info("kine-server %s", self.describe(self.count, self._gateway_url))
-        served = addresses.parse(self._gateway_url) if self._gateway_url else None
-        for warning in insecure_warnings(self.config, self.addresses, served):
+        log.info("kine-server %s", self.describe(self.count, self._gateway_url()))
+        for warning in insecure_warnings(self.config, self.addresses, self._gateway_at):
             log.warning(warning)
+
+    def _gateway_url(self) -> str:
+        """The gateway's URL with its reserved port; empty when it is not served."""
+        tls = bool(self.config.server_cert_file)
+        return "" if self._gateway_at is None else self._gateway_at.url(tls)
 
     def _other_processes(
         self,
@@ -168,7 +170,7 @@ class WriterProcess(Server):
             *aliases("listen_address", ",".join(map(str, self.addresses))),
             *aliases("metrics_bind_address", "0"),
             "--listen-gateway-urls",
-            self._gateway_url,
+            self._gateway_url(),
             "--workers",
             str(self.count),  # sizes its database pool (see open_driver)
         ]

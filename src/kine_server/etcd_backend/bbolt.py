@@ -93,11 +93,6 @@ class BoltFile:
         overflow = _HEADER.unpack_from(self._data, offset)[3]
         return self._data[offset : offset + (overflow + 1) * self.page_size]
 
-    def buckets(self) -> list[bytes]:
-        """The top-level buckets' names."""
-        with _damage():
-            return [name for name, _, bucket in _walk(self, self._page(self._root)) if bucket]
-
     def items(self, name: bytes) -> Iterator[tuple[bytes, bytes]]:
         """A top-level bucket's keys and values, in key order (nested buckets left out)."""
         with _damage():
