@@ -128,7 +128,6 @@ class Gateway:
             message, metadata=metadata
         )
         response.close_after = True
-        await response.start(200, JSON)
         try:
             await _relay(call, response)
         finally:
@@ -161,7 +160,6 @@ class Gateway:
             metadata=metadata
         )
         response.close_after = True
-        await response.start(200, JSON)
         gone = asyncio.Event()
         sender = asyncio.create_task(
             _send_requests(call, route, first, objects, chunks, request, gone)
@@ -199,12 +197,22 @@ async def _fail(response: Response, code: grpc.StatusCode, message: str) -> None
 
 async def _relay(call: Any, response: Response, gone: asyncio.Event | None = None) -> None:
     """Write each response of a streamed call as {"result": ...} on its own line; a call that
-    fails writes grpc-gateway's stream error. Returns quietly if the client went away."""
+    fails writes grpc-gateway's stream error. Returns quietly if the client went away.
+
+    The 200 and its headers go out with the first response, not before: a client (etcd3gw's
+    watch) returns from its request once the headers arrive and then writes the keys it
+    watches, so the watch must exist by then (its `created` is the first response)."""
     try:
         async for reply in call:
+            if not response.started:
+                await response.start(200, JSON)
             await response.write(b'{"result":' + jsonpb.dumps(jsonpb.encode(reply)) + b"}\n")
+        if not response.started:
+            await response.start(200, JSON)  # a stream that ended without a response
     except grpc.aio.AioRpcError as exc:
-        if gone is None or not gone.is_set():
+        if not response.started:
+            await _fail(response, exc.code(), exc.details() or "")
+        elif gone is None or not gone.is_set():
             await response.write(jsonpb.stream_error(exc.code(), exc.details() or "") + b"\n")
     except asyncio.CancelledError:
         # The call was cancelled because the client went away (see _send_requests); if it is
