@@ -620,3 +620,26 @@ def test_a_content_length_that_is_not_ascii_digits_is_a_bad_request() -> None:
     with pytest.raises(BadRequest) as refused:
         _content_length({"content-length": "\u00b2"})  # "²".isdigit() is True
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "workers"])
+def test_the_gateway_accepts_as_soon_as_the_grpc_port_does(
+    workers: list[str], tmp_path: Path
+) -> None:
+    """A TCP probe of the gRPC port means ready (operators' and our own start-up checks rely on
+    it), so the gateway must accept by then: probed without a pause, a few starts in a row."""
+    for attempt in range(5):
+        port = free_port()
+        kine = KineProcess(
+            f"sqlite://{tmp_path}/{attempt}.db",
+            tmp_path,
+            "--listen-gateway-urls",
+            f"http://127.0.0.1:{port}",
+            *workers,
+        )
+        kine.start(probe_interval=0.0)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                pass
+        finally:
+            kine.stop()

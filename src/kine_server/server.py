@@ -422,9 +422,11 @@ class Server:
                 ("grpc.server.max_pending_requests_hard_limit", 2**31 - 1),
             ],
         )
-        self._add_ports(server, listening)
+        # gRPC core listens as soon as a port is added, not at start(): the gateway's
+        # listener opens first, so that a client that reaches the gRPC port reaches it too.
         if self.config.listen_gateway_urls:
             self._bind_gateway(self._add_gateway_port(server))
+        self._add_ports(server, listening)
         # From here to server.start() nothing awaits: connections wait in the listen backlog.
         member = Member(
             cluster_id=cluster_id,
