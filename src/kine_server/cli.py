@@ -17,6 +17,7 @@ from kine_server import __version__, addresses, migrate
 from kine_server.config import Config, parse_urls
 from kine_server.durations import format_duration, parse_duration
 from kine_server.server import StartupError, WriterGone, serve, serve_frontend
+from kine_server.store.tokens import make_tokens
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _auth_token(text: str) -> str:
+    make_tokens(text)  # refused here, in one line, if etcd would refuse it
+    return text
+
+
+def _seconds_or_duration(text: str) -> float:
+    """etcd's --auth-token-ttl is a number of seconds; kine's habit is a Go duration."""
+    value = float(text) if text.strip().isdigit() else parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _bcrypt_cost(text: str) -> int:
+    value = int(text)
+    if not 4 <= value <= 31:
+        raise ValueError(f"must be from 4 to 31, got {value}")
+    return value
+
+
 FLAGS = [
     Flag(
         "endpoint",
@@ -154,6 +175,27 @@ FLAGS = [
         "trusted-ca-file",
         "trusted_ca_file",
         "Require client certificates signed by this CA (mutual TLS; needs --server-cert-file)",
+    ),
+    Flag(
+        "auth-token",
+        "auth_token",
+        "Tokens Authenticate issues, as etcd: simple, or "
+        "jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256|ES256|...[,ttl=DURATION]",
+        _auth_token,
+    ),
+    Flag(
+        "auth-token-ttl",
+        "auth_token_ttl",
+        "How long a simple token stays valid after its last use (seconds, as etcd, or a Go "
+        "duration)",
+        _seconds_or_duration,
+        format_duration,
+    ),
+    Flag(
+        "bcrypt-cost",
+        "bcrypt_cost",
+        "Cost of the bcrypt hashes of users' passwords (4 to 31, as etcd)",
+        _bcrypt_cost,
     ),
     Flag("ca-file", "ca_file", "PostgreSQL: verify the server's certificate against this CA"),
     Flag("cert-file", "cert_file", "PostgreSQL: client certificate (PEM)"),

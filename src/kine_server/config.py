@@ -38,6 +38,12 @@ class Config:
     server_cert_file: str = ""
     server_key_file: str = ""
     trusted_ca_file: str = ""
+    #: etcd's --auth-token: "simple", or "jwt,pub-key=F,priv-key=F,sign-method=M[,ttl=D]".
+    auth_token: str = "simple"
+    #: etcd's --auth-token-ttl: how long a simple token lives after its last use.
+    auth_token_ttl: float = 300.0
+    #: etcd's --bcrypt-cost for the password hashes.
+    bcrypt_cost: int = 10
     metrics_bind_address: str = "127.0.0.1:8080"
     #: etcd's HTTP/JSON gateway: http://HOST:PORT (https:// with TLS); empty: not served.
     listen_gateway_urls: str = ""

@@ -64,6 +64,34 @@ NoSpace = _error(
 )
 Corrupt = _error("Corrupt", grpc.StatusCode.DATA_LOSS, "etcdserver: corrupt cluster")
 
+# The auth store's errors (etcd's rpctypes, as its server maps auth's errors onto them).
+_FP = grpc.StatusCode.FAILED_PRECONDITION
+RootUserNotExist = _error("RootUserNotExist", _FP, "etcdserver: root user does not exist")
+RootRoleNotExist = _error("RootRoleNotExist", _FP, "etcdserver: root user does not have root role")
+UserAlreadyExist = _error("UserAlreadyExist", _FP, "etcdserver: user name already exists")
+UserEmpty = _error("UserEmpty", _IA, "etcdserver: user name is empty")
+UserNotFound = _error("UserNotFound", _FP, "etcdserver: user name not found")
+RoleAlreadyExist = _error("RoleAlreadyExist", _FP, "etcdserver: role name already exists")
+RoleNotFound = _error("RoleNotFound", _FP, "etcdserver: role name not found")
+RoleEmpty = _error("RoleEmpty", _IA, "etcdserver: role name is empty")
+AuthFailed = _error(
+    "AuthFailed", _IA, "etcdserver: authentication failed, invalid user ID or password"
+)
+PermissionNotGiven = _error("PermissionNotGiven", _IA, "etcdserver: permission not given")
+PermissionDenied = _error(
+    "PermissionDenied", grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"
+)
+RoleNotGranted = _error("RoleNotGranted", _FP, "etcdserver: role is not granted to the user")
+PermissionNotGranted = _error(
+    "PermissionNotGranted", _FP, "etcdserver: permission is not granted to the role"
+)
+AuthNotEnabled = _error("AuthNotEnabled", _FP, "etcdserver: authentication is not enabled")
+InvalidAuthToken = _error(
+    "InvalidAuthToken", grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"
+)
+InvalidAuthMgmt = _error("InvalidAuthMgmt", _IA, "etcdserver: invalid auth management")
+AuthOldRevision = _error("AuthOldRevision", _IA, "etcdserver: revision of auth store is old")
+
 
 class WatchRefused(Exception):
     """A watch create etcd refuses without ending the stream: the create is answered as created
@@ -81,6 +109,13 @@ class DuplicateWatchId(WatchRefused):
 
 class EmptyWatchRange(WatchRefused):
     reason = "mvcc: watcher range is empty"
+
+
+class WatchDenied(WatchRefused):
+    """The stream's user may not read the range (as etcd's watch server words it: the text of
+    its PermissionDenied status error)."""
+
+    reason = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
 
 
 class KeyTooLong(EtcdError):

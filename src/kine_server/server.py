@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from kine_server import addresses, errors
 from kine_server.addresses import Address
 from kine_server.api import decoding
-from kine_server.api.auth import AuthService
+from kine_server.api.auth import AuthService, Credentials
 from kine_server.api.cluster import ClusterService
 from kine_server.api.common import Member
 from kine_server.api.health import HealthService
@@ -40,6 +40,7 @@ from kine_server.store.alarms import member_id
 from kine_server.store.compactor import CompactionSettings, Compactor
 from kine_server.store.frontend import FrontendStore
 from kine_server.store.store import Storage, Store
+from kine_server.store.tokens import make_tokens
 
 log = logging.getLogger(__name__)
 
@@ -435,18 +436,31 @@ class Server:
             client_urls=self.advertised,
         )
         store = self.serving
+        credentials = Credentials(
+            store,
+            make_tokens(self.config.auth_token, self.config.auth_token_ttl),
+            certificate_users=bool(self.config.trusted_ca_file),
+        )
         services = _Services(self.metrics, self.config.max_txn_ops)
         rpc_pb2_grpc.add_KVServicer_to_server(
-            KVService(store, member, self.config.max_request_bytes, self.config.max_txn_ops),
+            KVService(
+                store,
+                member,
+                credentials,
+                self.config.max_request_bytes,
+                self.config.max_txn_ops,
+            ),
             services,
         )
         rpc_pb2_grpc.add_MaintenanceServicer_to_server(
-            MaintenanceService(store, member, self.config.emulated_etcd_version), services
+            MaintenanceService(store, member, credentials, self.config.emulated_etcd_version),
+            services,
         )
         rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterService(store, member), services)
         self.watch = WatchService(
             store,
             member,
+            credentials,
             WatchSettings(
                 progress_interval=self.config.watch_progress_notify_interval,
                 # etcd fragments above the same limit its gRPC layer accepts.
@@ -454,9 +468,11 @@ class Server:
             ),
         )
         services.add("etcdserverpb.Watch", {"Watch": self.watch.handler()})
-        self.lease = LeaseService(store, member)
+        self.lease = LeaseService(store, member, credentials)
         rpc_pb2_grpc.add_LeaseServicer_to_server(self.lease, services)
-        rpc_pb2_grpc.add_AuthServicer_to_server(AuthService(), services)
+        rpc_pb2_grpc.add_AuthServicer_to_server(
+            AuthService(store, member, credentials, self.config.bcrypt_cost), services
+        )
         health_pb2_grpc.add_HealthServicer_to_server(HealthService(store), services)
         server.add_generic_rpc_handlers(services.handlers)
         self._server = server

@@ -1,16 +1,230 @@
-"""etcdserverpb.Auth: authentication is not offered; every call answers UNIMPLEMENTED by name.
+"""etcdserverpb.Auth, and who each call comes from.
 
-Clients that never enable auth (kube-apiserver, etcdctl without --user) never call it.
+`Credentials` finds a call's user as etcd does: its token (gRPC metadata `token`, or
+`authorization` as etcd's gateway forwards it), else, when client certificates are verified,
+the certificate's Common Name. The checks themselves (what a user may do) are the store's
+(store/auth.py); this module only translates.
 """
 
 from __future__ import annotations
 
-from kine_server.api.common import answer_unsupported
+import asyncio
+import base64
+from typing import Any, TypeAlias
+
+import bcrypt
+import grpc
+
+from kine_server import errors
+from kine_server.api.common import Member, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store.auth import AuthState, Identity
+from kine_server.store.store import Storage
+from kine_server.store.tokens import Tokens
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+#: etcd's --bcrypt-cost default (bcrypt's own default cost).
+DEFAULT_BCRYPT_COST = 10
+
+
+class Credentials:
+    """Who a call comes from, checked against the store's current auth state."""
+
+    def __init__(self, store: Storage, tokens: Tokens, certificate_users: bool) -> None:
+        self._store = store
+        self.tokens = tokens
+        #: Client certificates are verified (--trusted-ca-file): a CN names the user.
+        self._certificate_users = certificate_users
+
+    @property
+    def state(self) -> AuthState:
+        return self._store.auth.state
+
+    def identify(self, context: Context, state: AuthState | None = None) -> Identity | None:
+        """The call's user, None if it names none; a token that is not (or no longer) valid is
+        etcd's "invalid auth token". Nothing is looked at while auth is off."""
+        state = state or self.state
+        if not state.enabled:
+            return None
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key in ("token", "authorization") and isinstance(value, str):
+                token = value
+                break
+        if token is not None:
+            who = self.tokens.identify(state, token)
+            if who is None:
+                raise errors.InvalidAuthToken()
+            return who
+        if self._certificate_users:
+            names = (context.auth_context() or {}).get("x509_common_name")
+            if names:
+                return Identity(names[0].decode(errors="replace"), state.revision)
+        return None
+
+    def checked(self, context: Context) -> tuple[AuthState, Identity | None]:
+        """(state, user) for a call's permission checks, both taken at the same moment."""
+        state = self.state
+        return state, self.identify(context, state)
+
+    def admin(self, context: Context) -> None:
+        """Refuse the call unless it comes from a user with the root role (or auth is off)."""
+        state, who = self.checked(context)
+        state.check_admin(who)
+
+
+async def hash_password(password: str, cost: int) -> str:
+    """bcrypt at etcd's cost, off the event loop (it takes tens of milliseconds on purpose),
+    base64-encoded as etcd 3.5 passes hashedPassword on."""
+    hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), bcrypt.gensalt(cost))
+    return base64.b64encode(hashed).decode()
+
+
+async def password_matches(password: str, hashed: bytes) -> bool:
+    try:
+        return await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+    except ValueError:  # not a bcrypt hash (e.g. a user restored without one)
+        return False
 
 
 class AuthService(rpc_pb2_grpc.AuthServicer):
-    pass
+    def __init__(
+        self,
+        store: Storage,
+        member: Member,
+        credentials: Credentials,
+        bcrypt_cost: int = DEFAULT_BCRYPT_COST,
+    ) -> None:
+        self._store = store
+        self._member = member
+        self._credentials = credentials
+        self._cost = bcrypt_cost
 
+    def _answer(self, response: Any) -> Any:
+        response.header.revision = self._store.hub.revision
+        self._member.stamp(response.header)
+        return response
 
-answer_unsupported(AuthService, rpc_pb2.DESCRIPTOR.services_by_name["Auth"])
+    async def _change(self, context: Context, method: str, request: Any) -> Any:
+        """An Auth call that changes the store: root only (once auth is on), then the writer."""
+        self._credentials.admin(context)
+        return self._answer(await self._store.auth_change(method, request))
+
+    async def _fresh(self) -> AuthState:
+        """The state as the database has it now: reads answer as of the latest change anywhere."""
+        return await self._store.auth.reload()
+
+    @etcd_errors
+    async def AuthEnable(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "AuthEnable", request)
+
+    @etcd_errors
+    async def AuthDisable(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "AuthDisable", request)
+
+    @etcd_errors
+    async def AuthStatus(self, request: Any, context: Context) -> Any:
+        state = await self._fresh()
+        self._credentials.identify(context, state)  # a token must still be valid
+        response = rpc_pb2.AuthStatusResponse(enabled=state.enabled, authRevision=state.revision)
+        return self._answer(response)
+
+    @etcd_errors
+    async def Authenticate(self, request: rpc_pb2.AuthenticateRequest, context: Context) -> Any:
+        state = await self._fresh()
+        if not state.enabled:
+            raise errors.AuthNotEnabled()
+        user = state.users.get(request.name)
+        if user is None or user.options.no_password:
+            raise errors.AuthFailed()
+        if not await password_matches(request.password, user.password):
+            raise errors.AuthFailed()
+        token = self._credentials.tokens.assign(state, request.name)
+        return self._answer(rpc_pb2.AuthenticateResponse(token=token))
+
+    @etcd_errors
+    async def UserAdd(self, request: rpc_pb2.AuthUserAddRequest, context: Context) -> Any:
+        self._credentials.admin(context)
+        if not request.options.no_password and not request.hashedPassword:
+            request.hashedPassword = await hash_password(request.password, self._cost)
+        request.password = ""
+        return await self._change(context, "UserAdd", request)
+
+    @etcd_errors
+    async def UserChangePassword(
+        self, request: rpc_pb2.AuthUserChangePasswordRequest, context: Context
+    ) -> Any:
+        self._credentials.admin(context)
+        if not request.hashedPassword:
+            request.hashedPassword = await hash_password(request.password, self._cost)
+        request.password = ""
+        return await self._change(context, "UserChangePassword", request)
+
+    @etcd_errors
+    async def UserDelete(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "UserDelete", request)
+
+    @etcd_errors
+    async def UserGrantRole(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "UserGrantRole", request)
+
+    @etcd_errors
+    async def UserRevokeRole(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "UserRevokeRole", request)
+
+    @etcd_errors
+    async def RoleAdd(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "RoleAdd", request)
+
+    @etcd_errors
+    async def RoleDelete(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "RoleDelete", request)
+
+    @etcd_errors
+    async def RoleGrantPermission(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "RoleGrantPermission", request)
+
+    @etcd_errors
+    async def RoleRevokePermission(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "RoleRevokePermission", request)
+
+    @etcd_errors
+    async def UserGet(self, request: rpc_pb2.AuthUserGetRequest, context: Context) -> Any:
+        state = await self._fresh()
+        who = self._credentials.identify(context, state)
+        if who is None or who.user != request.name:  # a user may read their own roles
+            state.check_admin(who)
+        user = state.users.get(request.name)
+        if user is None:
+            raise errors.UserNotFound()
+        return self._answer(rpc_pb2.AuthUserGetResponse(roles=list(user.roles)))
+
+    @etcd_errors
+    async def UserList(self, request: Any, context: Context) -> Any:
+        state = await self._fresh()
+        state.check_admin(self._credentials.identify(context, state))
+        return self._answer(rpc_pb2.AuthUserListResponse(users=sorted(state.users)))
+
+    @etcd_errors
+    async def RoleGet(self, request: rpc_pb2.AuthRoleGetRequest, context: Context) -> Any:
+        state = await self._fresh()
+        who = self._credentials.identify(context, state)
+        user = state.users.get(who.user) if who is not None else None
+        if user is None or request.role not in user.roles:  # a user may read their own roles
+            state.check_admin(who)
+        role = state.roles.get(request.role)
+        if role is None:
+            raise errors.RoleNotFound()
+        response = rpc_pb2.AuthRoleGetResponse()
+        if request.role == "root":
+            response.perm.add(permType="READWRITE", key=b"", range_end=b"\0")
+        else:
+            response.perm.extend(role.keyPermission)
+        return self._answer(response)
+
+    @etcd_errors
+    async def RoleList(self, request: Any, context: Context) -> Any:
+        state = await self._fresh()
+        state.check_admin(self._credentials.identify(context, state))
+        return self._answer(rpc_pb2.AuthRoleListResponse(roles=sorted(state.roles)))

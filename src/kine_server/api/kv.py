@@ -8,8 +8,10 @@ import grpc
 
 from kine_server import errors
 from kine_server.api import validation
+from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store import auth
 from kine_server.store.applier import is_read_only
 from kine_server.store.store import Storage
 
@@ -18,10 +20,16 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 class KVService(rpc_pb2_grpc.KVServicer):
     def __init__(
-        self, store: Storage, member: Member, max_request_bytes: int, max_txn_ops: int
+        self,
+        store: Storage,
+        member: Member,
+        credentials: Credentials,
+        max_request_bytes: int,
+        max_txn_ops: int,
     ) -> None:
         self._store = store
         self._member = member
+        self._credentials = credentials
         self._max_request_bytes = max_request_bytes
         self._max_txn_ops = max_txn_ops
 
@@ -33,6 +41,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
     @etcd_errors
     async def Range(self, request: rpc_pb2.RangeRequest, context: Context) -> rpc_pb2.RangeResponse:
         validation.check_range(request)
+        state, who = self._credentials.checked(context)
+        auth.check_range(state, who, request)
         response = await self._store.range(request)
         self._member.stamp(response.header)
         return response
@@ -41,6 +51,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
     async def Put(self, request: rpc_pb2.PutRequest, context: Context) -> rpc_pb2.PutResponse:
         validation.check_put(request)
         self._check_size(request)
+        state, who = self._credentials.checked(context)
+        await auth.check_put(state, who, request, self._store.leased_keys)
         response = await self._store.put(request)
         self._member.stamp(response.header)
         return response
@@ -51,6 +63,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
     ) -> rpc_pb2.DeleteRangeResponse:
         validation.check_delete(request)
         self._check_size(request)
+        state, who = self._credentials.checked(context)
+        auth.check_delete(state, who, request)
         response = await self._store.delete_range(request)
         self._member.stamp(response.header)
         return response
@@ -60,6 +74,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
         validation.check_txn(request, self._max_txn_ops)
         if not is_read_only(request):  # etcd serves read-only Txns without a proposal
             self._check_size(request)
+        state, who = self._credentials.checked(context)
+        await auth.check_txn(state, who, request, self._store.leased_keys)
         response = await self._store.txn(request)
         self._member.stamp(response.header)
         return response
@@ -68,6 +84,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     async def Compact(
         self, request: rpc_pb2.CompactionRequest, context: Context
     ) -> rpc_pb2.CompactionResponse:
+        self._credentials.admin(context)
         revision = await self._store.compact(request.revision, request.physical)
         response = rpc_pb2.CompactionResponse()
         response.header.revision = revision

@@ -10,8 +10,10 @@ from typing import Any, TypeAlias
 import grpc
 
 from kine_server import errors
+from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
+from kine_server.store import auth
 from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -82,9 +84,10 @@ class _ReadAhead:
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
-    def __init__(self, store: Storage, member: Member) -> None:
+    def __init__(self, store: Storage, member: Member, credentials: Credentials) -> None:
         self._store = store
         self._member = member
+        self._credentials = credentials
         self._closing = asyncio.Event()
 
     def shutdown(self) -> None:
@@ -109,6 +112,8 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseRevoke(
         self, request: rpc_pb2.LeaseRevokeRequest, context: Context
     ) -> rpc_pb2.LeaseRevokeResponse:
+        state, who = self._credentials.checked(context)
+        await auth.check_lease_keys(state, who, request.ID, self._store.leased_keys)
         await self._store.lease_revoke(request.ID)
         response = rpc_pb2.LeaseRevokeResponse()
         self._header(response.header)

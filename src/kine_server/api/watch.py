@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import grpc
 
 from kine_server import errors
+from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, send
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.applier import CHUNK, range_end
@@ -74,9 +75,12 @@ def encode(response: rpc_pb2.WatchResponse | bytes) -> bytes:
 
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
-    def __init__(self, store: Storage, member: Member, settings: WatchSettings) -> None:
+    def __init__(
+        self, store: Storage, member: Member, credentials: Credentials, settings: WatchSettings
+    ) -> None:
         self._store = store
         self._member = member
+        self._credentials = credentials
         self._settings = settings
         self.stats = WatchStats()
         self._headers = Headers(member)
@@ -99,6 +103,15 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         """Events queued in every watcher of every stream (walked at scrape time)."""
         return sum(stream.watches.pending_events() for stream in self._streams)
 
+    def _permitted(self, context: Context, create: rpc_pb2.WatchCreateRequest) -> bool:
+        """etcd's isWatchPermitted: may the stream's user read the watched range now?"""
+        try:
+            state, who = self._credentials.checked(context)
+            state.check(who, create.key, create.range_end, write=False)
+        except errors.EtcdError:
+            return False
+        return True
+
     async def Watch(
         self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
     ) -> None:
@@ -110,6 +123,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
             self.stats,
             context,
             self._closing,
+            lambda create: self._permitted(context, create),
         )
         self._streams.add(stream)
         try:
@@ -132,8 +146,10 @@ class WatchStream:
         stats: WatchStats,
         context: Context,
         closing: asyncio.Event,
+        permitted: Callable[[rpc_pb2.WatchCreateRequest], bool],
     ) -> None:
         self._closing = closing
+        self._permitted = permitted
         self._member = member
         self._headers = headers
         self._settings = settings
@@ -211,6 +227,8 @@ class WatchStream:
         )
         current = self.watches.revision
         try:
+            if not self._permitted(create):
+                raise errors.WatchDenied()
             watch_id = self.watches.create(create.watch_id, spec, create.start_revision)
         except errors.WatchRefused as refused:
             response = self._response(

@@ -27,7 +27,9 @@ from typing import Any, NamedTuple
 #: `sub`, so (key, mod_revision) is no longer unique; "never compacted" is -1, as in etcd.
 #: 3: alarms are kept as etcd keeps them, one row of kine_alarm per raised (member id, alarm
 #: type), instead of one NOSPACE flag in kine_meta.
-SCHEMA_VERSION = 3
+#: 4: etcd's auth store: users and roles as rows of kine_auth (etcd's authpb messages, as its
+#: authUsers and authRoles buckets hold them), the enabled flag and auth revision in kine_meta.
+SCHEMA_VERSION = 4
 
 #: Sentinel end of range: every key at or after the start key.
 OPEN_END = b""
@@ -177,6 +179,11 @@ class ReadTx(abc.ABC):
         """Every raised alarm as (member id, alarm type), the id as etcd's uint64."""
 
     @abc.abstractmethod
+    async def auth_records(self) -> list[tuple[str, bytes, bytes]]:
+        """Every (kind, name, value) of the auth store: kind "user" or "role", the value an
+        authpb.User or authpb.Role."""
+
+    @abc.abstractmethod
     async def leased(self, lease_id: int) -> list[Row]:
         """The live keys attached to a lease, in key order."""
 
@@ -260,6 +267,13 @@ class WriteTx(ReadTx):
     @abc.abstractmethod
     async def clear_alarm(self, member_id: int, alarm: int) -> bool:
         """Remove the alarm; False if it was not raised."""
+
+    @abc.abstractmethod
+    async def put_auth_record(self, kind: str, name: bytes, value: bytes) -> None:
+        """Insert or replace one user or role (see `auth_records`)."""
+
+    @abc.abstractmethod
+    async def delete_auth_record(self, kind: str, name: bytes) -> None: ...
 
     @abc.abstractmethod
     async def lock_compact_revision(self) -> int:

@@ -65,6 +65,12 @@ SCHEMA = [
         alarm INTEGER NOT NULL,
         PRIMARY KEY (member_id, alarm)
     )""",
+    """CREATE TABLE IF NOT EXISTS kine_auth (
+        kind TEXT NOT NULL,
+        name BYTEA NOT NULL,
+        value BYTEA NOT NULL,
+        PRIMARY KEY (kind, name)
+    )""",
     """CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
         WHERE next_revision IS NULL AND version > 0""",
     # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
@@ -218,6 +224,9 @@ _LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
 _LEASED = DIALECT(sql.LEASED)
 _MIGRATE_1_TO_2 = [DIALECT(statement) for statement in sql.MIGRATE_1_TO_2]
 _MIGRATE_2_TO_3 = [DIALECT(statement) for statement in sql.MIGRATE_2_TO_3]
+_MIGRATE_3_TO_4 = [DIALECT(statement) for statement in sql.MIGRATE_3_TO_4]
+_PUT_AUTH_RECORD = DIALECT(sql.PUT_AUTH_RECORD)
+_DELETE_AUTH_RECORD = DIALECT(sql.DELETE_AUTH_RECORD)
 _RAISE_ALARM = DIALECT(sql.RAISE_ALARM)
 _CLEAR_ALARM = DIALECT(sql.CLEAR_ALARM)
 
@@ -310,6 +319,10 @@ class _Read(ReadTx):
     async def alarms(self) -> list[tuple[int, int]]:
         return [(sql.member_of(r[0]), r[1]) for r in await self._conn.fetch(sql.ALARMS)]
 
+    async def auth_records(self) -> list[tuple[str, bytes, bytes]]:
+        records = await self._conn.fetch(sql.AUTH_RECORDS)
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in records]
+
     async def leased(self, lease_id: int) -> list[Row]:
         return await _rows(await self._conn.fetch(_LEASED, lease_id))
 
@@ -370,6 +383,12 @@ class _Write(_Read, WriteTx):
 
     async def set_meta(self, name: str, value: int) -> None:
         await self._conn.execute(_SET_META, value, name)
+
+    async def put_auth_record(self, kind: str, name: bytes, value: bytes) -> None:
+        await self._conn.execute(_PUT_AUTH_RECORD, kind, name, value)
+
+    async def delete_auth_record(self, kind: str, name: bytes) -> None:
+        await self._conn.execute(_DELETE_AUTH_RECORD, kind, name)
 
     async def raise_alarm(self, member_id: int, alarm: int) -> bool:
         status = await self._conn.execute(_RAISE_ALARM, sql.stored_member(member_id), alarm)
@@ -554,6 +573,9 @@ class PostgresDriver(Driver):
                 await conn.execute(statement)
         if found < 3:
             for statement in _MIGRATE_2_TO_3:
+                await conn.execute(statement)
+        if found < 4:
+            for statement in _MIGRATE_3_TO_4:
                 await conn.execute(statement)
 
     async def listen(self, on_commit: Callable[[int], None]) -> None:

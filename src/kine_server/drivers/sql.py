@@ -131,6 +131,25 @@ MIGRATE_2_TO_3 = [
     "UPDATE kine_meta SET value = 3 WHERE name = 'schema_version'",
 ]
 
+#: From schema 3: the auth store (its table is created with the others); auth off, at etcd's
+#: first auth revision.
+MIGRATE_3_TO_4 = [
+    "INSERT INTO kine_meta (name, value) VALUES ('auth_enabled', 0) ON CONFLICT (name) DO NOTHING",
+    "INSERT INTO kine_meta (name, value) VALUES ('auth_revision', 1) "
+    "ON CONFLICT (name) DO NOTHING",
+    "INSERT INTO kine_meta (name, value) VALUES ('auth_generation', 0) "
+    "ON CONFLICT (name) DO NOTHING",
+    "UPDATE kine_meta SET value = 4 WHERE name = 'schema_version'",
+]
+
+#: Users and roles, as etcd's authUsers and authRoles buckets hold them.
+AUTH_RECORDS = "SELECT kind, name, value FROM kine_auth ORDER BY kind, name"
+PUT_AUTH_RECORD = (
+    "INSERT INTO kine_auth (kind, name, value) VALUES (?, ?, ?) "
+    "ON CONFLICT (kind, name) DO UPDATE SET value = excluded.value"
+)
+DELETE_AUTH_RECORD = "DELETE FROM kine_auth WHERE kind = ? AND name = ?"
+
 #: Alarms, as etcd's alarm bucket holds them: one row per raised (member id, alarm type).
 ALARMS = "SELECT member_id, alarm FROM kine_alarm"
 RAISE_ALARM = "INSERT INTO kine_alarm (member_id, alarm) VALUES (?, ?) ON CONFLICT DO NOTHING"
@@ -156,6 +175,9 @@ def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
         ("compacted_through", 0),
         ("cluster_id", cluster_id),
         ("lease_served_until", 0),
+        ("auth_enabled", 0),
+        ("auth_revision", 1),
+        ("auth_generation", 0),
     ]
     return "INSERT INTO kine_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", rows
 

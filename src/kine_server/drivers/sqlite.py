@@ -78,6 +78,12 @@ CREATE TABLE IF NOT EXISTS kine_alarm (
     alarm INTEGER NOT NULL,
     PRIMARY KEY (member_id, alarm)
 );
+CREATE TABLE IF NOT EXISTS kine_auth (
+    kind TEXT NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (kind, name)
+);
 CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
     WHERE next_revision IS NULL AND version > 0;
 CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev_sub ON kine_kv (key, mod_revision, sub);
@@ -110,6 +116,9 @@ def _create_schema(conn: sqlite3.Connection) -> None:
                 conn.execute(statement)
         if found[0][0] < 3:
             for statement in sql.MIGRATE_2_TO_3:
+                conn.execute(statement)
+        if found[0][0] < 4:
+            for statement in sql.MIGRATE_3_TO_4:
                 conn.execute(statement)
     except BaseException:
         conn.execute("ROLLBACK")
@@ -251,6 +260,9 @@ class _Queries(ReadTx):
     async def alarms(self) -> list[tuple[int, int]]:
         return [(sql.member_of(r[0]), r[1]) for r in await self._all(sql.ALARMS, ())]
 
+    async def auth_records(self) -> list[tuple[str, bytes, bytes]]:
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in await self._all(sql.AUTH_RECORDS, ())]
+
     async def leased(self, lease_id: int) -> list[Row]:
         return await self._rows(sql.LEASED, (lease_id,))
 
@@ -391,6 +403,12 @@ class _Write(_Queries, WriteTx):
 
     async def clear_alarm(self, member_id: int, alarm: int) -> bool:
         return await self._run(sql.CLEAR_ALARM, (sql.stored_member(member_id), alarm)) == 1
+
+    async def put_auth_record(self, kind: str, name: bytes, value: bytes) -> None:
+        await self._run(sql.PUT_AUTH_RECORD, (kind, name, value))
+
+    async def delete_auth_record(self, kind: str, name: bytes) -> None:
+        await self._run(sql.DELETE_AUTH_RECORD, (kind, name))
 
     async def lock_compact_revision(self) -> int:
         # BEGIN IMMEDIATE already holds the write lock; nothing else can change it.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx
+from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx, WriteTx
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
 from kine_server.pb import kv_pb2
 from kine_server.store.frames import read_varint, varint
@@ -124,6 +124,7 @@ async def restore_etcd(
             # As etcd restores a lease: with its whole TTL again, from now.
             await writer.insert_lease(fields.get(1, 0), fields.get(2, 0))
             leases += 1
+        await restore_auth(bolt, writer)
         finished, scheduled = compact_revisions(bolt)
         # etcd compacts through a scheduled compaction when it restores; reads below it fail.
         compacted = max(finished, scheduled)
@@ -162,7 +163,7 @@ def lease_value(lease_id: int, ttl: int) -> bytes:
 
 
 #: The buckets etcd's backend has, in bbolt's (byte) order; the ones not written here are
-#: left empty (no users or roles, no alarms: a restored member starts without them).
+#: left empty (no alarms: a restored member starts without them).
 BUCKETS = (
     b"alarm",
     b"auth",
@@ -177,6 +178,38 @@ BUCKETS = (
 )
 
 
+#: Where etcd keeps each kind of kine_auth's records.
+AUTH_KINDS = {b"authRoles": "role", b"authUsers": "user"}
+
+
+def auth_buckets(
+    meta: dict[str, int], records: list[tuple[str, bytes, bytes]]
+) -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
+    """etcd's auth buckets, in bbolt's order: `auth` (enabled flag, auth revision as a
+    big-endian uint64), then the roles and users, each an authpb message under its name."""
+    enabled = b"\x01" if meta.get("auth_enabled") else b"\x00"
+    revision = meta.get("auth_revision", 1).to_bytes(8, "big")
+    buckets = [(b"auth", [(b"authEnabled", enabled), (b"authRevision", revision)])]
+    for bucket, kind in AUTH_KINDS.items():
+        buckets.append((bucket, sorted((n, v) for k, n, v in records if k == kind)))
+    return buckets
+
+
+async def restore_auth(bolt: BoltFile, writer: WriteTx) -> None:
+    """etcd's users, roles, enabled flag and auth revision into the store being restored (a
+    snapshot of an etcd that never had auth has empty buckets, or none)."""
+    try:
+        auth = dict(bolt.items(b"auth"))
+    except BoltError:
+        return
+    for bucket, kind in AUTH_KINDS.items():
+        for name, value in bolt.items(bucket):
+            await writer.put_auth_record(kind, name, value)
+    await writer.set_meta("auth_enabled", int(auth.get(b"authEnabled") == b"\x01"))
+    if len(auth.get(b"authRevision", b"")) == 8:
+        await writer.set_meta("auth_revision", int.from_bytes(auth[b"authRevision"], "big"))
+
+
 async def write_etcd_snapshot(tx: ReadTx, path: str) -> Counters:
     """The store as etcd's backend file (see the module), from one read transaction: what
     `etcdctl snapshot status` and `etcdctl snapshot restore` read. Written a page of rows at a
@@ -184,8 +217,10 @@ async def write_etcd_snapshot(tx: ReadTx, path: str) -> Counters:
     counters = await tx.counters()
     bolt = BoltWriter(path)
     try:
-        for name in BUCKETS[: BUCKETS.index(b"key")]:
-            bolt.bucket(name)
+        bolt.bucket(b"alarm")
+        for name, items in auth_buckets(await tx.all_meta(), await tx.auth_records()):
+            bolt.bucket(name, items)
+        bolt.bucket(b"cluster")
         keys = bolt.bucket(b"key")
         after = (0, -1)
         while page := await tx.dump(after, PAGE):

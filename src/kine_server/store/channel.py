@@ -19,6 +19,7 @@ from typing import Any
 
 from kine_server import errors
 from kine_server.pb import workers_pb2
+from kine_server.store.auth import message_types
 from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.hub import Group
 from kine_server.store.store import Store
@@ -76,6 +77,11 @@ async def execute(store: Store, command: workers_pb2.Command) -> bytes:
         elif kind == "defragment":
             await store.defragment()
             result.defragmented = True
+        elif kind == "auth_change":
+            method = command.auth_change.method
+            request = message_types(method)[0].FromString(command.auth_change.request)
+            answer = await store.auth_change(method, request)
+            result.auth_changed = answer.SerializeToString()
         elif kind == "status":
             status = await store.write_side_status()
             reply = result.status

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from kine_server import errors
 from kine_server.drivers.base import Driver
 from kine_server.pb import rpc_pb2, workers_pb2
+from kine_server.store.auth import message_types
 from kine_server.store.compactor import CompactionStatus
 from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.store import Storage, WriteSideStatus
@@ -64,6 +65,7 @@ class FrontendStore(Storage):
             ) from exc
         self._connection = connection
         self.hub.revision = await self._hello
+        await self.auth.start()
 
     def ready(self, worker: int) -> None:
         """Tell the writer process that this front-end, number `worker`, serves gRPC now."""
@@ -75,6 +77,7 @@ class FrontendStore(Storage):
     async def stop(self, timeout: float | None = None) -> None:
         """After the gRPC server stopped: its last writes have been answered."""
         self._stopping = True
+        await self.auth.stop()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -174,6 +177,12 @@ class FrontendStore(Storage):
 
     async def defragment(self) -> None:
         await self._call(defragment=rpc_pb2.DefragmentRequest())
+
+    async def auth_change(self, method: str, req: Message) -> Message:
+        change = workers_pb2.AuthChange(method=method, request=req.SerializeToString())
+        answer = (await self._call(auth_change=change)).auth_changed
+        await self.auth.reload()  # the client that made the change sees it at once
+        return message_types(method)[1].FromString(answer)
 
     async def write_side_status(self) -> WriteSideStatus:
         reply = (await self._call(status=workers_pb2.StatusQuery())).status

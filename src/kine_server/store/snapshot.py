@@ -17,7 +17,7 @@ PAGE = 1000
 
 #: The counters a restore carries over; the target keeps its own schema version and cluster id
 #: (a restored store is a new cluster, as with `etcdctl snapshot restore`).
-COPIED_META = ("revision", "compact_revision", "compacted_through")
+COPIED_META = ("revision", "compact_revision", "compacted_through", "auth_enabled", "auth_revision")
 
 
 class SnapshotError(Exception):
@@ -65,6 +65,9 @@ async def copy_store(source: Driver, target: Driver) -> Counters:
         # A restored lease starts its TTL again, as etcd's restored leases do.
         for lease_id, ttl, _ in await reader.all_leases():
             await writer.insert_lease(lease_id, ttl)
+        # Users, roles and whether auth is on come along, as in etcd's snapshot.
+        for kind, user_or_role, value in await reader.auth_records():
+            await writer.put_auth_record(kind, user_or_role, value)
         meta = await reader.all_meta()
         for name in COPIED_META:
             await writer.set_meta(name, meta[name])

@@ -19,12 +19,15 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
+
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.etcd_backend.mvcc import write_etcd_snapshot
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.alarms import Alarms, member_id
 from kine_server.store.applier import Applier, has_puts, is_read_only
+from kine_server.store.auth import AuthStore
 from kine_server.store.compactor import CompactionStatus, Compactor
 from kine_server.store.hub import EventHub
 from kine_server.store.leases import LeaseStatus, Lessor, lease_ids, lease_status
@@ -71,6 +74,7 @@ class Storage(abc.ABC):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
         self.hub = EventHub()
+        self.auth = AuthStore(driver)
         #: Read transactions slower than this many seconds are logged (--slow-sql-threshold;
         #: 0 disables), as the writer logs slow write transactions.
         self.slow_threshold = 0.0
@@ -133,6 +137,11 @@ class Storage(abc.ABC):
     async def defragment(self) -> None: ...
 
     @abc.abstractmethod
+    async def auth_change(self, method: str, req: Message) -> Message:
+        """Carry out an Auth call that changes users, roles or the enabled flag (store/auth.py);
+        once it returns, this process checks requests against the new state."""
+
+    @abc.abstractmethod
     async def write_side_status(self) -> WriteSideStatus: ...
 
     # The reads.
@@ -149,6 +158,11 @@ class Storage(abc.ABC):
 
     async def lease_list(self) -> list[int]:
         return await lease_ids(self.driver)
+
+    async def leased_keys(self, lease_id: int) -> list[bytes]:
+        """The keys attached to a lease, for the permission checks of writes that touch it."""
+        status = await self.lease_time_to_live(lease_id, with_keys=True)
+        return [] if status is None else list(status.keys)
 
     async def counters(self) -> Counters:
         async with self._reading("counters") as tx:
@@ -237,6 +251,7 @@ class Store(Storage):
         self.alarms.member_id = member_id(cluster_id, self._member_name)
         await self.poller.start()
         self.writer.start()
+        await self.auth.start()
         await self.lessor.start()
         await self.quota.start()
         self.compactor.start()
@@ -251,6 +266,7 @@ class Store(Storage):
         def left() -> float | None:
             return None if deadline is None else max(0.0, deadline - loop.time())
 
+        await self.auth.stop()
         await self.quota.stop()
         await self.lessor.stop(left())
         await self.writer.stop(left())
@@ -322,6 +338,9 @@ class Store(Storage):
     async def defragment(self) -> None:
         with errors.database_errors():
             await self.driver.defragment()
+
+    async def auth_change(self, method: str, req: Message) -> Message:
+        return await self.auth.change(self.writer, method, req)
 
     async def write_side_status(self) -> WriteSideStatus:
         return WriteSideStatus(
