@@ -123,5 +123,5 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
 
 def test_unimplemented_calls_name_themselves(tmp_path: Path) -> None:
     with KineProcess(f"sqlite://{tmp_path}/s.db", tmp_path) as kine:
-        out = etcdctl(kine.address, "user add root:pw")
-    assert "etcdserverpb.Auth/UserAdd is not supported" in out
+        out = etcdctl(kine.address, "member add n1 --peer-urls=http://127.0.0.1:1")
+    assert "etcdserverpb.Cluster/MemberAdd is not supported" in out

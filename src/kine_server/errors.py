@@ -92,6 +92,26 @@ InvalidAuthToken = _error(
 InvalidAuthMgmt = _error("InvalidAuthMgmt", _IA, "etcdserver: invalid auth management")
 AuthOldRevision = _error("AuthOldRevision", _IA, "etcdserver: revision of auth store is old")
 
+#: The auth package's own words for its errors, where etcd passes them on without turning them
+#: into its gRPC errors (Maintenance's admin checks): the client sees UNKNOWN and this text.
+_AUTH_TEXT = {
+    UserEmpty: "auth: user name is empty",
+    UserNotFound: "auth: user not found",
+    PermissionDenied: "auth: permission denied",
+    InvalidAuthToken: "auth: invalid auth token",
+    AuthOldRevision: "auth: revision in header is old",
+}
+
+
+def unmapped(exc: EtcdError) -> EtcdError:
+    """`exc` as etcd's Maintenance service answers it: UNKNOWN, in the auth package's words."""
+    text = _AUTH_TEXT.get(type(exc))
+    if text is None:
+        return exc
+    error = EtcdError(text)
+    error.code = grpc.StatusCode.UNKNOWN
+    return error
+
 
 class WatchRefused(Exception):
     """A watch create etcd refuses without ending the stream: the create is answered as created
@@ -112,10 +132,13 @@ class EmptyWatchRange(WatchRefused):
 
 
 class WatchDenied(WatchRefused):
-    """The stream's user may not read the range (as etcd's watch server words it: the text of
-    its PermissionDenied status error)."""
+    """The stream's user may not watch the range: etcd 3.5 cancels the watch with the text of
+    the status error its check gave (`rpc error: code = PermissionDenied desc = ...`)."""
 
-    reason = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+    def __init__(self, cause: EtcdError) -> None:
+        code = "".join(part.capitalize() for part in cause.code.name.split("_"))
+        self.reason = f"rpc error: code = {code} desc = {cause.message}"
+        Exception.__init__(self, self.reason)
 
 
 class KeyTooLong(EtcdError):

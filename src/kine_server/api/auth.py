@@ -63,15 +63,26 @@ class Credentials:
                 return Identity(names[0].decode(errors="replace"), state.revision)
         return None
 
-    def checked(self, context: Context) -> tuple[AuthState, Identity | None]:
-        """(state, user) for a call's permission checks, both taken at the same moment."""
-        state = self.state
+    async def checked(self, context: Context) -> tuple[AuthState, Identity | None]:
+        """(state, user) for a call's permission checks, both taken at the same moment, from
+        the newest state this process knows of."""
+        state = await self._store.auth.current()
         return state, self.identify(context, state)
 
-    def admin(self, context: Context) -> None:
-        """Refuse the call unless it comes from a user with the root role (or auth is off)."""
-        state, who = self.checked(context)
+    async def admin(self, context: Context) -> Identity | None:
+        """Refuse the call unless it comes from a user with the root role (or auth is off);
+        the user."""
+        state, who = await self.checked(context)
         state.check_admin(who)
+        return who
+
+    async def maintainer(self, context: Context) -> None:
+        """`admin`, with the errors as etcd's Maintenance service sends them (see
+        errors.unmapped: etcd does not translate them there)."""
+        try:
+            await self.admin(context)
+        except errors.EtcdError as exc:
+            raise errors.unmapped(exc) from exc
 
 
 async def hash_password(password: str, cost: int) -> str:
@@ -108,8 +119,8 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
 
     async def _change(self, context: Context, method: str, request: Any) -> Any:
         """An Auth call that changes the store: root only (once auth is on), then the writer."""
-        self._credentials.admin(context)
-        return self._answer(await self._store.auth_change(method, request))
+        who = await self._credentials.admin(context)
+        return self._answer(await self._store.auth_change(method, request, who))
 
     async def _fresh(self) -> AuthState:
         """The state as the database has it now: reads answer as of the latest change anywhere."""
@@ -126,7 +137,7 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
     @etcd_errors
     async def AuthStatus(self, request: Any, context: Context) -> Any:
         state = await self._fresh()
-        self._credentials.identify(context, state)  # a token must still be valid
+        state.check_admin(self._credentials.identify(context, state))
         response = rpc_pb2.AuthStatusResponse(enabled=state.enabled, authRevision=state.revision)
         return self._answer(response)
 
@@ -145,8 +156,8 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
 
     @etcd_errors
     async def UserAdd(self, request: rpc_pb2.AuthUserAddRequest, context: Context) -> Any:
-        self._credentials.admin(context)
-        if not request.options.no_password and not request.hashedPassword:
+        await self._credentials.admin(context)
+        if not request.options.no_password:  # as etcd: a hash the client sent is not used
             request.hashedPassword = await hash_password(request.password, self._cost)
         request.password = ""
         return await self._change(context, "UserAdd", request)
@@ -155,8 +166,8 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
     async def UserChangePassword(
         self, request: rpc_pb2.AuthUserChangePasswordRequest, context: Context
     ) -> Any:
-        self._credentials.admin(context)
-        if not request.hashedPassword:
+        await self._credentials.admin(context)
+        if request.password:
             request.hashedPassword = await hash_password(request.password, self._cost)
         request.password = ""
         return await self._change(context, "UserChangePassword", request)
@@ -216,12 +227,8 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         role = state.roles.get(request.role)
         if role is None:
             raise errors.RoleNotFound()
-        response = rpc_pb2.AuthRoleGetResponse()
-        if request.role == "root":
-            response.perm.add(permType="READWRITE", key=b"", range_end=b"\0")
-        else:
-            response.perm.extend(role.keyPermission)
-        return self._answer(response)
+        # etcd 3.5 lists what is stored, for root too (root may do anything whatever it lists).
+        return self._answer(rpc_pb2.AuthRoleGetResponse(perm=list(role.keyPermission)))
 
     @etcd_errors
     async def RoleList(self, request: Any, context: Context) -> Any:

@@ -41,7 +41,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     @etcd_errors
     async def Range(self, request: rpc_pb2.RangeRequest, context: Context) -> rpc_pb2.RangeResponse:
         validation.check_range(request)
-        state, who = self._credentials.checked(context)
+        state, who = await self._credentials.checked(context)
         auth.check_range(state, who, request)
         response = await self._store.range(request)
         self._member.stamp(response.header)
@@ -51,7 +51,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     async def Put(self, request: rpc_pb2.PutRequest, context: Context) -> rpc_pb2.PutResponse:
         validation.check_put(request)
         self._check_size(request)
-        state, who = self._credentials.checked(context)
+        state, who = await self._credentials.checked(context)
         await auth.check_put(state, who, request, self._store.leased_keys)
         response = await self._store.put(request)
         self._member.stamp(response.header)
@@ -63,7 +63,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     ) -> rpc_pb2.DeleteRangeResponse:
         validation.check_delete(request)
         self._check_size(request)
-        state, who = self._credentials.checked(context)
+        state, who = await self._credentials.checked(context)
         auth.check_delete(state, who, request)
         response = await self._store.delete_range(request)
         self._member.stamp(response.header)
@@ -74,7 +74,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
         validation.check_txn(request, self._max_txn_ops)
         if not is_read_only(request):  # etcd serves read-only Txns without a proposal
             self._check_size(request)
-        state, who = self._credentials.checked(context)
+        state, who = await self._credentials.checked(context)
         await auth.check_txn(state, who, request, self._store.leased_keys)
         response = await self._store.txn(request)
         self._member.stamp(response.header)
@@ -84,7 +84,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
     async def Compact(
         self, request: rpc_pb2.CompactionRequest, context: Context
     ) -> rpc_pb2.CompactionResponse:
-        self._credentials.admin(context)
+        await self._credentials.admin(context)
         revision = await self._store.compact(request.revision, request.physical)
         response = rpc_pb2.CompactionResponse()
         response.header.revision = revision

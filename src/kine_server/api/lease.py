@@ -112,7 +112,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseRevoke(
         self, request: rpc_pb2.LeaseRevokeRequest, context: Context
     ) -> rpc_pb2.LeaseRevokeResponse:
-        state, who = self._credentials.checked(context)
+        state, who = await self._credentials.checked(context)
         await auth.check_lease_keys(state, who, request.ID, self._store.leased_keys)
         await self._store.lease_revoke(request.ID)
         response = rpc_pb2.LeaseRevokeResponse()
@@ -153,6 +153,10 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
         self, request: rpc_pb2.LeaseTimeToLiveRequest, context: Context
     ) -> rpc_pb2.LeaseTimeToLiveResponse:
         status = await self._store.lease_time_to_live(request.ID, request.keys)
+        if request.keys and status is not None:  # etcd 3.5.9: the keys listed must be readable
+            state, who = await self._credentials.checked(context)
+            for key in status.keys:
+                state.check(who, key, b"", write=False)
         if status is None:
             response = rpc_pb2.LeaseTimeToLiveResponse(ID=request.ID, TTL=-1)
         else:

@@ -62,7 +62,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     async def Alarm(self, request: rpc_pb2.AlarmRequest, context: Context) -> rpc_pb2.AlarmResponse:
         # GET lists the raised alarms; ACTIVATE the one it names, DEACTIVATE the one it cleared.
         if request.action != rpc_pb2.AlarmRequest.GET:
-            self._credentials.admin(context)
+            await self._credentials.admin(context)
         listed = await self._store.alarm(request)
         counters = await self._store.counters()
         response = rpc_pb2.AlarmResponse(alarms=listed)
@@ -74,7 +74,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     async def Defragment(
         self, request: rpc_pb2.DefragmentRequest, context: Context
     ) -> rpc_pb2.DefragmentResponse:
-        self._credentials.admin(context)
+        await self._credentials.maintainer(context)
         await self._store.defragment()
         response = rpc_pb2.DefragmentResponse()
         response.header.revision = (await self._store.counters()).revision
@@ -85,7 +85,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     async def HashKV(
         self, request: rpc_pb2.HashKVRequest, context: Context
     ) -> rpc_pb2.HashKVResponse:
-        self._credentials.admin(context)
+        await self._credentials.maintainer(context)
         crc, _, compacted = await self._store.hash_kv(request.revision)
         response = rpc_pb2.HashKVResponse(hash=crc, compact_revision=compacted)
         response.header.revision = (await self._store.counters()).revision
@@ -95,7 +95,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     @etcd_errors
     async def Hash(self, request: rpc_pb2.HashRequest, context: Context) -> rpc_pb2.HashResponse:
         # etcd hashes its whole backend file; the key space as of now is this server's analogue.
-        self._credentials.admin(context)
+        await self._credentials.maintainer(context)
         crc, revision, _ = await self._store.hash_kv(0)
         response = rpc_pb2.HashResponse(hash=crc)
         response.header.revision = revision
@@ -110,7 +110,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         with tempfile.TemporaryDirectory(prefix="kine-snapshot-") as directory:
             path = os.path.join(directory, "snapshot.db")
             try:
-                self._credentials.admin(context)
+                await self._credentials.maintainer(context)
                 counters = await self._store.snapshot(path)
             except errors.EtcdError as exc:
                 await context.abort(exc.code, exc.message)

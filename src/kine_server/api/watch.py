@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -103,14 +103,13 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
         """Events queued in every watcher of every stream (walked at scrape time)."""
         return sum(stream.watches.pending_events() for stream in self._streams)
 
-    def _permitted(self, context: Context, create: rpc_pb2.WatchCreateRequest) -> bool:
-        """etcd's isWatchPermitted: may the stream's user read the watched range now?"""
+    async def _authorize(self, context: Context, create: rpc_pb2.WatchCreateRequest) -> None:
+        """etcd's isWatchPermitted: the stream's user must be able to read the range now."""
         try:
-            state, who = self._credentials.checked(context)
+            state, who = await self._credentials.checked(context)
             state.check(who, create.key, create.range_end, write=False)
-        except errors.EtcdError:
-            return False
-        return True
+        except errors.EtcdError as exc:
+            raise errors.WatchDenied(exc) from exc
 
     async def Watch(
         self, request_iterator: AsyncIterator[rpc_pb2.WatchRequest], context: Context
@@ -123,7 +122,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
             self.stats,
             context,
             self._closing,
-            lambda create: self._permitted(context, create),
+            lambda create: self._authorize(context, create),
         )
         self._streams.add(stream)
         try:
@@ -146,10 +145,11 @@ class WatchStream:
         stats: WatchStats,
         context: Context,
         closing: asyncio.Event,
-        permitted: Callable[[rpc_pb2.WatchCreateRequest], bool],
+        authorize: Callable[[rpc_pb2.WatchCreateRequest], Awaitable[None]],
     ) -> None:
         self._closing = closing
-        self._permitted = permitted
+        #: Raises WatchRefused for a create the stream's user may not make.
+        self._authorize = authorize
         self._member = member
         self._headers = headers
         self._settings = settings
@@ -201,7 +201,7 @@ class WatchStream:
         async for request in requests:
             kind = request.WhichOneof("request_union")
             if kind == "create_request":
-                self._create(request.create_request)
+                await self._create(request.create_request)
             elif kind == "cancel_request":
                 self._cancel(request.cancel_request.watch_id)
             elif kind == "progress_request":
@@ -215,7 +215,7 @@ class WatchStream:
                 self._room.clear()
                 await self._room.wait()
 
-    def _create(self, create: rpc_pb2.WatchCreateRequest) -> None:
+    async def _create(self, create: rpc_pb2.WatchCreateRequest) -> None:
         spec = WatchSpec(
             key=create.key or b"\x00",  # etcd: an empty key is the smallest key
             end=range_end(create.range_end),
@@ -225,18 +225,29 @@ class WatchStream:
             progress_notify=create.progress_notify,
             fragment=create.fragment,
         )
-        current = self.watches.revision
         try:
-            if not self._permitted(create):
-                raise errors.WatchDenied()
+            await self._authorize(create)
+        except errors.WatchRefused as refused:
+            self._control.append(self._refused(refused))
+            return
+        current = self.watches.revision  # after the await: the revision the watch starts at
+        try:
             watch_id = self.watches.create(create.watch_id, spec, create.start_revision)
         except errors.WatchRefused as refused:
-            response = self._response(
-                current, watch_id=-1, created=True, canceled=True, cancel_reason=refused.reason
-            )
+            response = self._refused(refused)
         else:
             response = self._response(current, watch_id=watch_id, created=True)
         self._control.append(response)
+
+    def _refused(self, refused: errors.WatchRefused) -> rpc_pb2.WatchResponse:
+        """etcd's answer to a create it refuses: created and at once canceled, id -1."""
+        return self._response(
+            self.watches.revision,
+            watch_id=-1,
+            created=True,
+            canceled=True,
+            cancel_reason=refused.reason,
+        )
 
     def _cancel(self, watch_id: int) -> None:
         if self.watches.cancel(watch_id):

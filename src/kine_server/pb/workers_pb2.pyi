@@ -69,12 +69,18 @@ class Command(_message.Message):
     def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChange, _Mapping]] = ...) -> None: ...
 
 class AuthChange(_message.Message):
-    __slots__ = ("method", "request")
+    __slots__ = ("method", "request", "identified", "user", "revision")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIED_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     method: str
     request: bytes
-    def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...
+    identified: bool
+    user: str
+    revision: int
+    def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ..., identified: _Optional[bool] = ..., user: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -115,12 +121,14 @@ class Result(_message.Message):
     def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttls: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., alarms: _Optional[_Union[_rpc_pb2.AlarmResponse, _Mapping]] = ..., auth_changed: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Feed(_message.Message):
-    __slots__ = ("skipped_through", "events")
+    __slots__ = ("skipped_through", "auth_generation", "events")
     SKIPPED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    AUTH_GENERATION_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     skipped_through: int
+    auth_generation: int
     events: _containers.RepeatedCompositeFieldContainer[_kv_pb2.Event]
-    def __init__(self, skipped_through: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_kv_pb2.Event, _Mapping]]] = ...) -> None: ...
+    def __init__(self, skipped_through: _Optional[int] = ..., auth_generation: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_kv_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("revision", "worker")

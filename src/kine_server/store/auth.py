@@ -42,8 +42,6 @@ POLL_INTERVAL = 0.1
 #: kine_auth's kinds: etcd's users and roles, and the key that signs simple tokens (kine-server's
 #: own; never exported to etcd's format).
 USER, ROLE, SECRET = "user", "role", "secret"
-#: etcd's permission on every key, as RoleGet answers it for the root role.
-ROOT_PERMISSION = auth_pb2.Permission(permType=auth_pb2.Permission.READWRITE, key=b"", range_end=b"\0")
 
 Interval = tuple[bytes, bytes | None]
 """[start, end) of keys; end None: every key from start on."""
@@ -273,10 +271,13 @@ class Change:
         self.deleted.add((kind, name))
         self.written.discard((kind, name))
 
-    def apply(self, method: str, req: Any) -> Message:
+    def apply(self, method: str, req: Any, who: Identity | None) -> Message:
+        """Carry out `method` for `who`, whose root role is checked here again: on the state
+        the change is made to, as etcd checks at apply (the caller's view may be older)."""
         handler = getattr(self, "_" + method, None)
         if handler is None:
             raise errors.Internal(f"kine-server: unknown auth change {method!r}")
+        self.state.check_admin(who)
         response: Message = handler(req)
         return response
 
@@ -395,6 +396,9 @@ class Change:
     def _RoleGrantPermission(self, req: rpc_pb2.AuthRoleGrantPermissionRequest) -> Message:
         if not req.HasField("perm"):
             raise errors.PermissionNotGiven()
+        key, end = req.perm.key, req.perm.range_end
+        if not key or (end and end != b"\0" and end <= key):  # etcd 3.5.8's isValidPermissionRange
+            raise errors.InvalidAuthMgmt()
         role = self.roles.get(req.name)
         if role is None:
             raise errors.RoleNotFound()
@@ -478,6 +482,22 @@ class AuthStore:
         self.state = AuthState()
         self._poller: asyncio.Task[None] | None = None
         self._reading: asyncio.Lock | None = None
+        #: A generation this process has heard exists (`expect`) and may not have read yet.
+        self._expected = 0
+        #: Told each new generation this process reads (the writer tells its front-ends).
+        self.observers: list[Callable[[int], None]] = []
+
+    def expect(self, generation: int) -> None:
+        """Another process changed the store (to `generation`): requests wait for it to be
+        read (see `current`) instead of being checked against what it replaced."""
+        self._expected = max(self._expected, generation)
+
+    async def current(self) -> AuthState:
+        """The state to check a request against: the one in force, read again first if a newer
+        one is known to exist. Costs nothing when none is."""
+        if self._expected > self.state.generation:
+            await self.reload()
+        return self.state
 
     async def start(self) -> None:
         await self.reload()
@@ -498,8 +518,12 @@ class AuthStore:
             with errors.database_errors():
                 async with self._driver.read() as tx:
                     state = await AuthState.read(tx)
+            newer = state.generation > self.state.generation
             if state.generation >= self.state.generation:
                 self.state = state
+            if newer:
+                for observer in self.observers:
+                    observer(state.generation)
             return self.state
 
     async def _poll(self) -> None:
@@ -516,14 +540,16 @@ class AuthStore:
             except Exception as exc:
                 log.debug("cannot read the auth store's generation: %s", exc)
 
-    async def change(self, writer: Writer, method: str, req: Any) -> Message:
+    async def change(
+        self, writer: Writer, method: str, req: Any, who: Identity | None
+    ) -> Message:
         """Apply one Auth call through the writer (serialised with every other write, on the
         state as the database holds it in that transaction), then use the new state."""
 
         async def apply(applier: Applier) -> Message:
             tx = applier.write_tx
             change = Change(await AuthState.read(tx))
-            response = change.apply(method, req)
+            response = change.apply(method, req, who)
             if change.changed:
                 await change.write(tx)
             return response

@@ -19,7 +19,7 @@ from typing import Any
 
 from kine_server import errors
 from kine_server.pb import workers_pb2
-from kine_server.store.auth import message_types
+from kine_server.store.auth import Identity, message_types
 from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.hub import Group
 from kine_server.store.store import Store
@@ -78,9 +78,10 @@ async def execute(store: Store, command: workers_pb2.Command) -> bytes:
             await store.defragment()
             result.defragmented = True
         elif kind == "auth_change":
-            method = command.auth_change.method
-            request = message_types(method)[0].FromString(command.auth_change.request)
-            answer = await store.auth_change(method, request)
+            change = command.auth_change
+            request = message_types(change.method)[0].FromString(change.request)
+            who = Identity(change.user, change.revision) if change.identified else None
+            answer = await store.auth_change(change.method, request, who)
             result.auth_changed = answer.SerializeToString()
         elif kind == "status":
             status = await store.write_side_status()
@@ -146,6 +147,7 @@ class WriterChannel:
 
     async def start(self) -> None:
         self._unsubscribe = self._store.hub.subscribe(self._published, self._skipped)
+        self._store.auth.observers.append(self._auth_changed)
         loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(self._connect, self.path)
         os.chmod(self.path, 0o600)
@@ -162,6 +164,12 @@ class WriterChannel:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._auth_changed in self._store.auth.observers:
+            self._store.auth.observers.remove(self._auth_changed)
+
+    def _auth_changed(self, generation: int) -> None:
+        feed = workers_pb2.Feed(auth_generation=generation).SerializeToString()
+        self._broadcast(length_delimited(_FEED_FIELD, feed))
 
     def _connect(self) -> FrameConnection:
         connection: FrameConnection

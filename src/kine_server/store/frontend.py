@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from kine_server import errors
 from kine_server.drivers.base import Driver
 from kine_server.pb import rpc_pb2, workers_pb2
-from kine_server.store.auth import message_types
+from kine_server.store.auth import Identity, message_types
 from kine_server.store.compactor import CompactionStatus
 from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.store import Storage, WriteSideStatus
@@ -98,6 +98,8 @@ class FrontendStore(Storage):
                 self._lost(None)
             if feed.skipped_through:
                 self.hub.skip(feed.skipped_through)
+            if feed.auth_generation:
+                self.auth.expect(feed.auth_generation)
         elif kind == "scrape":
             reply = workers_pb2.Scraped(
                 id=envelope.scrape.id, text=self.scrape(), worker=self.worker
@@ -178,8 +180,10 @@ class FrontendStore(Storage):
     async def defragment(self) -> None:
         await self._call(defragment=rpc_pb2.DefragmentRequest())
 
-    async def auth_change(self, method: str, req: Message) -> Message:
+    async def auth_change(self, method: str, req: Message, who: Identity | None) -> Message:
         change = workers_pb2.AuthChange(method=method, request=req.SerializeToString())
+        if who is not None:
+            change.identified, change.user, change.revision = True, who.user, who.revision
         answer = (await self._call(auth_change=change)).auth_changed
         await self.auth.reload()  # the client that made the change sees it at once
         return message_types(method)[1].FromString(answer)

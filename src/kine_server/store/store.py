@@ -27,7 +27,7 @@ from kine_server.etcd_backend.mvcc import write_etcd_snapshot
 from kine_server.pb import kv_pb2, rpc_pb2
 from kine_server.store.alarms import Alarms, member_id
 from kine_server.store.applier import Applier, has_puts, is_read_only
-from kine_server.store.auth import AuthStore
+from kine_server.store.auth import AuthStore, Identity
 from kine_server.store.compactor import CompactionStatus, Compactor
 from kine_server.store.hub import EventHub
 from kine_server.store.leases import LeaseStatus, Lessor, lease_ids, lease_status
@@ -137,7 +137,7 @@ class Storage(abc.ABC):
     async def defragment(self) -> None: ...
 
     @abc.abstractmethod
-    async def auth_change(self, method: str, req: Message) -> Message:
+    async def auth_change(self, method: str, req: Message, who: Identity | None) -> Message:
         """Carry out an Auth call that changes users, roles or the enabled flag (store/auth.py);
         once it returns, this process checks requests against the new state."""
 
@@ -339,8 +339,8 @@ class Store(Storage):
         with errors.database_errors():
             await self.driver.defragment()
 
-    async def auth_change(self, method: str, req: Message) -> Message:
-        return await self.auth.change(self.writer, method, req)
+    async def auth_change(self, method: str, req: Message, who: Identity | None) -> Message:
+        return await self.auth.change(self.writer, method, req, who)
 
     async def write_side_status(self) -> WriteSideStatus:
         return WriteSideStatus(

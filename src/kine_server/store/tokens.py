@@ -68,7 +68,7 @@ class SimpleTokens(Tokens):
         parts = token.split(".")
         if len(parts) != 4 or not state.secret:
             return None
-        nonce, name, issued, signature = parts
+        _nonce, name, issued, signature = parts
         try:
             user = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
             issued_at = float(int(issued))
