@@ -135,8 +135,7 @@ MIGRATE_2_TO_3 = [
 #: first auth revision.
 MIGRATE_3_TO_4 = [
     "INSERT INTO kine_meta (name, value) VALUES ('auth_enabled', 0) ON CONFLICT (name) DO NOTHING",
-    "INSERT INTO kine_meta (name, value) VALUES ('auth_revision', 1) "
-    "ON CONFLICT (name) DO NOTHING",
+    "INSERT INTO kine_meta (name, value) VALUES ('auth_revision', 1) ON CONFLICT (name) DO NOTHING",
     "INSERT INTO kine_meta (name, value) VALUES ('auth_generation', 0) "
     "ON CONFLICT (name) DO NOTHING",
     "UPDATE kine_meta SET value = 4 WHERE name = 'schema_version'",

@@ -540,9 +540,7 @@ class AuthStore:
             except Exception as exc:
                 log.debug("cannot read the auth store's generation: %s", exc)
 
-    async def change(
-        self, writer: Writer, method: str, req: Any, who: Identity | None
-    ) -> Message:
+    async def change(self, writer: Writer, method: str, req: Any, who: Identity | None) -> Message:
         """Apply one Auth call through the writer (serialised with every other write, on the
         state as the database holds it in that transaction), then use the new state."""
 

@@ -253,7 +253,9 @@ def make_tokens(option: str, ttl: float = DEFAULT_TTL) -> Tokens:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or "=" in value or key in settings:
-            raise TokenOptionsError("invalid auth options (comma-separated key=value pairs, each once)")
+            raise TokenOptionsError(
+                "invalid auth options (comma-separated key=value pairs, each once)"
+            )
         settings[key] = value
     if kind == "simple":
         return SimpleTokens(ttl)
@@ -261,9 +263,7 @@ def make_tokens(option: str, ttl: float = DEFAULT_TTL) -> Tokens:
         raise TokenOptionsError(f"unknown token type {kind!r} (simple or jwt)")
     method = settings.get("sign-method", "")
     if method not in SIGN_METHODS:
-        raise TokenOptionsError(
-            f"sign-method must be one of {', '.join(sorted(SIGN_METHODS))}"
-        )
+        raise TokenOptionsError(f"sign-method must be one of {', '.join(sorted(SIGN_METHODS))}")
 
     def read(name: str) -> bytes | None:
         path = settings.get(name)
