@@ -17,6 +17,7 @@ import asyncpg
 import grpc
 import pytest
 
+from kine_server.drivers.base import SCHEMA_VERSION
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
 from tests.conftest import fresh_dsn, test_config
@@ -298,7 +299,7 @@ async def test_a_schema_2_nospace_flag_becomes_member_0s_alarm(dsn: str, tmp_pat
         assert "[exit 0]" in etcdctl(kine.address, "put /new x")
         assert "value" in etcdctl(kine.address, "get /kept")
     meta = await meta_rows(dsn)
-    assert meta["schema_version"] == 3
+    assert meta["schema_version"] == SCHEMA_VERSION
     assert "alarm_nospace" not in meta
 
 
@@ -307,4 +308,10 @@ async def test_a_schema_2_store_without_the_flag_has_no_alarm(dsn: str, tmp_path
     with KineProcess(dsn, tmp_path) as kine:
         assert etcdctl(kine.address, "alarm list") == "$ etcdctl alarm list [exit 0]\n"
         assert "[exit 0]" in etcdctl(kine.address, "put /new x")
-    assert (await meta_rows(dsn))["schema_version"] == 3
+        # Schema 4's auth store came with the upgrade: off, at etcd's first auth revision.
+        assert etcdctl(kine.address, "user add root:pw") == (
+            "$ etcdctl user add root:pw [exit 0]\nUser root created\n"
+        )
+    meta = await meta_rows(dsn)
+    assert meta["schema_version"] == SCHEMA_VERSION
+    assert (meta["auth_enabled"], meta["auth_revision"], meta["auth_generation"]) == (0, 2, 1)
