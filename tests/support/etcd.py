@@ -285,6 +285,10 @@ class RealEtcd:
     def _healthy(self) -> bool:
         try:
             self.etcdctl("endpoint", "health", "--command-timeout=2s", timeout=5)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        except subprocess.CalledProcessError as exc:
+            # A member restored with auth on answers the health check's read without a user:
+            # refused, but answered, so it serves.
+            return "etcdserver: user name is empty" in exc.stderr
+        except subprocess.TimeoutExpired:
             return False
         return True

@@ -555,3 +555,19 @@ class AuthStore:
         response = await writer.submit(apply)
         await self.reload()
         return response
+
+    async def ensure_secret(self, writer: Writer) -> None:
+        """Give the store a key for simple tokens if it has none: one restored from etcd's
+        snapshot (etcd keeps its tokens in memory) or made before there was auth. In the
+        writer's transaction, so instances starting together agree on one key."""
+        if (await self.reload()).secret:
+            return
+
+        async def apply(applier: Applier) -> None:
+            change = Change(await AuthState.read(applier.write_tx))
+            if not change.state.secret:
+                change.secret = secrets.token_bytes(32)
+                await change.write(applier.write_tx)
+
+        await writer.submit(apply)
+        await self.reload()

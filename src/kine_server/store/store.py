@@ -252,6 +252,7 @@ class Store(Storage):
         await self.poller.start()
         self.writer.start()
         await self.auth.start()
+        await self.auth.ensure_secret(self.writer)
         await self.lessor.start()
         await self.quota.start()
         self.compactor.start()
