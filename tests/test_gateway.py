@@ -43,12 +43,16 @@ class Gateway:
         self.host, self.port = host, port
 
     def request(
-        self, path: str, body: str | None = "{}", method: str = "POST"
+        self,
+        path: str,
+        body: str | None = "{}",
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str, str]:
         """(status, content type, body) of one request."""
         connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
-            connection.request(method, path, body=body)
+            connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
             return response.status, response.getheader("Content-Type", ""), response.read().decode()
         finally:
@@ -643,3 +647,53 @@ def test_the_gateway_accepts_as_soon_as_the_grpc_port_does(
                 pass
         finally:
             kine.stop()
+
+
+def test_auth_through_the_gateway_same_as_etcd(pair: tuple[Gateway, Gateway]) -> None:
+    """etcd's gateway documentation's auth session: users and roles over /v3/auth/*, a token
+    from /v3/auth/authenticate, then the token in the Authorization header."""
+    steps: list[tuple[str, dict[str, Any], str | None]] = [
+        ("auth/user/add", {"name": "root", "password": "pw"}, None),
+        ("auth/user/grant", {"user": "root", "role": "root"}, None),
+        ("auth/user/add", {"name": "u1", "password": "pw1"}, None),
+        ("auth/role/add", {"name": "r1"}, None),
+        (
+            "auth/role/grant",
+            {
+                "name": "r1",
+                "perm": {"key": b64("a"), "range_end": b64("b"), "permType": "READWRITE"},
+            },
+            None,
+        ),
+        ("auth/user/grant", {"user": "u1", "role": "r1"}, None),
+        ("auth/enable", {}, None),
+        ("kv/put", {"key": b64("a"), "value": b64("1")}, None),
+        ("kv/put", {"key": b64("a"), "value": b64("1")}, "made-up"),
+        ("kv/put", {"key": b64("a"), "value": b64("1")}, "u1"),
+        ("kv/range", {"key": b64("a")}, "u1"),
+        ("kv/put", {"key": b64("c"), "value": b64("1")}, "u1"),
+        ("auth/user/list", {}, "u1"),
+        ("auth/user/list", {}, "root"),
+        ("auth/role/get", {"role": "r1"}, "root"),
+        ("auth/disable", {}, "root"),
+    ]
+    transcripts = []
+    for gateway in pair:
+        tokens: dict[str, str] = {}
+        lines = []
+        for path, body, user in steps:
+            if user is not None and user != "made-up" and user not in tokens:
+                password = {"root": "pw", "u1": "pw1"}[user]
+                _, answer = gateway.post("auth/authenticate", {"name": user, "password": password})
+                tokens[user] = json.loads(answer)["token"]
+            headers = {"Authorization": tokens.get(user, user)} if user else None
+            status, _, answer = gateway.request("/v3/" + path, json.dumps(body), headers=headers)
+            lines.append(f"{user} {path} -> {status} {settle(answer)}")
+        transcripts.append(lines)
+    theirs, ours = transcripts
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine == expected
+    text = "\n".join(ours)
+    for refusal in ["user name is empty", "invalid auth token", "permission denied"]:
+        assert refusal in text
+    assert '"kvs":[{"key":"YQ==","create_revision":"2"' in text
