@@ -483,14 +483,14 @@ def test_users_and_roles_travel_in_etcd_snapshots_both_ways(
 
 
 async def test_instances_on_one_postgresql_share_users_tokens_and_revocations(
-    postgres: Any, tmp_path: Path
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Two kine-server instances on one database: a token from one is honoured by the other, and
     a permission revoked through one stops working on the other at once (within the poll
     interval: measured here)."""
     from tests.conftest import fresh_dsn
 
-    dsn = fresh_dsn("postgres", tmp_path, _Request(postgres))
+    dsn = fresh_dsn("postgres", tmp_path, request)
     (tmp_path / "b").mkdir()
     with KineProcess(dsn, tmp_path) as first, KineProcess(dsn, tmp_path / "b") as second:
         one, two = connect(first.address), connect(second.address)
@@ -514,17 +514,6 @@ async def test_instances_on_one_postgresql_share_users_tokens_and_revocations(
         finally:
             await one.close()
             await two.close()
-
-
-class _Request:
-    """Enough of pytest's FixtureRequest for fresh_dsn."""
-
-    def __init__(self, postgres: Any) -> None:
-        self._postgres = postgres
-
-    def getfixturevalue(self, name: str) -> Any:
-        assert name == "postgres"
-        return self._postgres
 
 
 def write_keys(directory: Path, method: str) -> tuple[Path, Path]:

@@ -117,6 +117,8 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
         ),
         ({"listen_address": "0.0.0.0:0", "tls": True}, ["without client certificates"]),
         ({"listen_address": "0.0.0.0:0", "tls": True, "mutual": True}, []),
+        # Auth on (users must sign in): TLS without client certificates is how etcd runs then.
+        ({"listen_address": "0.0.0.0:0", "tls": True, "auth": True}, []),
     ],
 )
 async def test_a_listener_open_to_the_network_is_warned_about_as_etcd_does(
@@ -132,7 +134,10 @@ async def test_a_listener_open_to_the_network_is_warned_about_as_etcd_does(
         settings["server_key_file"] = str(pki["server"].key)
         if settings.pop("mutual", False):
             settings["trusted_ca_file"] = str(pki["ca"].cert)
-    server = Server(test_config(f"sqlite://{tmp_path}/db/state.db", **settings))
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    if settings.pop("auth", False):
+        await _enable_auth(dsn)
+    server = Server(test_config(dsn, **settings))
     with caplog.at_level(logging.WARNING, logger="kine_server"):
         await server.start()
     try:
@@ -142,6 +147,20 @@ async def test_a_listener_open_to_the_network_is_warned_about_as_etcd_does(
             assert start in warning and "read and change every key" in warning, warning
         if expected:  # it names the port actually served, not port 0
             assert ":0," not in warnings[0] and ":0 " not in warnings[0], warnings[0]
+    finally:
+        await server.stop()
+
+
+async def _enable_auth(dsn: str) -> None:
+    """A store with a root user and auth on, made by a server run before the one tested."""
+    server = Server(test_config(dsn))
+    await server.start()
+    try:
+        client = connect(f"127.0.0.1:{server.port}")
+        await client.auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        await client.auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        await client.auth.AuthEnable(pb.AuthEnableRequest())
+        await client.close()
     finally:
         await server.stop()
 

@@ -146,12 +146,12 @@ def _loopback(address: Address) -> bool:
 
 
 def insecure_warnings(
-    config: Config, listening: list[Address], gateway: Address | None
+    config: Config, listening: list[Address], gateway: Address | None, auth_enabled: bool = False
 ) -> list[str]:
     """What an operator must hear about the client listeners (gRPC and the gateway), as etcd
     warns: one reachable from other machines without TLS lets anyone on the network read and
-    change every key (Kubernetes Secrets included); one with TLS but no client certificates
-    lets anyone who can connect do the same, since there is no auth to stop them."""
+    change every key (Kubernetes Secrets included), and see passwords and tokens; one with TLS
+    but no client certificates lets anyone who can connect do the same, unless auth is on."""
     tls = bool(config.server_cert_file)
     listeners = [a for a in [*listening, *([gateway] if gateway else [])] if not _loopback(a)]
     warnings = []
@@ -164,10 +164,10 @@ def insecure_warnings(
                 "(--server-cert-file, --server-key-file) with client certificates "
                 "(--trusted-ca-file)"
             )
-        elif not config.trusted_ca_file:
+        elif not config.trusted_ca_file and not auth_enabled:
             warnings.append(
                 f"serving client requests on {url} without client certificates: anyone who can "
-                "connect can read and change every key (there is no auth); require them with "
+                "connect can read and change every key (auth is off); require them with "
                 "--trusted-ca-file"
             )
     return warnings
@@ -372,7 +372,8 @@ class Server:
     def _started(self) -> None:
         log.info("kine-server %s", self.describe())
         gateway = None if self._gateway_listener is None else self._gateway_listener.address
-        for warning in insecure_warnings(self.config, self._bound, gateway):
+        enabled = self.serving.auth.state.enabled
+        for warning in insecure_warnings(self.config, self._bound, gateway, enabled):
             log.warning(warning)
 
     def describe(self, workers: int = 1, gateway: str = "") -> str:

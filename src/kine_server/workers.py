@@ -115,7 +115,8 @@ class WriterProcess(Server):
         self.listening_urls = [address.url(tls) for address in self.addresses]
         self.advertised = self.config.advertise_urls(self.addresses)
         log.info("kine-server %s", self.describe(self.count, self._gateway_url()))
-        for warning in insecure_warnings(self.config, self.addresses, self._gateway_at):
+        enabled = self.store.auth.state.enabled
+        for warning in insecure_warnings(self.config, self.addresses, self._gateway_at, enabled):
             log.warning(warning)
 
     def _gateway_url(self) -> str:

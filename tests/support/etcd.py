@@ -104,6 +104,13 @@ class RealEtcd:
             raise RuntimeError("RealEtcd has not been started")
         return self._base_dir / "data"
 
+    @property
+    def pid(self) -> int:
+        """The etcd process's id (for measuring its CPU)."""
+        if self._proc is None:
+            raise RuntimeError("RealEtcd has not been started")
+        return self._proc.pid
+
     def stop_process(self) -> None:
         """Terminate etcd but keep its files (for reading its data directory)."""
         self._terminate()
