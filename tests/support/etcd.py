@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -60,6 +61,27 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Certificates for a real etcd that serves TLS and requires client certificates, and the
+    client pair its own checks (health) present."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_flags(self) -> list[str]:
+        return [
+            *("--cert-file", str(self.cert), "--key-file", str(self.key)),
+            *("--trusted-ca-file", str(self.ca), "--client-cert-auth"),
+        ]
+
+    def client_flags(self) -> list[str]:
+        return [f"--cacert={self.ca}", f"--cert={self.client_cert}", f"--key={self.client_key}"]
+
+
 class RealEtcd:
     """A private single-member etcd cluster on 127.0.0.1.
 
@@ -72,6 +94,7 @@ class RealEtcd:
         binary: str | None = None,
         startup_timeout: float = 30.0,
         restore_from: Path | None = None,
+        tls: EtcdTLS | None = None,
     ) -> None:
         found = binary or etcd_binary()
         if found is None:
@@ -80,6 +103,8 @@ class RealEtcd:
         self.startup_timeout = startup_timeout
         #: A snapshot (`etcdctl snapshot save`) the member starts from, restored by etcdctl.
         self.restore_from = restore_from
+        #: Serve TLS and require client certificates (etcd's --client-cert-auth).
+        self.tls = tls
         self.endpoint: str = ""
         """``127.0.0.1:PORT`` of the client listener; empty until started."""
         self.client_port = 0
@@ -89,7 +114,7 @@ class RealEtcd:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def log_path(self) -> Path:
@@ -155,7 +180,13 @@ class RealEtcd:
         env = _clean_env("ETCDCTL_")
         env["ETCDCTL_API"] = "3"
         return subprocess.run(
-            [ctl, "--endpoints", self.client_url, *args],
+            [
+                ctl,
+                "--endpoints",
+                self.client_url,
+                *(self.tls.client_flags() if self.tls else []),
+                *args,
+            ],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -211,6 +242,7 @@ class RealEtcd:
                     peer_url,
                     "--initial-cluster",
                     f"default={peer_url}",
+                    *(self.tls.server_flags() if self.tls else []),
                 ],
                 env=env,
                 cwd=self._base_dir,

@@ -65,9 +65,11 @@ async def copy_store(source: Driver, target: Driver) -> Counters:
         # A restored lease starts its TTL again, as etcd's restored leases do.
         for lease_id, ttl, _ in await reader.all_leases():
             await writer.insert_lease(lease_id, ttl)
-        # Users, roles and whether auth is on come along, as in etcd's snapshot.
+        # Users, roles and whether auth is on come along, as in etcd's snapshot; not the key
+        # of the source's simple tokens (a restored store is a new cluster, its tokens new).
         for kind, user_or_role, value in await reader.auth_records():
-            await writer.put_auth_record(kind, user_or_role, value)
+            if kind in ("user", "role"):
+                await writer.put_auth_record(kind, user_or_role, value)
         meta = await reader.all_meta()
         for name in COPIED_META:
             await writer.set_meta(name, meta[name])
