@@ -204,6 +204,10 @@ async def grpc_scenario(s: Session) -> None:
     await s("auth.UserGrantRole", rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"))
     await s("auth.UserAdd", rpc_pb2.AuthUserAddRequest(name="u1", password="pw1"))
     await s("auth.UserAdd", rpc_pb2.AuthUserAddRequest(name="", password="x"))
+    no_password = rpc_pb2.AuthUserAddRequest(
+        name="cert-only", password="ignored", options=auth_pb2.UserAddOptions(no_password=True)
+    )
+    await s("auth.UserAdd", no_password)
     await s("auth.RoleAdd", rpc_pb2.AuthRoleAddRequest(name=""))
     await s("auth.RoleAdd", rpc_pb2.AuthRoleAddRequest(name="r1"))
     await s(
@@ -219,6 +223,8 @@ async def grpc_scenario(s: Session) -> None:
     await s("auth.Authenticate", rpc_pb2.AuthenticateRequest(name="u1", password="pw1"))
     await s("auth.Authenticate", rpc_pb2.AuthenticateRequest(name="u1", password="bad"))
     await s("auth.Authenticate", rpc_pb2.AuthenticateRequest(name="nobody", password="x"))
+    await s("auth.Authenticate", rpc_pb2.AuthenticateRequest(name="cert-only", password="ignored"))
+    await s("auth.Authenticate", rpc_pb2.AuthenticateRequest(name="cert-only", password=""))
     # Tokens: none, a made-up one, a real one.
     await s("kv.Range", rpc_pb2.RangeRequest(key=b"a"))
     await s("kv.Range", rpc_pb2.RangeRequest(key=b"a"), "made-up-token")

@@ -147,8 +147,10 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         if not state.enabled:
             raise errors.AuthNotEnabled()
         user = state.users.get(request.name)
-        if user is None or user.options.no_password:
+        if user is None:
             raise errors.AuthFailed()
+        if user.options.no_password:
+            raise errors.NoPasswordUser()
         if not await password_matches(request.password, user.password):
             raise errors.AuthFailed()
         token = self._credentials.tokens.assign(state, request.name)
