@@ -127,14 +127,6 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         return await self._store.auth.reload()
 
     @etcd_errors
-    async def AuthEnable(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "AuthEnable", request)
-
-    @etcd_errors
-    async def AuthDisable(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "AuthDisable", request)
-
-    @etcd_errors
     async def AuthStatus(self, request: Any, context: Context) -> Any:
         state = await self._fresh()
         state.check_admin(self._credentials.identify(context, state))
@@ -175,34 +167,6 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         return await self._change(context, "UserChangePassword", request)
 
     @etcd_errors
-    async def UserDelete(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "UserDelete", request)
-
-    @etcd_errors
-    async def UserGrantRole(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "UserGrantRole", request)
-
-    @etcd_errors
-    async def UserRevokeRole(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "UserRevokeRole", request)
-
-    @etcd_errors
-    async def RoleAdd(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "RoleAdd", request)
-
-    @etcd_errors
-    async def RoleDelete(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "RoleDelete", request)
-
-    @etcd_errors
-    async def RoleGrantPermission(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "RoleGrantPermission", request)
-
-    @etcd_errors
-    async def RoleRevokePermission(self, request: Any, context: Context) -> Any:
-        return await self._change(context, "RoleRevokePermission", request)
-
-    @etcd_errors
     async def UserGet(self, request: rpc_pb2.AuthUserGetRequest, context: Context) -> Any:
         state = await self._fresh()
         who = self._credentials.identify(context, state)
@@ -237,3 +201,29 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         state = await self._fresh()
         state.check_admin(self._credentials.identify(context, state))
         return self._answer(rpc_pb2.AuthRoleListResponse(roles=sorted(state.roles)))
+
+
+def _changer(method: str) -> Any:
+    """The handler of an Auth call that changes the store and needs nothing done before."""
+
+    @etcd_errors
+    async def handler(self: AuthService, request: Any, context: Context) -> Any:
+        return await self._change(context, method, request)
+
+    handler.__name__ = method
+    return handler
+
+
+#: Changes with nothing to do before the writer (UserAdd and UserChangePassword hash first).
+for _method in (
+    "AuthEnable",
+    "AuthDisable",
+    "UserDelete",
+    "UserGrantRole",
+    "UserRevokeRole",
+    "RoleAdd",
+    "RoleDelete",
+    "RoleGrantPermission",
+    "RoleRevokePermission",
+):
+    setattr(AuthService, _method, _changer(_method))

@@ -357,9 +357,7 @@ class Change:
         user = self._user(req.name)
         if req.role not in user.roles:
             raise errors.RoleNotGranted()
-        kept = [role for role in user.roles if role != req.role]
-        del user.roles[:]
-        user.roles.extend(kept)
+        _drop_role(user, req.role)
         self._put(USER, req.name)
         self._commit_revision()
         log.info("revoked role %r from user %r", req.role, req.name)
@@ -385,9 +383,7 @@ class Change:
         self._delete(ROLE, req.role)
         for name, user in self.users.items():
             if req.role in user.roles:
-                kept = [role for role in user.roles if role != req.role]
-                del user.roles[:]
-                user.roles.extend(kept)
+                _drop_role(user, req.role)
                 self._put(USER, name)
         self._commit_revision()
         log.info("deleted role %r", req.role)
@@ -446,6 +442,12 @@ class Change:
         await tx.set_meta("auth_enabled", int(self.enabled))
         await tx.set_meta("auth_revision", self.revision)
         await tx.set_meta("auth_generation", self.state.generation + 1)
+
+
+def _drop_role(user: auth_pb2.User, role: str) -> None:
+    kept = [name for name in user.roles if name != role]
+    del user.roles[:]
+    user.roles.extend(kept)
 
 
 def _hashed(encoded: str) -> bytes:
