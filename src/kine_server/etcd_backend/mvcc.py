@@ -206,6 +206,7 @@ async def restore_auth(bolt: BoltFile, writer: WriteTx) -> None:
         for name, value in bolt.items(bucket):
             await writer.put_auth_record(kind, name, value)
     await writer.set_meta("auth_enabled", int(auth.get(b"authEnabled") == b"\x01"))
+    await writer.set_meta("auth_generation", 1)  # a change: processes read the state again
     if len(auth.get(b"authRevision", b"")) == 8:
         await writer.set_meta("auth_revision", int.from_bytes(auth[b"authRevision"], "big"))
 

@@ -484,6 +484,7 @@ class AuthStore:
         self.state = AuthState()
         self._poller: asyncio.Task[None] | None = None
         self._reading: asyncio.Lock | None = None
+        self._loaded = False
         #: A generation this process has heard exists (`expect`) and may not have read yet.
         self._expected = 0
         #: Told each new generation this process reads (the writer tells its front-ends).
@@ -520,10 +521,9 @@ class AuthStore:
             with errors.database_errors():
                 async with self._driver.read() as tx:
                     state = await AuthState.read(tx)
-            newer = state.generation > self.state.generation
-            if state.generation >= self.state.generation:
-                self.state = state
-            if newer:
+            # The same generation keeps the state in force, with the permissions it has built.
+            if not self._loaded or state.generation > self.state.generation:
+                self.state, self._loaded = state, True
                 for observer in self.observers:
                     observer(state.generation)
             return self.state
