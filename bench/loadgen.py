@@ -15,6 +15,7 @@ sends the start instant), then ("ok", result) or ("error", traceback text).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import traceback
@@ -52,20 +53,40 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 class Channels:
-    """`n` channels to one endpoint, each its own connection, with the stubs the jobs use."""
+    """`n` channels to one endpoint, each its own connection, with the stubs the jobs use.
+
+    An endpoint `user:password@host:port` (the bench's --auth) signs in once all are connected,
+    and every call then carries the token, as an etcd client's do."""
 
     def __init__(self, endpoint: str, n: int) -> None:
+        self._credentials, _, address = endpoint.rpartition("@")
         self.channels = [
-            grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS) for _ in range(max(1, n))
+            grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(max(1, n))
         ]
-        self.kv = [rpc_pb2_grpc.KVStub(c) for c in self.channels]
-        self.watch = [rpc_pb2_grpc.WatchStub(c) for c in self.channels]
+        self.kv: list[Any] = [rpc_pb2_grpc.KVStub(c) for c in self.channels]
+        self.watch: list[Any] = [rpc_pb2_grpc.WatchStub(c) for c in self.channels]
 
     async def ready(self, timeout: float = 15.0) -> None:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in self.channels)), timeout)
+        if self._credentials:
+            name, _, password = self._credentials.partition(":")
+            request = rpc_pb2.AuthenticateRequest(name=name, password=password)
+            auth = rpc_pb2_grpc.AuthStub(self.channels[0])
+            metadata = (("token", (await auth.Authenticate(request, timeout=RPC_TIMEOUT)).token),)
+            self.kv = [Signed(stub, metadata) for stub in self.kv]
+            self.watch = [Signed(stub, metadata) for stub in self.watch]
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+
+
+class Signed:
+    """A stub whose calls all carry `metadata` (the token), for the cost of one partial."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        for name in ("Range", "Put", "DeleteRange", "Txn", "Compact", "Watch"):
+            if hasattr(stub, name):
+                setattr(self, name, functools.partial(getattr(stub, name), metadata=metadata))
 
 
 class Errors:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -31,7 +32,7 @@ from .clients import Worker
 from .paths import BENCH, RESULTS, ROOT, VENV_PYTHON
 from .procs import tree_status_kib
 from .report import Results, machine_info, print_run, render_compare
-from .servers import BenchPostgres, Etcd, KineFlags, KineServer, Server
+from .servers import AUTH_USER, BenchPostgres, Etcd, KineFlags, KineServer, Server, enable_auth
 from .workloads import LATE, WORKLOADS, Bench
 from .workloads.base import Hooks
 
@@ -41,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pg", action="store_true", help="also benchmark kine-server on PostgreSQL")
     p.add_argument("--no-sqlite", action="store_true", help="skip kine-server on SQLite")
     p.add_argument("--no-etcd", action="store_true", help="skip etcd (e.g. when profiling)")
+    p.add_argument(
+        "--auth",
+        action="store_true",
+        help="auth on in every server, clients signed in as a user that is not root "
+        "(workload 8 starts servers of its own, without auth)",
+    )
     p.add_argument(
         "--pg-fsync", choices=["on", "off"], default="on", help="PostgreSQL fsync (default on)"
     )
@@ -263,6 +270,13 @@ def main(argv: list[str]) -> int:
                 stack.callback(quietly, etcd.stop)
                 etcd.start()
                 servers.insert(0, etcd.server())
+            if args.auth:
+                for s in servers:
+                    enable_auth(s.endpoint)
+                servers = [dataclasses.replace(s, auth=True) for s in servers]
+                results.notes.append(
+                    f"auth on: clients sign in as {AUTH_USER} (readwrite on every key, not root)"
+                )
             for s in servers:
                 print(f"{s.name}: {s.endpoint} (pid {s.pid})", flush=True)
             kine_workers = {s.name: kine_flags.workers(s.pid) for s in servers if s.name != "etcd"}

@@ -19,12 +19,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from kine_server.pb import auth_pb2, rpc_pb2, rpc_pb2_grpc
 from tests.support import postgres as pg_support
 from tests.support.etcd import RealEtcd
 from tests.support.ports import free_port
 
 from .paths import ROOT, BenchError
 from .procs import children_map, tree_cpu
+
+#: With --auth: the user every client job (and the Go client) signs in as. Not root, so that
+#: every request is checked against its role's permissions (root's skip them).
+AUTH_USER, AUTH_PASSWORD = "bench", "benchpw"
+
+
+def enable_auth(endpoint: str) -> None:
+    """Turn auth on as an operator would: root, and a user with readwrite on every key."""
+    channel = grpc.insecure_channel(endpoint)
+    try:
+        auth = rpc_pb2_grpc.AuthStub(channel)
+        auth.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password="rootpw"), timeout=30)
+        auth.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), timeout=30)
+        auth.UserAdd(rpc_pb2.AuthUserAddRequest(name=AUTH_USER, password=AUTH_PASSWORD), timeout=30)
+        auth.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="everything"), timeout=30)
+        everything = auth_pb2.Permission(
+            permType=auth_pb2.Permission.READWRITE, key=b"\0", range_end=b"\0"
+        )
+        grant = rpc_pb2.AuthRoleGrantPermissionRequest(name="everything", perm=everything)
+        auth.RoleGrantPermission(grant, timeout=30)
+        role = rpc_pb2.AuthUserGrantRoleRequest(user=AUTH_USER, role="everything")
+        auth.UserGrantRole(role, timeout=30)
+        auth.AuthEnable(rpc_pb2.AuthEnableRequest(), timeout=30)
+    finally:
+        channel.close()
 
 
 @dataclass
@@ -38,6 +66,14 @@ class Server:
     db_root: int | None = None
     """The root process of a separate database (PostgreSQL's postmaster), whose CPU the
     server's requests cost too."""
+    auth: bool = False
+    """With --auth: auth is on, and clients sign in as AUTH_USER."""
+
+    @property
+    def target(self) -> str:
+        """What the client jobs connect to: the endpoint, after `user:password@` with --auth
+        (each job's channels sign in, as every etcd client does; see loadgen.Channels)."""
+        return f"{AUTH_USER}:{AUTH_PASSWORD}@{self.endpoint}" if self.auth else self.endpoint
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the server (with its child processes) and of its database."""

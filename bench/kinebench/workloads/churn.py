@@ -18,7 +18,7 @@ def run(b: Bench) -> None:
         loaded = call(
             b.workers[0],
             "load_keys",
-            endpoint=s.endpoint,
+            endpoint=s.target,
             keys=keys,
             value_size=a.value_size,
             per_txn=1,
@@ -33,7 +33,7 @@ def run(b: Bench) -> None:
                 b.workers[i],
                 "churn",
                 dict(
-                    endpoint=s.endpoint,
+                    endpoint=s.target,
                     revisions={k: revisions[k] for k in ordered[i::procs]},
                     versions=a.churn_versions,
                     clients=clients[i],

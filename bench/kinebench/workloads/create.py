@@ -43,7 +43,7 @@ def create_level(
             b.workers[i],
             "create_txns",
             dict(
-                endpoint=s.endpoint,
+                endpoint=s.target,
                 tag=f"{tag}-{i}",
                 clients=clients[i],
                 channels=max(1, channels[i]),

@@ -25,7 +25,7 @@ from tests.support.etcd import etcdctl_binary
 from ..clients import Stopwatch, call
 from ..paths import BenchError
 from ..procs import proc_cpu
-from ..servers import Server
+from ..servers import AUTH_PASSWORD, AUTH_USER, Server
 from .base import Bench
 
 LOAD_SECONDS = 60
@@ -59,13 +59,21 @@ def run(b: Bench) -> None:
 def check_perf(b: Bench, s: Server, ctl: str) -> None:
     load = b.args.go_load
     b.log(f"7 etcdctl check perf --load={load} on {s.name} ({LOAD_SECONDS:.0f} s, then it deletes)")
-    before = call(b.workers[0], "current_revision", endpoint=s.endpoint)
+    before = call(b.workers[0], "current_revision", endpoint=s.target)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     env["ETCDCTL_API"] = "3"
     log_path = b.workdir / f"check-perf-{s.name}-r{b.rep}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [ctl, "--endpoints", f"http://{s.endpoint}", "check", "perf", f"--load={load}"],
+            [
+                ctl,
+                "--endpoints",
+                f"http://{s.endpoint}",
+                *(["--user", f"{AUTH_USER}:{AUTH_PASSWORD}"] if s.auth else []),
+                "check",
+                "perf",
+                f"--load={load}",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -95,7 +103,7 @@ def check_perf(b: Bench, s: Server, ctl: str) -> None:
             proc.kill()
             proc.wait()
         b.extra_trees.remove(proc.pid)
-    after = call(b.workers[0], "current_revision", endpoint=s.endpoint)
+    after = call(b.workers[0], "current_revision", endpoint=s.target)
     output = log_path.read_text(errors="replace")
     figures = parse(output)
     # Its verdicts follow the progress bar's last \r-line without a line break.

@@ -18,7 +18,7 @@ def run(b: Bench) -> None:
             loaded = call(
                 b.workers[0],
                 "load_keys",
-                endpoint=s.endpoint,
+                endpoint=s.target,
                 keys=keys,
                 value_size=a.value_size,
                 per_txn=100,
@@ -34,7 +34,7 @@ def run(b: Bench) -> None:
                     b.workers[0],
                     "list_runs",
                     dict(
-                        endpoint=s.endpoint,
+                        endpoint=s.target,
                         prefix=prefix,
                         page=a.list_page,
                         runs=a.list_runs,

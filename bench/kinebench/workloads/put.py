@@ -18,7 +18,7 @@ def run(b: Bench) -> None:
                     b.workers[0],
                     "put_sequential",
                     dict(
-                        endpoint=s.endpoint,
+                        endpoint=s.target,
                         prefix=b"/bench/put/r%d/" % b.rep,
                         count=a.put_count,
                         warmup=50,

@@ -18,7 +18,7 @@ def run(b: Bench) -> None:
     for s in b.order():
         prefix = b"/registry/events/watch-%s-r%d/" % (s.name.encode(), b.rep)
         sentinel = prefix + b"zz-end"
-        revision = call(b.workers[0], "current_revision", endpoint=s.endpoint)
+        revision = call(b.workers[0], "current_revision", endpoint=s.target)
         b.log(f"5 {a.watchers} watchers, {a.watch_writes} writes on {s.name}")
         duration = a.time_cap + 30
         jobs = [
@@ -26,7 +26,7 @@ def run(b: Bench) -> None:
                 b.workers[i],
                 "watchers",
                 dict(
-                    endpoint=s.endpoint,
+                    endpoint=s.target,
                     prefix=prefix,
                     sentinel=sentinel,
                     count=per_proc[i],
@@ -42,7 +42,7 @@ def run(b: Bench) -> None:
                 b.workers[procs],
                 "watch_writer",
                 dict(
-                    endpoint=s.endpoint,
+                    endpoint=s.target,
                     prefix=prefix,
                     sentinel=sentinel,
                     count=a.watch_writes,
