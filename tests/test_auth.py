@@ -53,6 +53,7 @@ SESSION = [
     "user delete u2",
     "user delete u2",
     "user revoke-role u1 nothing",
+    "user add cert-only --no-password",
     "put a 0",
     # etcdctl makes the root role and grants it to root when auth enable says it is missing.
     "auth enable",
@@ -64,6 +65,7 @@ SESSION = [
     "put a 1",
     "--user u1:wrong get a",
     "--user nobody:pw get a",
+    "--user cert-only:x get a",
     f"{U1} put a 1",
     f"{U1} get a",
     f"{U1} get a --prefix",
