@@ -44,7 +44,8 @@ class Credentials:
     def identify(self, context: Context, state: AuthState | None = None) -> Identity | None:
         """The call's user, None if it names none; a token that is not (or no longer) valid is
         etcd's "invalid auth token". Nothing is looked at while auth is off."""
-        state = state or self.state
+        if state is None:
+            state = self.state
         if not state.enabled:
             return None
         token = None
