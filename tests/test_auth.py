@@ -202,7 +202,9 @@ RW = auth_pb2.Permission.READWRITE
 
 async def grpc_scenario(s: Session) -> None:
     """The same calls in the same order on either server."""
+    await s("auth.AuthEnable", rpc_pb2.AuthEnableRequest())
     await s("auth.UserAdd", rpc_pb2.AuthUserAddRequest(name="root", password="rootpw"))
+    await s("auth.AuthEnable", rpc_pb2.AuthEnableRequest())
     await s("auth.UserGrantRole", rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"))
     await s("auth.UserAdd", rpc_pb2.AuthUserAddRequest(name="u1", password="pw1"))
     await s("auth.UserAdd", rpc_pb2.AuthUserAddRequest(name="", password="x"))
@@ -587,6 +589,38 @@ async def test_jwt_tokens(method: str, tmp_path: Path) -> None:
         finally:
             await client.close()
         assert etcdctl(kine.address, f"{U1} get a").endswith("a\n1\n")
+
+
+async def test_a_jwt_server_with_only_the_public_key_verifies_but_issues_none(
+    tmp_path: Path,
+) -> None:
+    """etcd's verify-only JWT setup: tokens signed elsewhere are accepted, Authenticate fails
+    as etcd's does."""
+    private, public = write_keys(tmp_path, "ES256")
+    signer_flags = ["--auth-token", f"jwt,priv-key={private},sign-method=ES256"]
+    verifier_flags = ["--auth-token", f"jwt,pub-key={public},sign-method=ES256"]
+    dsn = f"sqlite://{tmp_path}/s.db"
+    with KineProcess(dsn, tmp_path, *signer_flags) as signer:
+        client = connect(signer.address)
+        try:
+            root, _ = await setup_users(client)
+        finally:
+            await client.close()
+    (tmp_path / "v").mkdir()
+    with KineProcess(dsn, tmp_path / "v", *verifier_flags) as verifier:
+        client = connect(verifier.address)
+        try:
+            status = await client.auth.AuthStatus(
+                rpc_pb2.AuthStatusRequest(), metadata=as_user(root)
+            )
+            assert status.enabled
+            await refused(
+                client.auth.Authenticate(rpc_pb2.AuthenticateRequest(name="u1", password="pw1")),
+                grpc.StatusCode.UNKNOWN,
+                "auth: token signing attempted with verify-only key",
+            )
+        finally:
+            await client.close()
 
 
 def test_a_bad_auth_token_option_fails_the_start_in_one_line(tmp_path: Path) -> None:

@@ -91,11 +91,14 @@ InvalidAuthToken = _error(
 )
 InvalidAuthMgmt = _error("InvalidAuthMgmt", _IA, "etcdserver: invalid auth management")
 AuthOldRevision = _error("AuthOldRevision", _IA, "etcdserver: revision of auth store is old")
-#: etcd has no gRPC error for this one: its auth package's text goes out as UNKNOWN.
+# etcd has no gRPC errors for these two: its auth package's text goes out as UNKNOWN.
 NoPasswordUser = _error(
     "NoPasswordUser",
     grpc.StatusCode.UNKNOWN,
     "auth: authentication failed, password was given for no password user",
+)
+VerifyOnly = _error(
+    "VerifyOnly", grpc.StatusCode.UNKNOWN, "auth: token signing attempted with verify-only key"
 )
 
 #: The auth package's own words for its errors, where etcd passes them on without turning them

@@ -13,6 +13,7 @@ it for the TTL from issue, and clients take a new one when told the old one is i
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import hmac
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kine_server import errors
 from kine_server.durations import parse_duration
 from kine_server.store.auth import AuthState, Identity
 
@@ -38,15 +40,16 @@ class TokenOptionsError(ValueError):
     """--auth-token that etcd would refuse too; the message names what is wrong."""
 
 
-class Tokens:
+class Tokens(abc.ABC):
     """What a token provider does."""
 
+    @abc.abstractmethod
     def assign(self, state: AuthState, user: str) -> str:
-        raise NotImplementedError
+        """A new token for `user` (who has just given the right password)."""
 
+    @abc.abstractmethod
     def identify(self, state: AuthState, token: str) -> Identity | None:
         """Who the token is for, or None if it is not valid (any more)."""
-        raise NotImplementedError
 
 
 class SimpleTokens(Tokens):
@@ -199,7 +202,7 @@ class JwtTokens(Tokens):
             return hmac.new(self._secret, data, "sha" + method[2:]).digest()
         key = self._private
         if key is None:
-            raise TokenOptionsError("jwt: no priv-key: tokens can be verified but not issued")
+            raise errors.VerifyOnly()
         if method == "EdDSA":
             return bytes(key.sign(data))
         if method in _ECDSA:
