@@ -64,7 +64,7 @@ class FrontendStore(Storage):
                 f"kine-server: cannot reach the writer process: {exc}"
             ) from exc
         self._connection = connection
-        self.hub.revision = await self._hello
+        await self._hello  # the hub continues from its revision (see _received)
         await self.auth.start()
 
     def ready(self, worker: int) -> None:
@@ -107,6 +107,10 @@ class FrontendStore(Storage):
             if self._connection is not None:
                 self._connection.send(length_delimited(_SCRAPED_FIELD, reply.SerializeToString()))
         elif kind == "hello" and self._hello is not None and not self._hello.done():
+            # Here, not where start() awaits it: the feed that follows may be in the same read
+            # (the writer sends what one loop turn queued in one write), and it continues from
+            # this revision.
+            self.hub.revision = envelope.hello.revision
             self._hello.set_result(envelope.hello.revision)
 
     def _lost(self, exc: Exception | None) -> None:
