@@ -13,6 +13,7 @@ auth-on/auth-off ratio; then the time of one permission check in-process.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -83,9 +84,9 @@ def check_perf(endpoint: str, load: str, user: list[str], tree: int) -> tuple[in
 
 
 def revision(endpoint: str, user: list[str]) -> int:
-    out = ctl(endpoint, *user, "get", PREFIX, "--prefix", "--count-only", "-w", "fields")
-    found = re.search(r'"Revision" : (\d+)', out)
-    return int(found.group(1)) if found else 0
+    """The store's revision (one per Put), from a Get's header."""
+    out = ctl(endpoint, *user, "get", PREFIX, "-w", "json")
+    return int(json.loads(out)["header"]["revision"])
 
 
 def permission_check_time(roles: int) -> float:
