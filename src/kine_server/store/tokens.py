@@ -58,7 +58,9 @@ class SimpleTokens(Tokens):
     def __init__(self, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.time) -> None:
         self._ttl = ttl
         self._clock = clock
-        self._last_used: dict[str, float] = {}
+        #: Tokens this process accepted: (last use or issue, auth generation verified at, user),
+        #: in order of use. Checked again (the signature) once the auth store has changed.
+        self._seen: dict[str, tuple[float, int, str]] = {}
 
     def assign(self, state: AuthState, user: str) -> str:
         nonce = "".join(secrets.choice(string.ascii_letters) for _ in range(16))
@@ -68,6 +70,24 @@ class SimpleTokens(Tokens):
         return f"{body}.{self._sign(state, user, body)}"
 
     def identify(self, state: AuthState, token: str) -> Identity | None:
+        seen = self._seen.get(token)
+        if seen is not None and seen[1] == state.generation:
+            last, user = seen[0], seen[2]
+        else:
+            verified = self._verify(state, token)
+            if verified is None:
+                return None
+            user, issued = verified
+            last = max(issued, seen[0]) if seen is not None else issued
+        now = self._clock()
+        if now - last > self._ttl:
+            self._seen.pop(token, None)
+            return None
+        self._remember(token, (now, state.generation, user))
+        return Identity(user, state.revision)
+
+    def _verify(self, state: AuthState, token: str) -> tuple[str, float] | None:
+        """(user, issue time) of a token signed with the store's key for a user it has now."""
         parts = token.split(".")
         if len(parts) != 4 or not state.secret:
             return None
@@ -81,19 +101,14 @@ class SimpleTokens(Tokens):
             return None
         if not hmac.compare_digest(signature, self._sign(state, user, ".".join(parts[:3]))):
             return None
-        now = self._clock()
-        if now - max(issued_at, self._last_used.get(token, 0.0)) > self._ttl:
-            self._last_used.pop(token, None)
-            return None
-        self._remember(token, now)
-        return Identity(user, state.revision)
+        return user, issued_at
 
-    def _remember(self, token: str, now: float) -> None:
-        self._last_used.pop(token, None)  # re-inserted last: the dict is in order of use
-        self._last_used[token] = now
-        if len(self._last_used) > MAX_REMEMBERED:
-            for stale in list(self._last_used)[: MAX_REMEMBERED // 10]:
-                del self._last_used[stale]
+    def _remember(self, token: str, seen: tuple[float, int, str]) -> None:
+        self._seen.pop(token, None)  # re-inserted last: the dict is in order of use
+        self._seen[token] = seen
+        if len(self._seen) > MAX_REMEMBERED:
+            for stale in list(self._seen)[: MAX_REMEMBERED // 10]:
+                del self._seen[stale]
 
     @staticmethod
     def _sign(state: AuthState, user: str, body: str) -> str:
