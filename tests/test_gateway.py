@@ -255,6 +255,15 @@ def test_http_errors_same_as_etcd(pair: tuple[Gateway, Gateway]) -> None:
     assert status == 200 and set(json.loads(text)) == {"etcdserver", "etcdcluster"}
 
 
+def watch_streams(metrics: int) -> float:
+    """The server's kine_watch_streams, from its metrics listener on port `metrics`."""
+    connection = http.client.HTTPConnection("127.0.0.1", metrics, timeout=10)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    return sample(text, "kine_watch_streams")
+
+
 def test_a_watch_ends_when_its_client_goes_away(dsn: str, tmp_path: Path) -> None:
     """An HTTP watch holds a gRPC watch stream; a client that closes its connection must not
     leave it behind."""
@@ -270,24 +279,17 @@ def test_a_watch_ends_when_its_client_goes_away(dsn: str, tmp_path: Path) -> Non
     with KineProcess(dsn, tmp_path, *flags):
         gateway = Gateway("127.0.0.1", port)
 
-        def streams() -> float:
-            connection = http.client.HTTPConnection("127.0.0.1", metrics, timeout=10)
-            connection.request("GET", "/metrics")
-            text = connection.getresponse().read().decode()
-            connection.close()
-            return sample(text, "kine_watch_streams")
-
         watches = [
             gateway.stream("watch", json.dumps({"create_request": {"key": b64("k")}}))
             for _ in range(3)
         ]
         for watch in watches:
             assert b'"created":true' in watch.readline()
-        assert streams() == 3
+        assert watch_streams(metrics) == 3
         for watch in watches:
             watch.close()
         deadline = time.monotonic() + 10
-        while streams() != 0:
+        while watch_streams(metrics) != 0:
             assert time.monotonic() < deadline, "watch streams left behind by closed connections"
             time.sleep(0.05)
         # The gateway still serves.
@@ -569,24 +571,16 @@ def test_a_chunked_watch_whose_connection_breaks_ends_its_watch(dsn: str, tmp_pa
     flags = ["--listen-gateway-urls", f"127.0.0.1:{port}", "--workers", "1"]
     flags += ["--metrics-bind-address", f"127.0.0.1:{metrics}"]
     with KineProcess(dsn, tmp_path, *flags):
-
-        def streams() -> float:
-            connection = http.client.HTTPConnection("127.0.0.1", metrics, timeout=10)
-            connection.request("GET", "/metrics")
-            text = connection.getresponse().read().decode()
-            connection.close()
-            return sample(text, "kine_watch_streams")
-
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"POST /v3/watch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         create = json.dumps({"create_request": {"key": b64("k")}}).encode()
         sock.sendall(b"%x\r\n%s\r\n" % (len(create), create))
         assert b'"created":true' in sock.recv(4096) or b'"created":true' in sock.recv(4096)
-        assert streams() == 1
+        assert watch_streams(metrics) == 1
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset, in the middle of the body
         deadline = time.monotonic() + 10
-        while streams() != 0:
+        while watch_streams(metrics) != 0:
             assert time.monotonic() < deadline, "the watch of a broken connection was left behind"
             time.sleep(0.05)
 

@@ -118,9 +118,9 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         self._member.stamp(response.header)
         return response
 
-    async def _change(self, context: Context, method: str, request: Any) -> Any:
-        """An Auth call that changes the store: root only (once auth is on), then the writer."""
-        who = await self._credentials.admin(context)
+    async def _change(self, method: str, request: Any, who: Identity | None) -> Any:
+        """An Auth call that changes the store, made by `who` (checked as root by the caller
+        and again by the writer), then the writer."""
         return self._answer(await self._store.auth_change(method, request, who))
 
     async def _fresh(self) -> AuthState:
@@ -151,21 +151,21 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
 
     @etcd_errors
     async def UserAdd(self, request: rpc_pb2.AuthUserAddRequest, context: Context) -> Any:
-        await self._credentials.admin(context)
+        who = await self._credentials.admin(context)  # before the hash: it costs ~70 ms
         if not request.options.no_password:  # as etcd: a hash the client sent is not used
             request.hashedPassword = await hash_password(request.password, self._cost)
         request.password = ""
-        return await self._change(context, "UserAdd", request)
+        return await self._change("UserAdd", request, who)
 
     @etcd_errors
     async def UserChangePassword(
         self, request: rpc_pb2.AuthUserChangePasswordRequest, context: Context
     ) -> Any:
-        await self._credentials.admin(context)
+        who = await self._credentials.admin(context)
         if request.password:
             request.hashedPassword = await hash_password(request.password, self._cost)
         request.password = ""
-        return await self._change(context, "UserChangePassword", request)
+        return await self._change("UserChangePassword", request, who)
 
     @etcd_errors
     async def UserGet(self, request: rpc_pb2.AuthUserGetRequest, context: Context) -> Any:
@@ -205,11 +205,13 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
 
 
 def _changer(method: str) -> Any:
-    """The handler of an Auth call that changes the store and needs nothing done before."""
+    """The handler of an Auth call that changes the store and needs nothing done before: root
+    only (once auth is on), then the writer."""
 
     @etcd_errors
     async def handler(self: AuthService, request: Any, context: Context) -> Any:
-        return await self._change(context, method, request)
+        who = await self._credentials.admin(context)
+        return await self._change(method, request, who)
 
     handler.__name__ = method
     return handler
