@@ -28,8 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src"), str(ROOT / "bench")]
 
 from kinebench.procs import tree_cpu  # noqa: E402
 
+from kine_server.auth.permissions import AuthState, Identity  # noqa: E402
 from kine_server.pb import auth_pb2, rpc_pb2  # noqa: E402
-from kine_server.store.auth import AuthState, Identity  # noqa: E402
 from tests.support.etcd import RealEtcd, etcdctl_binary  # noqa: E402
 from tests.support.process import KineProcess  # noqa: E402
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from kine_server import server as server_module
 from kine_server.drivers import sqlite as sqlite_module
-from kine_server.store import writer as writer_module
+from kine_server.mvcc import writer as writer_module
 
 perf = time.perf_counter
 

@@ -30,11 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
+from kine_server.mvcc.hub import by_revision  # noqa: E402
+from kine_server.mvcc.watcher import Watcher, WatchSpec, route  # noqa: E402
+from kine_server.mvcc.watcher_group import WatcherGroup  # noqa: E402
 from kine_server.pb import kv_pb2  # noqa: E402
 from kine_server.pb import rpc_pb2 as pb  # noqa: E402
-from kine_server.store.hub import by_revision  # noqa: E402
-from kine_server.store.watch import Watcher, WatchSpec, route  # noqa: E402
-from kine_server.store.watcher_group import WatcherGroup  # noqa: E402
 from tests.support.client import Client, connect  # noqa: E402
 from tests.support.etcd import RealEtcd  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402

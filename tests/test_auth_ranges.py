@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kine_server.store.auth import Ranges, interval
+from kine_server.auth.permissions import Ranges, interval
 
 POINT, FROM = b"", b"\0"
 

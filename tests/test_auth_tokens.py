@@ -3,9 +3,9 @@ process that sees them used, void after a password change, the user's deletion o
 
 from __future__ import annotations
 
+from kine_server.auth.permissions import AuthState, Identity
+from kine_server.auth.tokens import SimpleTokens
 from kine_server.pb import auth_pb2
-from kine_server.store.auth import AuthState, Identity
-from kine_server.store.tokens import SimpleTokens
 
 
 class Clock:

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from kine_server.mvcc.applier import Applier
 from kine_server.pb import kv_pb2
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
-from kine_server.store.applier import Applier
 from tests.support.client import Client, connect
 
 BIG = 20_000

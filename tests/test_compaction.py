@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from kine_server.drivers import make_driver
+from kine_server.mvcc.compactor import CompactionSettings, Compactor
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
-from kine_server.store.compactor import CompactionSettings, Compactor
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.watching import WatchStream

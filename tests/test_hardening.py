@@ -23,10 +23,10 @@ import pytest
 
 from kine_server import errors
 from kine_server.drivers.base import RawRow
+from kine_server.mvcc.applier import Applier
+from kine_server.mvcc.compactor import CompactionSettings
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
-from kine_server.store.applier import Applier
-from kine_server.store.compactor import CompactionSettings
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.ports import free_port
@@ -455,7 +455,7 @@ async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_si
 ) -> None:
     """A bug while a stream takes a committed revision: the stream ends with INTERNAL, so the
     client watches again, instead of staying open and deaf; other streams are unaffected."""
-    from kine_server.store.watch import Watcher
+    from kine_server.mvcc.watcher import Watcher
 
     healthy = WatchStream(kine)
     await healthy.create(b"h")

@@ -21,11 +21,11 @@ import pytest
 from kine_server.drivers import make_driver
 from kine_server.drivers.kine_source import open_kine
 from kine_server.drivers.postgres import with_database
+from kine_server.maintenance import kine_import
+from kine_server.maintenance.kine_import import LEASE_BASE, import_kine
+from kine_server.maintenance.restore import SnapshotError
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.server import Server
-from kine_server.store import kine_import
-from kine_server.store.kine_import import LEASE_BASE, import_kine
-from kine_server.store.snapshot import SnapshotError
 from tests.conftest import test_config
 from tests.support.client import connect
 from tests.support.postgres import ThrowawayPostgres

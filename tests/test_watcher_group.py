@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kine_server.drivers.base import OPEN_END
-from kine_server.store.applier import range_end
-from kine_server.store.watcher_group import WatcherGroup
+from kine_server.mvcc.applier import range_end
+from kine_server.mvcc.watcher_group import WatcherGroup
 
 # Few distinct bytes and short keys, so ranges overlap, nest, share starts and ends and coincide.
 keys = st.binary(max_size=3).map(lambda b: bytes(x % 4 if x < 250 else 255 for x in b))

@@ -244,8 +244,8 @@ async def test_a_feed_that_arrives_with_the_hello_continues_from_it(tmp_path: Pa
     the feed (it used to take it only when start() resumed, and restarted itself on a "gap")."""
     from kine_server.drivers import DatabaseTLS, make_driver
     from kine_server.pb import kv_pb2, workers_pb2
-    from kine_server.store.frames import FrameConnection, length_delimited
-    from kine_server.store.frontend import FrontendStore
+    from kine_server.process.frames import FrameConnection, length_delimited
+    from kine_server.process.link import FrontendStore
 
     def opened(connection: FrameConnection) -> None:
         hello = workers_pb2.Hello(revision=7).SerializeToString()

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kine_server import __version__, addresses, migrate
+from kine_server.auth.tokens import make_tokens
 from kine_server.config import Config, parse_urls
 from kine_server.durations import format_duration, parse_duration
 from kine_server.server import StartupError, WriterGone, serve, serve_frontend
-from kine_server.store.tokens import make_tokens
 
 
 @dataclass(frozen=True)

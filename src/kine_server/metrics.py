@@ -25,7 +25,7 @@ from prometheus_client.samples import Sample
 from kine_server import errors
 from kine_server.addresses import Address
 from kine_server.httpd import HttpListener, Request, Response
-from kine_server.store.compactor import CompactionStatus
+from kine_server.mvcc.compactor import CompactionStatus
 from kine_server.store.store import Storage, WriteSideStatus
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from kine_server.drivers.kine_source import open_kine
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile
 from kine_server.etcd_backend.mvcc import is_bbolt, restore_etcd
-from kine_server.store.kine_import import import_kine
-from kine_server.store.snapshot import SnapshotError, copy_store, strip_checksum
+from kine_server.maintenance.kine_import import import_kine
+from kine_server.maintenance.restore import SnapshotError, copy_store, strip_checksum
 from kine_server.store.store import key_space_hash
 
 

@@ -28,19 +28,19 @@ from kine_server.api.kv import KVService
 from kine_server.api.lease import LeaseService
 from kine_server.api.maintenance import MaintenanceService
 from kine_server.api.watch import WatchService, WatchSettings
+from kine_server.auth.tokens import make_tokens
 from kine_server.config import GRPC_OVERHEAD_BYTES, Config
 from kine_server.drivers import DatabaseTLS, Driver, DriverError, EndpointError, make_driver
 from kine_server.drivers.base import DatabaseUnreachable
 from kine_server.durations import format_duration
 from kine_server.gateway.service import CORS_HEADERS, Gateway
 from kine_server.httpd import HttpListener
+from kine_server.maintenance.alarms import member_id
 from kine_server.metrics import HttpEndpoint, Metrics, health
+from kine_server.mvcc.compactor import CompactionSettings, Compactor
 from kine_server.pb import health_pb2_grpc, rpc_pb2_grpc
-from kine_server.store.alarms import member_id
-from kine_server.store.compactor import CompactionSettings, Compactor
-from kine_server.store.frontend import FrontendStore
+from kine_server.process.link import FrontendStore
 from kine_server.store.store import Storage, Store
-from kine_server.store.tokens import make_tokens
 
 log = logging.getLogger(__name__)
 
@@ -688,7 +688,7 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.worker_count() > 1:
-        from kine_server.workers import WriterProcess
+        from kine_server.process.writer import WriterProcess
 
         writer = WriterProcess(config, list(argv))
         if await _started_unless_stopped(writer.start(), stop, config.shutdown_grace):

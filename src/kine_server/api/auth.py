@@ -17,10 +17,10 @@ import grpc
 
 from kine_server import errors
 from kine_server.api.common import Member, etcd_errors
+from kine_server.auth.permissions import AuthState, Identity
+from kine_server.auth.tokens import Tokens
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.auth import AuthState, Identity
 from kine_server.store.store import Storage
-from kine_server.store.tokens import Tokens
 
 Context: TypeAlias = grpc.aio.ServicerContext
 

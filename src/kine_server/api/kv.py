@@ -10,9 +10,9 @@ from kine_server import errors
 from kine_server.api import validation
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors
+from kine_server.auth import permissions as auth
+from kine_server.mvcc.applier import is_read_only
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store import auth
-from kine_server.store.applier import is_read_only
 from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext

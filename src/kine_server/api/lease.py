@@ -12,8 +12,8 @@ import grpc
 from kine_server import errors
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors, send
+from kine_server.auth import permissions as auth
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store import auth
 from kine_server.store.store import Storage
 
 Context: TypeAlias = grpc.aio.ServicerContext

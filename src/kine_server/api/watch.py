@@ -21,11 +21,11 @@ import grpc
 from kine_server import errors
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, send
+from kine_server.mvcc.applier import CHUNK, range_end
+from kine_server.mvcc.watchable import Cancelled, Delivery, Watches, WatchLimits, WatchStats
+from kine_server.mvcc.watcher import WatchSpec
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.applier import CHUNK, range_end
 from kine_server.store.store import Storage
-from kine_server.store.watch import WatchSpec
-from kine_server.store.watches import Cancelled, Delivery, Watches, WatchLimits, WatchStats
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Create = rpc_pb2.WatchCreateRequest

@@ -18,9 +18,9 @@ from google.protobuf.message import DecodeError
 
 from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx, WriteTx
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
+from kine_server.maintenance.restore import SnapshotError
 from kine_server.pb import kv_pb2
-from kine_server.store.frames import read_varint, varint
-from kine_server.store.snapshot import SnapshotError
+from kine_server.process.frames import read_varint, varint
 
 #: Rows written per step.
 PAGE = 1000

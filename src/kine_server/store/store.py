@@ -22,19 +22,19 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from kine_server import errors
+from kine_server.auth.permissions import AuthStore, Identity
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.etcd_backend.mvcc import write_etcd_snapshot
+from kine_server.lease.lessor import LeaseStatus, Lessor, lease_ids, lease_status
+from kine_server.maintenance.alarms import Alarms, member_id
+from kine_server.maintenance.quota import Quota
+from kine_server.mvcc.applier import Applier, has_puts, is_read_only
+from kine_server.mvcc.compactor import CompactionStatus, Compactor
+from kine_server.mvcc.hub import EventHub
+from kine_server.mvcc.poller import Poller
+from kine_server.mvcc.watcher import HistoryPage, whole_revisions
+from kine_server.mvcc.writer import Writer
 from kine_server.pb import kv_pb2, rpc_pb2
-from kine_server.store.alarms import Alarms, member_id
-from kine_server.store.applier import Applier, has_puts, is_read_only
-from kine_server.store.auth import AuthStore, Identity
-from kine_server.store.compactor import CompactionStatus, Compactor
-from kine_server.store.hub import EventHub
-from kine_server.store.leases import LeaseStatus, Lessor, lease_ids, lease_status
-from kine_server.store.poller import Poller
-from kine_server.store.quota import Quota
-from kine_server.store.watch import HistoryPage, whole_revisions
-from kine_server.store.writer import Writer
 
 log = logging.getLogger(__name__)
 

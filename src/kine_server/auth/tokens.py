@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kine_server import errors
+from kine_server.auth.permissions import AuthState, Identity
 from kine_server.durations import parse_duration
-from kine_server.store.auth import AuthState, Identity
 
 #: etcd's --auth-token-ttl default.
 DEFAULT_TTL = 300.0

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from google.protobuf.message import Message
 
 from kine_server import errors
+from kine_server.auth.permissions import Identity, message_types
 from kine_server.drivers.base import Driver
+from kine_server.mvcc.compactor import CompactionStatus
 from kine_server.pb import rpc_pb2, workers_pb2
-from kine_server.store.auth import Identity, message_types
-from kine_server.store.compactor import CompactionStatus
-from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
+from kine_server.process.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.store import Storage, WriteSideStatus
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kine_server import errors
+from kine_server import errors, supervise
 from kine_server.drivers.base import DatabaseUnreachable, Driver, DriverError
+from kine_server.mvcc.applier import Applier
 from kine_server.pb import kv_pb2
-from kine_server.store import supervise
-from kine_server.store.applier import Applier
 
 log = logging.getLogger(__name__)
 

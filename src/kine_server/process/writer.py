@@ -29,6 +29,7 @@ from kine_server import addresses
 from kine_server.addresses import Address
 from kine_server.cli import aliases
 from kine_server.config import Config
+from kine_server.process.channel import WriterChannel
 from kine_server.server import (
     GATEWAY,
     Server,
@@ -43,7 +44,6 @@ from kine_server.server import (
     open_database,
     server_credentials,
 )
-from kine_server.store.channel import WriterChannel
 
 log = logging.getLogger(__name__)
 

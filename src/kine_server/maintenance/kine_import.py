@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from kine_server.drivers.base import Driver, RawRow
 from kine_server.drivers.kine_source import KineRow, KineSource
-from kine_server.store.snapshot import SnapshotError
+from kine_server.maintenance.restore import SnapshotError
 
 #: Rows read from kine, and written, per step.
 PAGE = 1000

@@ -23,11 +23,10 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from kine_server import errors
+from kine_server import errors, supervise
 from kine_server.drivers.base import Driver
-from kine_server.store import supervise
-from kine_server.store.applier import Applier
-from kine_server.store.writer import Writer
+from kine_server.mvcc.applier import Applier
+from kine_server.mvcc.writer import Writer
 
 log = logging.getLogger(__name__)
 

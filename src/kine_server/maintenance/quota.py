@@ -14,11 +14,10 @@ import asyncio
 import contextlib
 import logging
 
-from kine_server import errors
+from kine_server import errors, supervise
 from kine_server.drivers.base import Driver
+from kine_server.maintenance.alarms import Alarms
 from kine_server.pb import rpc_pb2
-from kine_server.store import supervise
-from kine_server.store.alarms import Alarms
 
 log = logging.getLogger(__name__)
 

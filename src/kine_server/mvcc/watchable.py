@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kine_server import errors
-from kine_server.store.hub import Group, WireEvent
+from kine_server.mvcc.hub import Group, WireEvent
+from kine_server.mvcc.watcher import Watcher, WatchSpec, route, wire_events
+from kine_server.mvcc.watcher_group import WatcherGroup
 from kine_server.store.store import Storage
-from kine_server.store.watch import Watcher, WatchSpec, route, wire_events
-from kine_server.store.watcher_group import WatcherGroup
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from google.protobuf.message import Message
 
 from kine_server import errors
 from kine_server.drivers.base import Driver, ReadTx, WriteTx
+from kine_server.mvcc.applier import Applier
+from kine_server.mvcc.writer import Writer
 from kine_server.pb import auth_pb2, rpc_pb2
-from kine_server.store.applier import Applier
-from kine_server.store.writer import Writer
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import logging
 
 from kine_server import errors
 from kine_server.drivers.base import Driver
+from kine_server.mvcc.applier import Applier
+from kine_server.mvcc.writer import Writer
 from kine_server.pb import rpc_pb2
-from kine_server.store.applier import Applier
-from kine_server.store.writer import Writer
 
 log = logging.getLogger(__name__)
 

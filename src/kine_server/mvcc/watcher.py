@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from kine_server.drivers.base import OPEN_END, Change
+from kine_server.mvcc.applier import CHUNK, to_kv
+from kine_server.mvcc.hub import Group, WireEvent
+from kine_server.mvcc.watcher_group import WatcherGroup
 from kine_server.pb import kv_pb2
-from kine_server.store.applier import CHUNK, to_kv
-from kine_server.store.hub import Group, WireEvent
-from kine_server.store.watcher_group import WatcherGroup
 
 Event = kv_pb2.Event
 

@@ -27,8 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from kine_server import supervise
 from kine_server.drivers.base import Driver
-from kine_server.store import supervise
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kine_server import errors
+from kine_server.auth.permissions import Identity, message_types
+from kine_server.mvcc.hub import Group
 from kine_server.pb import workers_pb2
-from kine_server.store.auth import Identity, message_types
-from kine_server.store.frames import FrameConnection, length_delimited, parse_envelope, varint
-from kine_server.store.hub import Group
+from kine_server.process.frames import FrameConnection, length_delimited, parse_envelope, varint
 from kine_server.store.store import Store
 
 log = logging.getLogger(__name__)

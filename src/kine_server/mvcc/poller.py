@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 
+from kine_server import supervise
 from kine_server.drivers.base import OPEN_END, Change, Driver, DriverError, ReadTx
-from kine_server.store import supervise
-from kine_server.store.hub import EventHub
-from kine_server.store.watch import change_event, whole_revisions
+from kine_server.mvcc.hub import EventHub
+from kine_server.mvcc.watcher import change_event, whole_revisions
 
 log = logging.getLogger(__name__)
 
