@@ -25,7 +25,7 @@ sys.path[:0] = [
 from kine_server.config import Config  # noqa: E402
 from kine_server.drivers.base import RawRow  # noqa: E402
 from kine_server.pb import rpc_pb2 as pb  # noqa: E402
-from kine_server.server import Server  # noqa: E402
+from kine_server.process.single import SingleProcess as Server  # noqa: E402
 from tests.support.client import connect  # noqa: E402
 from tests.support.postgres import ThrowawayPostgres  # noqa: E402
 

@@ -24,9 +24,9 @@ import sys
 import time
 from typing import Any
 
-from kine_server import server as server_module
 from kine_server.drivers import sqlite as sqlite_module
 from kine_server.mvcc import writer as writer_module
+from kine_server.process import single as server_module
 
 perf = time.perf_counter
 
@@ -62,7 +62,7 @@ async def _watch_loop() -> None:
         _lags.append(perf() - t - 0.001)
 
 
-_original_start = server_module.Server.start
+_original_start = server_module.SingleProcess.start
 
 
 async def _start(self: Any) -> None:
@@ -145,7 +145,7 @@ def _dump() -> None:
 
 writer_module.Writer._commit = _commit  # type: ignore[method-assign]
 sqlite_module._Link.submit = _submit  # type: ignore[method-assign]
-server_module.Server.start = _start  # type: ignore[method-assign]
+server_module.SingleProcess.start = _start  # type: ignore[method-assign]
 gc.callbacks.append(_on_gc)
 atexit.register(_dump)
 

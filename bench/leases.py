@@ -26,7 +26,7 @@ sys.path[:0] = [
 
 from kine_server.config import Config  # noqa: E402
 from kine_server.pb import rpc_pb2 as pb  # noqa: E402
-from kine_server.server import Server  # noqa: E402
+from kine_server.process.single import SingleProcess as Server  # noqa: E402
 from tests.support.client import Client, connect  # noqa: E402
 from tests.support.etcd import RealEtcd, etcd_binary  # noqa: E402
 from tests.support.postgres import ThrowawayPostgres  # noqa: E402
@@ -102,7 +102,7 @@ async def main(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         await grant_all(client)
         grant = time.perf_counter() - began
-        lessor = server.store.lessor
+        lessor = server.write_side.lessor
         began = time.perf_counter()
         for _ in range(20):
             await lessor.expire_due()

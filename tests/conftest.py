@@ -10,7 +10,7 @@ import pytest
 
 from kine_server.config import Config
 from kine_server.drivers.postgres import with_database
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.support import hangs
 from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd
@@ -74,15 +74,15 @@ test_config.__test__ = False  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-async def server(dsn: str) -> AsyncIterator[Server]:
-    srv = Server(test_config(dsn))
+async def server(dsn: str) -> AsyncIterator[SingleProcess]:
+    srv = SingleProcess(test_config(dsn))
     await srv.start()
     yield srv
     await srv.stop()
 
 
 @pytest.fixture
-async def kine(server: Server) -> AsyncIterator[Client]:
+async def kine(server: SingleProcess) -> AsyncIterator[Client]:
     client = connect(f"127.0.0.1:{server.port}")
     yield client
     await client.close()

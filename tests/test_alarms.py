@@ -19,7 +19,7 @@ import pytest
 
 from kine_server.drivers.base import SCHEMA_VERSION
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, Recorder, connect
 from tests.support.process import KineProcess
@@ -180,7 +180,7 @@ async def test_each_alarm_refuses_writes_until_it_is_cleared(kine: Client) -> No
 
 
 async def test_the_metric_shows_nospace_while_any_member_has_it(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     assert server.http is not None
     url = f"http://127.0.0.1:{server.http.port}/metrics"
@@ -193,7 +193,7 @@ async def test_the_metric_shows_nospace_while_any_member_has_it(
 
 
 async def test_the_quota_raises_nospace_for_the_server_itself(dsn: str) -> None:
-    server = Server(test_config(dsn, quota_backend_bytes=1))
+    server = SingleProcess(test_config(dsn, quota_backend_bytes=1))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     try:
@@ -211,7 +211,7 @@ async def test_instances_on_one_database_share_the_alarms(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     dsn = fresh_dsn("postgres", tmp_path, request)
-    servers = [Server(test_config(dsn, name=name)) for name in ("one", "two")]
+    servers = [SingleProcess(test_config(dsn, name=name)) for name in ("one", "two")]
     for server in servers:
         await server.start()
     a, b = (connect(f"127.0.0.1:{s.port}") for s in servers)

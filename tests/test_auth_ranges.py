@@ -1,4 +1,4 @@
-"""The permission intervals of store/auth.py: etcd's range-permission semantics (a point, a range,
+"""The permission intervals of auth/permissions.py: etcd's range-permission semantics (a point, a range,
 from a key on; a request covered by the union of a user's permissions, adjacent ones joining)."""
 
 from __future__ import annotations

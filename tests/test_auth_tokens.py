@@ -1,4 +1,4 @@
-"""Simple tokens (store/tokens.py): signed, alive for the TTL after their last use in the
+"""Simple tokens (auth/tokens.py): signed, alive for the TTL after their last use in the
 process that sees them used, void after a password change, the user's deletion or a new key."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 from kine_server.mvcc.applier import Applier
 from kine_server.pb import kv_pb2
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.support.client import Client, connect
 
 BIG = 20_000
@@ -95,7 +95,7 @@ async def events(call: Any, count: int) -> list[Any]:
 
 
 async def test_huge_requests_leave_other_clients_answered_and_watches_complete(
-    server: Server, kine: Client, monkeypatch: pytest.MonkeyPatch
+    server: SingleProcess, kine: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lease = (await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=3600))).ID
     big = await fill(kine.kv, b"/big/", BIG)

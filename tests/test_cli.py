@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kine_server.cli import FLAGS, load_config
 from kine_server.durations import format_duration, parse_duration
+from kine_server.flags import FLAGS, load_config
 from tests.support.ports import free_port
 from tests.support.process import KineProcess
 

@@ -22,7 +22,7 @@ import pytest
 from kine_server.drivers import make_driver
 from kine_server.mvcc.compactor import CompactionSettings, Compactor
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.watching import WatchStream
@@ -53,17 +53,17 @@ class Faults:
             self.committed.append((after, through))
 
 
-async def start(dsn: str, **settings: object) -> tuple[Server, Client, Faults]:
-    server = Server(test_config(dsn))
+async def start(dsn: str, **settings: object) -> tuple[SingleProcess, Client, Faults]:
+    server = SingleProcess(test_config(dsn))
     faults = Faults()
-    server.store.compactor.settings = CompactionSettings(**settings)  # type: ignore[arg-type]
-    server.store.compactor.hook = faults
+    server.write_side.compactor.settings = CompactionSettings(**settings)  # type: ignore[arg-type]
+    server.write_side.compactor.hook = faults
     await server.start()
     return server, connect(f"127.0.0.1:{server.port}"), faults
 
 
 @pytest.fixture
-async def compacting(dsn: str) -> AsyncIterator[tuple[Server, Client, Faults]]:
+async def compacting(dsn: str) -> AsyncIterator[tuple[SingleProcess, Client, Faults]]:
     server, client, faults = await start(dsn, interval=0, min_retain=10, batch_size=20, timeout=2)
     yield server, client, faults
     await client.close()
@@ -90,22 +90,22 @@ def expected_rows(writes: list[tuple[bytes, int]], target: int) -> list[tuple[by
     return sorted(kept)
 
 
-async def rows(server: Server) -> list[tuple[bytes, int]]:
+async def rows(server: SingleProcess) -> list[tuple[bytes, int]]:
     return sorted((key, revision) for key, revision, _ in await all_rows(server))
 
 
-async def counters(server: Server) -> tuple[int, int, int]:
+async def counters(server: SingleProcess) -> tuple[int, int, int]:
     c = await server.store.counters()
     return c.revision, c.compact_revision, c.compacted_through
 
 
 async def test_first_batch_failing_leaves_everything_for_the_next_tick(
-    compacting: tuple[Server, Client, Faults],
+    compacting: tuple[SingleProcess, Client, Faults],
 ) -> None:
     server, client, faults = compacting
     writes = await write_history(client)
     faults.fail.add(("begin", 0))
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
 
     assert await compactor.tick() is False
     assert await counters(server) == (201, -1, 0)  # nothing moved (-1: never compacted)
@@ -126,12 +126,12 @@ async def test_first_batch_failing_leaves_everything_for_the_next_tick(
 
 
 async def test_a_later_batch_failing_resumes_from_the_database(
-    compacting: tuple[Server, Client, Faults],
+    compacting: tuple[SingleProcess, Client, Faults],
 ) -> None:
     server, client, faults = compacting
     writes = await write_history(client)
     faults.fail.add(("begin", 40))  # the third batch
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
 
     assert await compactor.tick() is False
     assert await counters(server) == (201, 191, 40)
@@ -150,12 +150,12 @@ async def test_a_later_batch_failing_resumes_from_the_database(
 
 
 async def test_a_failed_commit_hides_its_deletions_and_the_next_tick_redoes_them(
-    compacting: tuple[Server, Client, Faults],
+    compacting: tuple[SingleProcess, Client, Faults],
 ) -> None:
     server, client, faults = compacting
     writes = await write_history(client)
     faults.fail.add(("commit", 20))
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
 
     assert await compactor.tick() is False
     assert await counters(server) == (201, 191, 20)
@@ -172,7 +172,7 @@ async def test_compaction_waits_out_a_held_lock_then_succeeds(dsn: str) -> None:
     )
     try:
         writes = await write_history(client, 50)
-        compactor = server.store.compactor
+        compactor = server.write_side.compactor
         if dsn.startswith("sqlite"):
             other = sqlite3.connect(dsn.removeprefix("sqlite://"), isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # another writer holds SQLite's one write lock
@@ -229,7 +229,7 @@ async def test_concurrent_compactors_share_the_work_without_errors(
     faults.delay = other_faults.delay = 0.01  # long enough for the two to interleave
     # Which one wins the claim row after a commit is up to timing; to make sure both take part,
     # the first waits after its first batch (outside any transaction) until the other commits one.
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
     advanced = compactor._advanced
     other_committed = asyncio.Event()
     other_hook = other_faults.__call__
@@ -254,7 +254,7 @@ async def test_concurrent_compactors_share_the_work_without_errors(
         assert both == list(itertools.pairwise(bounds))  # disjoint, contiguous
         assert bounds[-1] == 291
         assert faults.committed and other_faults.committed  # both did some of it
-        assert server.store.compactor.status.failures_total == other.status.failures_total == 0
+        assert server.write_side.compactor.status.failures_total == other.status.failures_total == 0
         assert await rows(server) == expected_rows(writes, 291)
     finally:
         await other_driver.close()
@@ -312,7 +312,7 @@ async def test_a_minute_of_failing_compaction_disturbs_no_writer_and_no_watcher(
                 statuses.append(list(status.errors))
 
         await asyncio.gather(*(writer(n) for n in range(64)), observe())
-        status = server.store.compactor.status
+        status = server.write_side.compactor.status
         assert errors == []
         assert status.batches_total == 0
         # A failure on every tick, and the ticks kept coming every 0.5 s (none skipped).
@@ -360,7 +360,7 @@ async def test_soak_random_compaction_failures_keep_the_table_bounded(dsn: str) 
             faults.injected += 1
             raise RuntimeError(f"injected random {stage} failure")
 
-    server.store.compactor.hook = flaky
+    server.write_side.compactor.hook = flaky
     deadline = time.monotonic() + float(os.environ.get("KINE_SOAK_SECONDS", "600"))
     try:
 
@@ -371,8 +371,8 @@ async def test_soak_random_compaction_failures_keep_the_table_bounded(dsn: str) 
                 await client.kv.Put(pb.PutRequest(key=key, value=b"x" * 100))
 
         await asyncio.gather(*(writer(n) for n in range(16)))
-        server.store.compactor.hook = None
-        status = server.store.compactor.status
+        server.write_side.compactor.hook = None
+        status = server.write_side.compactor.status
         revision = (await counters(server))[0]
         while status.compacted_through < revision - retain:
             await asyncio.sleep(0.2)

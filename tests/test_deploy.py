@@ -32,9 +32,9 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 from prometheus_client.parser import text_string_to_metric_families
 
 from kine_server import healthcheck
-from kine_server.cli import FLAGS, load_config
 from kine_server.drivers.postgres import with_database
 from kine_server.durations import parse_duration
+from kine_server.flags import FLAGS, load_config
 from kine_server.pb import rpc_pb2 as pb
 from tests.support.certs import issue, make_ca
 from tests.support.client import Client, connect

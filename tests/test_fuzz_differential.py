@@ -59,7 +59,7 @@ import pytest
 from google.protobuf import text_format
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, Recorder, connect, normalized
 from tests.test_kv_differential import op
@@ -536,7 +536,7 @@ class FuzzRecorder(Recorder):
 async def fuzz_kine(dsn: str) -> AsyncIterator[Client]:
     """kine-server without periodic compaction: etcd has none by default, and a tick in the middle
     of a round would compact one store and not the other."""
-    server = Server(test_config(dsn, compact_interval=0.0))
+    server = SingleProcess(test_config(dsn, compact_interval=0.0))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     yield client

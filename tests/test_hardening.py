@@ -26,7 +26,7 @@ from kine_server.drivers.base import RawRow
 from kine_server.mvcc.applier import Applier
 from kine_server.mvcc.compactor import CompactionSettings
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.ports import free_port
@@ -46,10 +46,10 @@ def txn(*ops: pb.RequestOp) -> pb.TxnRequest:
 # -- a request's failure is its own -----------------------------------------------------------
 
 
-async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(server: Server) -> None:
+async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(server: SingleProcess) -> None:
     """A statement error half way through one request of a batch: that request gets INTERNAL,
     the others commit, and the batch is redone once (not one transaction per request)."""
-    writer = server.store.writer
+    writer = server.write_side.writer
 
     async def breaks_a_constraint(applier: Applier) -> None:
         await applier.put(put(b"bad"))
@@ -58,7 +58,7 @@ async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(server
 
     before = writer.batches
     bad = writer.submit(breaks_a_constraint)
-    puts = [server.store.put(put(b"good/%d" % i)) for i in range(20)]
+    puts = [server.write_side.put(put(b"good/%d" % i)) for i in range(20)]
     results = await asyncio.gather(bad, *puts, return_exceptions=True)
     assert isinstance(results[0], errors.Internal), results[0]
     assert all(isinstance(r, pb.PutResponse) for r in results[1:]), results[1:]
@@ -102,7 +102,7 @@ async def test_a_lagging_instance_cancels_compacted_watches_and_keeps_delivering
     """B is stopped (SIGSTOP) while A writes and physically compacts; continued, B's watch
     that needed the compacted revisions is cancelled with compact_revision, as etcd does, and
     B goes on delivering, its own writes included (it spun forever on the missing rows)."""
-    a = Server(test_config(shared_dsn))
+    a = SingleProcess(test_config(shared_dsn))
     await a.start()
     a_client = connect(f"127.0.0.1:{a.port}")
     with KineProcess(shared_dsn, tmp_path) as b:
@@ -148,8 +148,8 @@ async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_histo
     """At READ COMMITTED a periodic compaction committing in the middle of a write batch
     deleted the history that batch's Txn was reading at an old revision. Writers now lock the
     compact revision: the compaction waits, and the Txn reads the whole history."""
-    server = Server(test_config(shared_dsn))
-    compactor = server.store.compactor
+    server = SingleProcess(test_config(shared_dsn))
+    compactor = server.write_side.compactor
     compactor.settings = CompactionSettings(interval=0, min_retain=2, batch_size=1000, timeout=5)
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
@@ -168,7 +168,7 @@ async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_histo
             response: pb.TxnResponse = await applier.txn(txn(pb.RequestOp(request_range=old)))
             return response
 
-        response: pb.TxnResponse = await server.store.writer.submit(read_while_compacting)
+        response: pb.TxnResponse = await server.write_side.writer.submit(read_while_compacting)
         assert list(response.responses[0].response_range.kvs) == expected
         assert tick is not None and await tick is True
         assert (await server.store.counters()).compact_revision == 29
@@ -181,13 +181,13 @@ async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_histo
 
 
 @pytest.fixture
-async def sqlite_server(tmp_path: Path) -> AsyncIterator[tuple[Server, Client, Faults]]:
-    server = Server(test_config(f"sqlite://{tmp_path}/db/state.db"))
+async def sqlite_server(tmp_path: Path) -> AsyncIterator[tuple[SingleProcess, Client, Faults]]:
+    server = SingleProcess(test_config(f"sqlite://{tmp_path}/db/state.db"))
     faults = Faults()
-    server.store.compactor.settings = CompactionSettings(
+    server.write_side.compactor.settings = CompactionSettings(
         interval=0, min_retain=10, batch_size=20, timeout=20
     )
-    server.store.compactor.hook = faults
+    server.write_side.compactor.hook = faults
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     yield server, client, faults
@@ -196,20 +196,20 @@ async def sqlite_server(tmp_path: Path) -> AsyncIterator[tuple[Server, Client, F
 
 
 async def test_defragment_waits_for_a_running_compaction_batch(
-    sqlite_server: tuple[Server, Client, Faults],
+    sqlite_server: tuple[SingleProcess, Client, Faults],
 ) -> None:
     server, client, faults = sqlite_server
     await write_history(client)
     faults.delay = 0.3  # each batch holds its transaction a while
-    tick = asyncio.create_task(server.store.compactor.tick())
-    while server.store.compactor.status.batches_total == 0 and not tick.done():
+    tick = asyncio.create_task(server.write_side.compactor.tick())
+    while server.write_side.compactor.status.batches_total == 0 and not tick.done():
         await asyncio.sleep(0.01)  # inside the pass now
     await client.maintenance.Defragment(pb.DefragmentRequest(), timeout=30)
     assert await tick is True
 
 
 async def test_the_checkpoint_after_compaction_never_holds_writers_behind_old_readers(
-    sqlite_server: tuple[Server, Client, Faults],
+    sqlite_server: tuple[SingleProcess, Client, Faults],
 ) -> None:
     """A reader keeps an old snapshot open across a compaction: the checkpoint that follows
     must not wait for it (TRUNCATE did, for --compact-timeout, with every writer stopped)."""
@@ -218,7 +218,7 @@ async def test_the_checkpoint_after_compaction_never_holds_writers_behind_old_re
     async with server.driver.read() as snapshot:
         await snapshot.counters()  # the snapshot is taken
         await client.kv.Put(put(b"/after", b"x"))  # the WAL moves past it
-        tick = asyncio.create_task(server.store.compactor.tick())
+        tick = asyncio.create_task(server.write_side.compactor.tick())
         # The bound is half the 20 s the old checkpoint waited with the writer lock held.
         await asyncio.wait_for(client.kv.Put(put(b"/during", b"y")), 10)
         assert await asyncio.wait_for(tick, 10) is True
@@ -228,9 +228,9 @@ async def test_the_checkpoint_after_compaction_never_holds_writers_behind_old_re
 
 
 async def test_the_writer_comes_back_after_a_bug(
-    server: Server, kine: Client, caplog: pytest.LogCaptureFixture
+    server: SingleProcess, kine: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    writer = server.store.writer
+    writer = server.write_side.writer
     committed = writer._on_commit
     failures = iter([RuntimeError("injected bug in the commit callback")])
 
@@ -257,9 +257,9 @@ async def test_the_writer_comes_back_after_a_bug(
 
 
 async def test_lease_expiry_comes_back_after_a_bug(
-    server: Server, kine: Client, caplog: pytest.LogCaptureFixture
+    server: SingleProcess, kine: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    lessor = server.store.lessor
+    lessor = server.write_side.lessor
     expire_due = lessor.expire_due
     failures = iter([RuntimeError("injected bug in the expiry pass")])
 
@@ -293,7 +293,7 @@ async def ttl_of(client: Client, lease: int) -> int:
 async def test_an_instance_whose_clock_is_a_day_ahead_expires_and_extends_nothing(
     shared_dsn: str, tmp_path: Path
 ) -> None:
-    a = Server(test_config(shared_dsn))
+    a = SingleProcess(test_config(shared_dsn))
     await a.start()
     client = connect(f"127.0.0.1:{a.port}")
     try:
@@ -316,7 +316,7 @@ async def test_an_instance_whose_clock_is_a_day_ahead_expires_and_extends_nothin
 
 async def test_restarting_over_and_over_does_not_keep_a_lease_alive(dsn: str) -> None:
     """Only time while no instance serves is given back; every restart gave the full TTL."""
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=9, TTL=3))
@@ -326,7 +326,7 @@ async def test_restarting_over_and_over_does_not_keep_a_lease_alive(dsn: str) ->
         while time.monotonic() - began < 8:  # restarted about every 0.7 s, far past the TTL
             await client.close()
             await server.stop()
-            server = Server(test_config(dsn))
+            server = SingleProcess(test_config(dsn))
             await server.start()
             client = connect(f"127.0.0.1:{server.port}")
             await asyncio.sleep(0.5)

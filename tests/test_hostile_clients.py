@@ -27,7 +27,7 @@ import pytest
 from kine_server.drivers.postgres import PostgresDriver
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.pb import rpc_pb2_grpc
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd, etcdctl_binary
@@ -80,7 +80,7 @@ async def test_a_burst_of_unary_calls_is_queued_not_cancelled(kine: Client, etcd
 CLIENT_WINDOW = 16 * 1024
 
 
-async def test_a_watch_client_that_never_reads_stops_being_read(server: Server) -> None:
+async def test_a_watch_client_that_never_reads_stops_being_read(server: SingleProcess) -> None:
     """The server queued a created response, and kept a watcher, for every create request it
     was sent, however long the client read none: 200,000 creates cost 130-225 MB. As etcd's
     recvLoop, it must stop reading requests once its control responses back up."""
@@ -168,7 +168,7 @@ async def garbage_outcomes(endpoint: str) -> list[tuple[str, str, str]]:
 
 
 async def test_garbage_requests_are_internal_errors_on_one_debug_line(
-    server: Server, real_etcd: RealEtcd, caplog: pytest.LogCaptureFixture
+    server: SingleProcess, real_etcd: RealEtcd, caplog: pytest.LogCaptureFixture
 ) -> None:
     """grpcio logged every undecodable request at ERROR with a traceback, and answered UNKNOWN
     "Unexpected <class 'DecodeError'>". etcd answers INTERNAL "grpc: error unmarshalling
@@ -420,7 +420,7 @@ async def test_health_says_database_unavailable_without_its_address(
     await proxy.start()
     credentials = parts.netloc.rpartition("@")[0]
     relayed = parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}")
-    server = Server(test_config(urllib.parse.urlunsplit(relayed)))
+    server = SingleProcess(test_config(urllib.parse.urlunsplit(relayed)))
     await server.start()
     try:
         assert server.http is not None

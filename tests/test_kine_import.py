@@ -25,7 +25,7 @@ from kine_server.maintenance import kine_import
 from kine_server.maintenance.kine_import import LEASE_BASE, import_kine
 from kine_server.maintenance.restore import SnapshotError
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import connect
 from tests.support.postgres import ThrowawayPostgres
@@ -219,7 +219,7 @@ async def imported_into(dsn: str, kine_dsn: str) -> None:
         await target.close()
     assert (report.revision, report.compact_revision, report.live_keys) == (11, 7, 4)
     assert report.leases == 2
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     try:
         await check_imported(f"127.0.0.1:{server.port}")
@@ -240,7 +240,7 @@ async def test_a_kine_postgres_database_imports_with_its_revisions(
 
 async def test_the_import_refuses_a_store_with_data(tmp_path: Path) -> None:
     dsn = f"sqlite://{tmp_path}/db/state.db"
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     await client.kv.Put(pb.PutRequest(key=b"/mine", value=b"1"))

@@ -18,7 +18,7 @@ import pytest
 from kine_server.api.lease import READ_AHEAD
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.pb import rpc_pb2_grpc
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, Recorder, connect
 from tests.support.etcd import RealEtcd
@@ -135,7 +135,7 @@ def test_etcdctl_lease_commands_same_as_etcd(tmp_path: Path) -> None:
 
 
 async def test_expiry_deletes_keys_in_one_revision_within_a_second(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     asked = time.monotonic()  # the TTL runs from the grant, somewhere after this
     grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
@@ -157,7 +157,7 @@ async def test_expiry_deletes_keys_in_one_revision_within_a_second(
     assert [kv.key for kv in left.kvs] == [b"/t/keep"]
     ttl = await kine.lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=grant.ID))
     assert ttl.TTL == -1
-    assert server.store.lessor.expired_total == 1
+    assert server.write_side.lessor.expired_total == 1
     await stream.close()
 
 
@@ -194,7 +194,7 @@ async def test_revoke_1000_keys_is_one_revision_with_1000_delete_events(kine: Cl
 
 
 async def test_leases_survive_restart_with_their_keys_and_a_fresh_ttl(dsn: str) -> None:
-    first = Server(test_config(dsn))
+    first = SingleProcess(test_config(dsn))
     await first.start()
     client = connect(f"127.0.0.1:{first.port}")
     await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=55, TTL=3))
@@ -203,7 +203,7 @@ async def test_leases_survive_restart_with_their_keys_and_a_fresh_ttl(dsn: str) 
     await first.stop()
     await asyncio.sleep(3.5)  # longer than the TTL while no server runs
 
-    second = Server(test_config(dsn))
+    second = SingleProcess(test_config(dsn))
     await second.start()
     client = connect(f"127.0.0.1:{second.port}")
     try:
@@ -292,23 +292,23 @@ async def test_pipelined_keep_alives_answered_in_order_as_etcd(kine: Client, etc
 
 
 async def test_pipelined_keep_alives_share_writer_transactions(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     """One commit per keep-alive held a stream to the database's commit rate."""
     ids = list(range(1, 21))
     await asyncio.gather(*(kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=i, TTL=60)) for i in ids))
-    writer = server.store.writer
+    writer = server.write_side.writer
     before = writer.requests
     answers = await pipelined(kine.lease.LeaseKeepAlive(), ids * 100)
     assert [a.split()[:2] for a in answers] == [[str(i), "60"] for i in ids] * 100
     assert writer.requests - before < len(answers)
     before = writer.requests
-    ttls = await server.store.lessor.keep_alive_many([3, 77, 3, 5])
+    ttls = await server.write_side.lessor.keep_alive_many([3, 77, 3, 5])
     assert (ttls, writer.requests - before) == ([60, 0, 60, 60], 1)
 
 
 async def test_client_leaving_mid_stream_leaves_no_task_and_logs_no_error(
-    server: Server, kine: Client, caplog: pytest.LogCaptureFixture
+    server: SingleProcess, kine: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     await kine.lease.LeaseGrant(pb.LeaseGrantRequest(ID=9, TTL=60))
     caplog.set_level(logging.WARNING)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.process import KineProcess
@@ -32,7 +32,7 @@ async def test_hashkv_is_stable_across_restarts_and_changes_with_the_data(dsn: s
         old = await client.maintenance.HashKV(pb.HashKVRequest(revision=3))
         return now.hash, old.hash
 
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     for i in range(5):
@@ -43,7 +43,7 @@ async def test_hashkv_is_stable_across_restarts_and_changes_with_the_data(dsn: s
     await client.close()
     await server.stop()
 
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     assert await hashes(client) == before
@@ -58,7 +58,7 @@ async def test_hashkv_agrees_between_instances(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     dsn = fresh_dsn("postgres", tmp_path, request)
-    servers = [Server(test_config(dsn)) for _ in range(2)]
+    servers = [SingleProcess(test_config(dsn)) for _ in range(2)]
     for server in servers:
         await server.start()
     a, b = (connect(f"127.0.0.1:{s.port}") for s in servers)

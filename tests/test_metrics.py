@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.support.certs import issue, make_ca
 from tests.support.client import Client
 from tests.support.ports import free_port
@@ -41,7 +41,7 @@ def sample(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels} in:\n{text}")
 
 
-async def test_metrics_count_requests_and_show_the_store(server: Server, kine: Client) -> None:
+async def test_metrics_count_requests_and_show_the_store(server: SingleProcess, kine: Client) -> None:
     assert server.http is not None
     base = f"http://127.0.0.1:{server.http.port}"
     for i in range(5):
@@ -70,13 +70,13 @@ async def test_metrics_count_requests_and_show_the_store(server: Server, kine: C
     await stream.close()
 
 
-async def test_compaction_failures_show_in_metrics(server: Server, kine: Client) -> None:
+async def test_compaction_failures_show_in_metrics(server: SingleProcess, kine: Client) -> None:
     async def fail(stage: str, after: int, through: int) -> None:
         raise RuntimeError("injected")
 
     for i in range(20):
         await kine.kv.Put(pb.PutRequest(key=b"c", value=b"%d" % i))
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
     compactor.hook = fail
     compactor.settings = type(compactor.settings)(interval=0, min_retain=5)
     assert await compactor.tick() is False
@@ -116,7 +116,7 @@ def test_metrics_listener_follows_the_servers_tls(tmp_path: Path) -> None:
 
 
 async def test_the_nospace_alarm_and_the_database_show_in_metrics(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     """What the alert rules in deploy/monitoring/ fire on."""
     assert server.http is not None

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import connect
 from tests.support.postgres import ThrowawayPostgres
@@ -24,7 +24,7 @@ async def test_postgres_restart_under_load(
 ) -> None:
     if postgres.external:
         pytest.skip("needs the throwaway PostgreSQL this suite starts (it restarts it)")
-    server = Server(test_config(fresh_dsn("postgres", tmp_path, request)))
+    server = SingleProcess(test_config(fresh_dsn("postgres", tmp_path, request)))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     stream = WatchStream(client)

@@ -25,7 +25,7 @@ from kine_server import errors
 from kine_server.config import Config
 from kine_server.drivers.postgres import with_database
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
@@ -59,14 +59,14 @@ def database(postgres: ThrowawayPostgres) -> str:
     return with_database(postgres.dsn, f"kine_{uuid.uuid4().hex[:12]}")
 
 
-async def started(dsn: str, **overrides: object) -> Server:
-    server = Server(test_config(dsn, **overrides))
+async def started(dsn: str, **overrides: object) -> SingleProcess:
+    server = SingleProcess(test_config(dsn, **overrides))
     await server.start()
     return server
 
 
 @pytest.fixture
-async def proxied(proxy: FaultProxy, database: str) -> AsyncIterator[tuple[Server, Client]]:
+async def proxied(proxy: FaultProxy, database: str) -> AsyncIterator[tuple[SingleProcess, Client]]:
     """A kine-server whose every database connection goes through the proxy."""
     server = await started(proxy.dsn(database))
     client = connect(f"127.0.0.1:{server.port}")
@@ -112,7 +112,7 @@ async def stored(client: Client, prefix: bytes) -> dict[bytes, int]:
 
 
 async def test_blackhole_fails_puts_and_ranges_fast_then_recovers_losing_nothing(
-    proxy: FaultProxy, proxied: tuple[Server, Client]
+    proxy: FaultProxy, proxied: tuple[SingleProcess, Client]
 ) -> None:
     _, client = proxied
     acked = {b"/f/a/%02d" % i: await put(client, b"/f/a/%02d" % i) for i in range(20)}
@@ -261,7 +261,7 @@ async def test_a_silent_listen_connection_is_found_out_and_replaced(
 ) -> None:
     """A LISTEN connection that nothing is sent over would never learn that the network dropped
     it (a NAT or firewall forgetting an idle flow): the driver checks it, and opens another."""
-    server = Server(test_config(proxy.dsn(database), datastore_timeout=1.0))
+    server = SingleProcess(test_config(proxy.dsn(database), datastore_timeout=1.0))
     driver: Any = server.driver
     driver.listen_check_interval = 0.5
     await server.start()
@@ -299,7 +299,7 @@ async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
             await applier.put(pb.PutRequest(key=b"/f/cut/a"))
 
         with pytest.raises(Exception):  # noqa: B017 - whatever A's driver makes of the silence
-            await a.store.writer.submit(cut_off_holding_the_lock)
+            await a.write_side.writer.submit(cut_off_holding_the_lock)
         began = time.monotonic()
         revision = await b_client.kv.Put(pb.PutRequest(key=b"/f/cut/b"), timeout=8)
         assert revision.header.revision > 0, time.monotonic() - began
@@ -336,13 +336,13 @@ async def test_a_value_past_int64_fails_its_own_request_and_the_writer_goes_on(
             await applier.write_tx.set_meta("alarm_nospace", 2**64)
 
         results = await asyncio.gather(
-            server.store.writer.submit(out_of_range),
-            *(server.store.put(pb.PutRequest(key=b"/f/int/%d" % i)) for i in range(5)),
+            server.write_side.writer.submit(out_of_range),
+            *(server.write_side.put(pb.PutRequest(key=b"/f/int/%d" % i)) for i in range(5)),
             return_exceptions=True,
         )
         assert isinstance(results[0], errors.Internal), results[0]
         assert all(isinstance(r, pb.PutResponse) for r in results[1:]), results[1:]
-        after = await server.store.put(pb.PutRequest(key=b"/f/int/after"))
+        after = await server.write_side.put(pb.PutRequest(key=b"/f/int/after"))
         assert after.header.revision == 7  # 2-6 the Puts; the failed request took none
     finally:
         await asyncio.wait_for(server.stop(), 30)

@@ -10,7 +10,7 @@ import pytest
 
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.support.client import Client, Recorder
 from tests.support.watching import WatchStream
 
@@ -39,10 +39,10 @@ async def test_a_cancelled_read_does_not_leave_its_connection_in_a_transaction(
         await driver.close()
 
 
-async def test_compact_revision_never_moves_backwards(server: Server, kine: Client) -> None:
+async def test_compact_revision_never_moves_backwards(server: SingleProcess, kine: Client) -> None:
     for i in range(60):
         await kine.kv.Put(pb.PutRequest(key=b"a", value=b"%d" % i))
-    compactor = server.store.compactor
+    compactor = server.write_side.compactor
     compactor.settings = type(compactor.settings)(interval=0, min_retain=10, batch_size=1000)
     assert await compactor.tick() is True  # a periodic tick compacts to 61 - 10 = 51
     recorder = Recorder(kine)
@@ -111,8 +111,8 @@ async def test_one_bad_request_does_not_fail_its_batch(kine: Client) -> None:
         assert "key is too long" in (results[20].details() or "")
 
 
-async def test_keep_alive_does_not_revive_an_expired_lease(server: Server, kine: Client) -> None:
-    server.store.lessor._interval = 3600  # expiry pass stopped: expired, not yet revoked
+async def test_keep_alive_does_not_revive_an_expired_lease(server: SingleProcess, kine: Client) -> None:
+    server.write_side.lessor._interval = 3600  # expiry pass stopped: expired, not yet revoked
     grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
     await asyncio.sleep(2.2)
     call = kine.lease.LeaseKeepAlive()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.process import KineProcess
@@ -27,17 +27,17 @@ def shared_dsn(tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return fresh_dsn("postgres", tmp_path, request)
 
 
-async def cluster(dsn: str, count: int = 3, **overrides: object) -> list[Server]:
+async def cluster(dsn: str, count: int = 3, **overrides: object) -> list[SingleProcess]:
     servers = []
     for _ in range(count):
-        server = Server(test_config(dsn, **overrides))
+        server = SingleProcess(test_config(dsn, **overrides))
         await server.start()
         servers.append(server)
     return servers
 
 
 @pytest.fixture
-async def three(shared_dsn: str) -> AsyncIterator[tuple[list[Server], list[Client]]]:
+async def three(shared_dsn: str) -> AsyncIterator[tuple[list[SingleProcess], list[Client]]]:
     servers = await cluster(shared_dsn)
     clients = [connect(f"127.0.0.1:{s.port}") for s in servers]
     yield servers, clients
@@ -48,7 +48,7 @@ async def three(shared_dsn: str) -> AsyncIterator[tuple[list[Server], list[Clien
 
 
 async def test_creates_and_cas_over_three_instances_reach_every_watcher_in_order(
-    three: tuple[list[Server], list[Client]],
+    three: tuple[list[SingleProcess], list[Client]],
 ) -> None:
     servers, clients = three
     rng = random.Random(3)
@@ -96,11 +96,11 @@ async def test_creates_and_cas_over_three_instances_reach_every_watcher_in_order
             key, end = ranges[i * 10 + w]
             assert got[w + 1] == [e for e in reference if key <= e[2] < end], (i, w)
         await stream.close()
-    assert sum(s.store.poller.published_revisions for s in servers) > 0
+    assert sum(s.write_side.poller.published_revisions for s in servers) > 0
 
 
 async def test_a_write_acknowledged_by_one_instance_is_read_by_the_others(
-    three: tuple[list[Server], list[Client]],
+    three: tuple[list[SingleProcess], list[Client]],
 ) -> None:
     _, clients = three
     for n in range(100):
@@ -114,7 +114,7 @@ async def test_a_write_acknowledged_by_one_instance_is_read_by_the_others(
 async def test_without_notifications_the_poll_still_delivers(shared_dsn: str) -> None:
     servers = []
     for _ in range(2):
-        server = Server(test_config(shared_dsn, poll_interval=0.2))
+        server = SingleProcess(test_config(shared_dsn, poll_interval=0.2))
         server.driver.listen_enabled = False  # type: ignore[attr-defined]
         await server.start()
         servers.append(server)
@@ -126,7 +126,7 @@ async def test_without_notifications_the_poll_still_delivers(shared_dsn: str) ->
         puts = [await a.kv.Put(pb.PutRequest(key=b"n/%d" % i, value=b"x")) for i in range(20)]
         got = await collect(stream, {0}, puts[-1].header.revision)
         assert [r for r, _, _ in got[0]] == [p.header.revision for p in puts]
-        assert servers[1].store.poller.published_revisions >= 20
+        assert servers[1].write_side.poller.published_revisions >= 20
         await stream.close()
     finally:
         await a.close()
@@ -136,7 +136,7 @@ async def test_without_notifications_the_poll_still_delivers(shared_dsn: str) ->
 
 
 async def test_lease_expires_exactly_once_with_three_instances(
-    three: tuple[list[Server], list[Client]],
+    three: tuple[list[SingleProcess], list[Client]],
 ) -> None:
     servers, clients = three
     grant = await clients[0].lease.LeaseGrant(pb.LeaseGrantRequest(TTL=2))
@@ -162,7 +162,7 @@ async def test_lease_expires_exactly_once_with_three_instances(
         assert len(response.events) == 3 and {e.type for e in response.events} == {1}
         assert await stream.read(timeout=1.5) is None  # exactly one expiry
         await stream.close()
-    assert sum(s.store.lessor.expired_total for s in servers) == 1
+    assert sum(s.write_side.lessor.expired_total for s in servers) == 1
 
 
 async def test_kill_9_of_one_instance_loses_no_acknowledged_write(

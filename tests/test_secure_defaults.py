@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.certs import Pair
 from tests.support.client import connect
@@ -39,7 +39,7 @@ async def test_the_sqlite_files_and_their_new_directories_are_private(tmp_path: 
     existing.mkdir()
     existing.chmod(0o755)
     database = existing / "new" / "nested" / "state.db"
-    server = Server(test_config(f"sqlite://{database}"))
+    server = SingleProcess(test_config(f"sqlite://{database}"))
     await server.start()
     try:
         client = connect(f"127.0.0.1:{server.port}")
@@ -86,7 +86,7 @@ async def test_a_unix_socket_is_never_open_to_others(
     monkeypatch.setattr(os, "chmod", chmod)  # the os module kine_server.server uses
     previous = os.umask(0)
     try:
-        server = Server(
+        server = SingleProcess(
             test_config(f"sqlite://{tmp_path}/db/state.db", listen_address=f"unix://{socket_path}")
         )
         await server.start()
@@ -137,7 +137,7 @@ async def test_a_listener_open_to_the_network_is_warned_about_as_etcd_does(
     dsn = f"sqlite://{tmp_path}/db/state.db"
     if settings.pop("auth", False):
         await _enable_auth(dsn)
-    server = Server(test_config(dsn, **settings))
+    server = SingleProcess(test_config(dsn, **settings))
     with caplog.at_level(logging.WARNING, logger="kine_server"):
         await server.start()
     try:
@@ -153,7 +153,7 @@ async def test_a_listener_open_to_the_network_is_warned_about_as_etcd_does(
 
 async def _enable_auth(dsn: str) -> None:
     """A store with a root user and auth on, made by a server run before the one tested."""
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     try:
         client = connect(f"127.0.0.1:{server.port}")

@@ -13,14 +13,14 @@ from kine_server.drivers import make_driver
 from kine_server.drivers.base import OPEN_END, DriverError
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, connect
 
 C = pb.Compare
 
 
-async def all_rows(server: Server) -> list[tuple[bytes, int, int]]:
+async def all_rows(server: SingleProcess) -> list[tuple[bytes, int, int]]:
     """Every row of the key table as (key, mod_revision, version), tombstones included."""
     async with server.driver.read() as tx:
         counters = await tx.counters()
@@ -51,7 +51,7 @@ async def cas_increment(kv: object, key: bytes, rng: random.Random) -> int:
 
 
 async def test_64_cas_clients_lose_no_update_and_revisions_stay_dense(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     keys = [b"/counter/%d" % i for i in range(8)]
     per_client = 8
@@ -75,8 +75,8 @@ async def test_64_cas_clients_lose_no_update_and_revisions_stay_dense(
     assert revisions == list(range(2, 2 + writes))
 
 
-async def test_group_commit_batches_concurrent_writes(server: Server, kine: Client) -> None:
-    writer = server.store.writer
+async def test_group_commit_batches_concurrent_writes(server: SingleProcess, kine: Client) -> None:
+    writer = server.write_side.writer
     requests_before, batches_before = writer.requests, writer.batches
     responses = await asyncio.gather(
         *(kine.kv.Put(pb.PutRequest(key=b"k%03d" % i, value=b"v")) for i in range(200))
@@ -88,7 +88,7 @@ async def test_group_commit_batches_concurrent_writes(server: Server, kine: Clie
 
 
 async def test_data_and_identity_survive_restart(dsn: str) -> None:
-    first = Server(test_config(dsn))
+    first = SingleProcess(test_config(dsn))
     await first.start()
     client = connect(f"127.0.0.1:{first.port}")
     await client.kv.Put(pb.PutRequest(key=b"a", value=b"1"))
@@ -99,7 +99,7 @@ async def test_data_and_identity_survive_restart(dsn: str) -> None:
     await client.close()
     await first.stop()
 
-    second = Server(test_config(dsn))
+    second = SingleProcess(test_config(dsn))
     await second.start()
     client = connect(f"127.0.0.1:{second.port}")
     after = await client.kv.Range(pb.RangeRequest(key=b"\0", range_end=b"\0"))
@@ -116,7 +116,7 @@ async def test_data_and_identity_survive_restart(dsn: str) -> None:
 async def test_physical_compaction_keeps_only_what_later_revisions_need(
     dsn: str,
 ) -> None:
-    server = Server(test_config(dsn, compact_batch_size=7))
+    server = SingleProcess(test_config(dsn, compact_batch_size=7))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     try:
@@ -139,7 +139,7 @@ async def test_physical_compaction_keeps_only_what_later_revisions_need(
     # Left: "hot" as of the target (rev 51) and after it (55), and "cold" (54).
     assert sorted(rows) == [(b"cold", 54, 1), (b"hot", 51, 50), (b"hot", 55, 51)]
     assert at_target.kvs == before.kvs
-    status = server.store.compactor.status
+    status = server.write_side.compactor.status
     assert status.compacted_through == target
     assert status.batches_total >= target // 7
     assert status.failures_total == 0
@@ -153,15 +153,15 @@ async def test_compaction_resumes_from_the_database_after_a_failed_batch(dsn: st
             failures["left"] -= 1
             raise RuntimeError("injected batch failure")
 
-    server = Server(test_config(dsn, compact_batch_size=5))
-    server.store.compactor.hook = flaky
+    server = SingleProcess(test_config(dsn, compact_batch_size=5))
+    server.write_side.compactor.hook = flaky
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     try:
         for i in range(30):
             await client.kv.Put(pb.PutRequest(key=b"k", value=b"%d" % i))
         await client.kv.Compact(pb.CompactionRequest(revision=25))
-        compactor = server.store.compactor
+        compactor = server.write_side.compactor
         # The pass stops at the failed batch and keeps what earlier batches committed ...
         while compactor.status.failures_total == 0:
             await asyncio.sleep(0.01)

@@ -8,7 +8,7 @@ import random
 
 from kine_server.api.watch import WatchSettings
 from kine_server.pb import rpc_pb2 as pb
-from kine_server.server import Server
+from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, connect
 from tests.support.watching import WatchStream
@@ -42,7 +42,7 @@ async def collect(
 
 
 async def test_64_writers_100_watchers_receive_exactly_their_events(
-    server: Server, kine: Client
+    server: SingleProcess, kine: Client
 ) -> None:
     rng = random.Random(7)
     ranges = []
@@ -92,7 +92,7 @@ async def test_64_writers_100_watchers_receive_exactly_their_events(
 
 
 async def test_stuck_watcher_catches_up_from_the_database_with_bounded_memory(dsn: str) -> None:
-    server = Server(test_config(dsn))
+    server = SingleProcess(test_config(dsn))
     await server.start()
     assert server.watch is not None
     settings: WatchSettings = server.watch._settings
@@ -144,7 +144,7 @@ async def test_stuck_watcher_catches_up_from_the_database_with_bounded_memory(ds
 
 
 async def test_progress_notify_reaches_idle_watches(dsn: str) -> None:
-    server = Server(test_config(dsn, watch_progress_notify_interval=0.2))
+    server = SingleProcess(test_config(dsn, watch_progress_notify_interval=0.2))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     try:
@@ -166,7 +166,7 @@ async def test_progress_notify_reaches_idle_watches(dsn: str) -> None:
         await server.stop()
 
 
-async def test_closing_streams_frees_every_watch(server: Server) -> None:
+async def test_closing_streams_frees_every_watch(server: SingleProcess) -> None:
     assert server.watch is not None
     stats = server.watch.stats
     hub_before = server.store.hub.subscriber_count
@@ -196,7 +196,7 @@ async def test_closing_streams_frees_every_watch(server: Server) -> None:
         await client.close()
 
 
-async def test_compaction_below_a_watcher_does_not_disturb_it(server: Server, kine: Client) -> None:
+async def test_compaction_below_a_watcher_does_not_disturb_it(server: SingleProcess, kine: Client) -> None:
     stream = WatchStream(kine)
     await stream.create(b"c", start_revision=1)
     assert (await stream.read()).created  # type: ignore[union-attr]
@@ -219,7 +219,7 @@ async def test_compaction_below_a_watcher_does_not_disturb_it(server: Server, ki
     await stream.close()
 
 
-async def test_history_pages_never_split_a_revision(server: Server, kine: Client) -> None:
+async def test_history_pages_never_split_a_revision(server: SingleProcess, kine: Client) -> None:
     """Replay reads the database in pages; a page ends on a revision boundary, and a revision
     larger than a page is sent whole."""
     assert server.watch is not None

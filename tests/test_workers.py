@@ -242,17 +242,20 @@ async def test_a_feed_that_arrives_with_the_hello_continues_from_it(tmp_path: Pa
     """The writer queues a front-end's hello and the next commit's feed in the same loop turn
     and sends them in one write: the front-end must take the hello's revision before it reads
     the feed (it used to take it only when start() resumed, and restarted itself on a "gap")."""
+    from kine_server.auth.store import AuthStore
     from kine_server.drivers import DatabaseTLS, make_driver
+    from kine_server.mvcc.hub import EventHub
     from kine_server.pb import kv_pb2, workers_pb2
-    from kine_server.process.frames import FrameConnection, length_delimited
-    from kine_server.process.link import FrontendStore
+    from kine_server.process.frames import ENVELOPE, FrameConnection
+    from kine_server.process.link import WriterLink
+    from kine_server.wire import length_delimited
 
     def opened(connection: FrameConnection) -> None:
         hello = workers_pb2.Hello(revision=7).SerializeToString()
         event = kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"k", mod_revision=8, create_revision=8))
         feed = workers_pb2.Feed(events=[event]).SerializeToString()
-        connection.send(length_delimited(4, hello))
-        connection.send(length_delimited(3, feed))
+        connection.send(length_delimited(ENVELOPE["hello"], hello))
+        connection.send(length_delimited(ENVELOPE["feed"], feed))
 
     loop = asyncio.get_running_loop()
     path = str(tmp_path / "writer.sock")
@@ -260,15 +263,14 @@ async def test_a_feed_that_arrives_with_the_hello_continues_from_it(tmp_path: Pa
         lambda: FrameConnection(lambda _: None, lambda _: None, opened), path
     )
     driver = make_driver(f"sqlite://{tmp_path}/s.db", DatabaseTLS(), 5.0, False, None)
-    await driver.open()
     lost: list[bool] = []
-    store = FrontendStore(driver, path, lambda: lost.append(True))
+    hub = EventHub()
+    link = WriterLink(path, hub, AuthStore(driver), lambda: lost.append(True))
     try:
-        await store.start()
+        await link.start()
         await asyncio.sleep(0.1)
         assert not lost
-        assert store.hub.revision == 8
+        assert hub.revision == 8
     finally:
-        await store.stop()
-        await driver.close()
+        await link.stop()
         server.close()

@@ -26,7 +26,8 @@ from kine_server import errors
 from kine_server.addresses import Address
 from kine_server.httpd import HttpListener, Request, Response
 from kine_server.mvcc.compactor import CompactionStatus
-from kine_server.store.store import Storage, WriteSideStatus
+from kine_server.store.local import WriteSideStatus
+from kine_server.store.store import Store
 
 log = logging.getLogger(__name__)
 #: --debug's line per request: a logger of its own, so that it can be turned up or down alone.
@@ -44,7 +45,11 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """Every metric of one server, in a registry of its own (no module-level state)."""
 
-    def __init__(self, store: Storage) -> None:
+    def __init__(
+        self, store: Store, write_status: Callable[[], WriteSideStatus] | None = None
+    ) -> None:
+        """`write_status`: the write side's figures, where it runs in this process (a
+        `--workers` front-end has none: the writer process reports them)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "kine_grpc_requests",
@@ -72,7 +77,7 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
-        self.state = _StoreState(store)
+        self.state = _StoreState(store, write_status)
         self.registry.register(self.state)
 
     def observe_batch(self, requests: int, seconds: float) -> None:
@@ -180,8 +185,11 @@ def _key(key: bytes) -> str:
 class _StoreState(Collector):
     """Gauges and counters read from the store's components when Prometheus scrapes."""
 
-    def __init__(self, store: Storage) -> None:
+    def __init__(
+        self, store: Store, write_status: Callable[[], WriteSideStatus] | None
+    ) -> None:
         self._store = store
+        self._write_status = write_status
         self.write_side = WriteSideStatus(CompactionStatus(), False, 0, 0, 0)
         #: Refreshed by `refresh()`: reading them needs the database, which a scrape cannot await.
         self.revision = 0
@@ -204,7 +212,8 @@ class _StoreState(Collector):
         self.database_up = True
         self.revision, self.compact_revision = counters.revision, counters.compact_revision
         self.db_size, self.db_size_in_use = await self._store.size()
-        self.write_side = await self._store.write_side_status()
+        if self._write_status is not None:
+            self.write_side = self._write_status()
 
     def collect(self) -> Iterator[Any]:
         status = self.write_side.compaction
@@ -338,7 +347,7 @@ class _Fixed(Collector):
         return iter(self._families)
 
 
-async def health(store: Storage, serving: Callable[[], bool] | None = None) -> tuple[int, bytes]:
+async def health(store: Store, serving: Callable[[], bool] | None = None) -> tuple[int, bytes]:
     """/health's status and body, as etcd's: 200 when the database answers (and, with
     --workers, a front-end serves), else 503 with the reason."""
     try:
@@ -359,7 +368,7 @@ class HttpEndpoint:
     def __init__(
         self,
         metrics: Metrics,
-        store: Storage,
+        store: Store,
         address: Address,
         ssl_context: ssl.SSLContext | None,
         watch_stats: Callable[[], tuple[int, int, int]],

@@ -28,7 +28,7 @@ from kine_server.etcd_backend.bbolt import BoltError, BoltFile
 from kine_server.etcd_backend.mvcc import is_bbolt, restore_etcd
 from kine_server.maintenance.kine_import import import_kine
 from kine_server.maintenance.restore import SnapshotError, copy_store, strip_checksum
-from kine_server.store.store import key_space_hash
+from kine_server.mvcc.kvstore import key_space_hash
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 `Credentials` finds a call's user as etcd does: its token (gRPC metadata `token`, or
 `authorization` as etcd's gateway forwards it), else, when client certificates are verified,
-the certificate's Common Name. The checks themselves (what a user may do) are the store's
-(store/auth.py); this module only translates.
+the certificate's Common Name. The checks themselves (what a user may do) are auth/'s
+(auth/permissions.py); this module only translates.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import grpc
 
 from kine_server import errors
 from kine_server.api.common import Member, etcd_errors
+from kine_server.auth.changes import message_types
 from kine_server.auth.permissions import AuthState, Identity
 from kine_server.auth.tokens import Tokens
-from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc, workers_pb2
+from kine_server.store.commands import AUTH_CHANGE
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -31,7 +33,7 @@ DEFAULT_BCRYPT_COST = 10
 class Credentials:
     """Who a call comes from, checked against the store's current auth state."""
 
-    def __init__(self, store: Storage, tokens: Tokens, certificate_users: bool) -> None:
+    def __init__(self, store: Store, tokens: Tokens, certificate_users: bool) -> None:
         self._store = store
         self.tokens = tokens
         #: Client certificates are verified (--trusted-ca-file): a CN names the user.
@@ -103,7 +105,7 @@ async def password_matches(password: str, hashed: bytes) -> bool:
 class AuthService(rpc_pb2_grpc.AuthServicer):
     def __init__(
         self,
-        store: Storage,
+        store: Store,
         member: Member,
         credentials: Credentials,
         bcrypt_cost: int = DEFAULT_BCRYPT_COST,
@@ -120,8 +122,14 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
 
     async def _change(self, method: str, request: Any, who: Identity | None) -> Any:
         """An Auth call that changes the store, made by `who` (checked as root by the caller
-        and again by the writer), then the writer."""
-        return self._answer(await self._store.auth_change(method, request, who))
+        and again by the writer), then the writer. Once it is answered, this process checks
+        requests against the new state: the client that made the change sees it at once."""
+        change = workers_pb2.AuthChange(method=method, request=request.SerializeToString())
+        if who is not None:
+            change.identified, change.user, change.revision = True, who.user, who.revision
+        answer = await self._store.submit(AUTH_CHANGE, change)
+        await self._store.auth.reload()
+        return self._answer(message_types(method)[1].FromString(answer.response))
 
     async def _fresh(self) -> AuthState:
         """The state as the database has it now: reads answer as of the latest change anywhere."""

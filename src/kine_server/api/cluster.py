@@ -8,13 +8,13 @@ import grpc
 
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class ClusterService(rpc_pb2_grpc.ClusterServicer):
-    def __init__(self, store: Storage, member: Member) -> None:
+    def __init__(self, store: Store, member: Member) -> None:
         self._store = store
         self._member = member
 

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from kine_server import errors
 from kine_server.pb import rpc_pb2
-from kine_server.process.frames import read_varint
+from kine_server.wire import read_varint
 
 log = logging.getLogger(__name__)
 

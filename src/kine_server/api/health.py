@@ -9,14 +9,14 @@ import grpc
 from kine_server import errors
 from kine_server.api.common import answer_unsupported
 from kine_server.pb import health_pb2, health_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Status = health_pb2.HealthCheckResponse
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
-    def __init__(self, store: Storage) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     async def Check(

@@ -13,7 +13,8 @@ from kine_server.api.common import Member, etcd_errors
 from kine_server.auth import permissions as auth
 from kine_server.mvcc.applier import is_read_only
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.store.commands import COMPACT, DELETE_RANGE, PUT
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -21,7 +22,7 @@ Context: TypeAlias = grpc.aio.ServicerContext
 class KVService(rpc_pb2_grpc.KVServicer):
     def __init__(
         self,
-        store: Storage,
+        store: Store,
         member: Member,
         credentials: Credentials,
         max_request_bytes: int,
@@ -53,7 +54,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self._check_size(request)
         state, who = await self._credentials.checked(context)
         await auth.check_put(state, who, request, self._store.leased_keys)
-        response = await self._store.put(request)
+        response = await self._store.submit(PUT, request)
         self._member.stamp(response.header)
         return response
 
@@ -65,7 +66,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self._check_size(request)
         state, who = await self._credentials.checked(context)
         auth.check_delete(state, who, request)
-        response = await self._store.delete_range(request)
+        response = await self._store.submit(DELETE_RANGE, request)
         self._member.stamp(response.header)
         return response
 
@@ -85,8 +86,6 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self, request: rpc_pb2.CompactionRequest, context: Context
     ) -> rpc_pb2.CompactionResponse:
         await self._credentials.admin(context)
-        revision = await self._store.compact(request.revision, request.physical)
-        response = rpc_pb2.CompactionResponse()
-        response.header.revision = revision
+        response = await self._store.submit(COMPACT, request)
         self._member.stamp(response.header)
         return response

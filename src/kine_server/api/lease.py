@@ -13,8 +13,9 @@ from kine_server import errors
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors, send
 from kine_server.auth import permissions as auth
-from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc, workers_pb2
+from kine_server.store.commands import LEASE_GRANT, LEASE_KEEP_ALIVE, LEASE_REVOKE
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -84,7 +85,7 @@ class _ReadAhead:
 
 
 class LeaseService(rpc_pb2_grpc.LeaseServicer):
-    def __init__(self, store: Storage, member: Member, credentials: Credentials) -> None:
+    def __init__(self, store: Store, member: Member, credentials: Credentials) -> None:
         self._store = store
         self._member = member
         self._credentials = credentials
@@ -103,8 +104,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     async def LeaseGrant(
         self, request: rpc_pb2.LeaseGrantRequest, context: Context
     ) -> rpc_pb2.LeaseGrantResponse:
-        lease_id, ttl = await self._store.lease_grant(request)
-        response = rpc_pb2.LeaseGrantResponse(ID=lease_id, TTL=ttl)
+        response = await self._store.submit(LEASE_GRANT, request)
         self._header(response.header)
         return response
 
@@ -114,8 +114,7 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     ) -> rpc_pb2.LeaseRevokeResponse:
         state, who = await self._credentials.checked(context)
         await auth.check_lease_keys(state, who, request.ID, self._store.leased_keys)
-        await self._store.lease_revoke(request.ID)
-        response = rpc_pb2.LeaseRevokeResponse()
+        response = await self._store.submit(LEASE_REVOKE, request)
         self._header(response.header)
         return response
 
@@ -136,7 +135,8 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
                     raise errors.Unavailable("kine-server: shutting down")
                 if not lease_ids:
                     return  # the client is done sending, and everything is answered
-                ttls = await self._store.lease_keep_alive_many(lease_ids)
+                renewal = workers_pb2.KeepAlives(ids=lease_ids)
+                ttls = (await self._store.submit(LEASE_KEEP_ALIVE, renewal)).ttls
                 for lease_id, ttl in zip(lease_ids, ttls, strict=True):
                     response = rpc_pb2.LeaseKeepAliveResponse(ID=lease_id, TTL=ttl)
                     self._header(response.header)

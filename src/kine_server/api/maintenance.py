@@ -13,8 +13,9 @@ import grpc
 from kine_server import errors
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
-from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.pb import rpc_pb2, rpc_pb2_grpc, workers_pb2
+from kine_server.store.commands import ALARM, DEFRAGMENT, WRITE_STATUS
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 CHUNK = 64 * 1024
@@ -22,7 +23,7 @@ CHUNK = 64 * 1024
 
 class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
     def __init__(
-        self, store: Storage, member: Member, credentials: Credentials, version: str
+        self, store: Store, member: Member, credentials: Credentials, version: str
     ) -> None:
         self._store = store
         self._member = member
@@ -36,12 +37,12 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         counters = await self._store.counters()
         size, in_use = await self._store.size()
         # One member, always the leader; the store revision stands in for the raft index.
-        compaction = (await self._store.write_side_status()).compaction
+        status = await self._store.submit(WRITE_STATUS, workers_pb2.StatusQuery())
         problems = []
-        if compaction.consecutive_failures:
+        if status.compaction_failures:
             problems.append(
-                f"compaction failing: {compaction.consecutive_failures} batches in a row, "
-                f"last error: {compaction.last_error}"
+                f"compaction failing: {status.compaction_failures} batches in a row, "
+                f"last error: {status.compaction_last_error}"
             )
         response = rpc_pb2.StatusResponse(
             errors=problems,
@@ -63,9 +64,8 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         # GET lists the raised alarms; ACTIVATE the one it names, DEACTIVATE the one it cleared.
         if request.action != rpc_pb2.AlarmRequest.GET:
             await self._credentials.admin(context)
-        listed = await self._store.alarm(request)
+        response = await self._store.submit(ALARM, request)
         counters = await self._store.counters()
-        response = rpc_pb2.AlarmResponse(alarms=listed)
         response.header.revision = counters.revision
         self._member.stamp(response.header)
         return response
@@ -75,8 +75,7 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
         self, request: rpc_pb2.DefragmentRequest, context: Context
     ) -> rpc_pb2.DefragmentResponse:
         await self._credentials.maintainer(context)
-        await self._store.defragment()
-        response = rpc_pb2.DefragmentResponse()
+        response = await self._store.submit(DEFRAGMENT, request)
         response.header.revision = (await self._store.counters()).revision
         self._member.stamp(response.header)
         return response

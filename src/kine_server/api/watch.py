@@ -1,7 +1,7 @@
 """etcdserverpb.Watch: many watches on one bidirectional stream, as etcd's serverWatchStream.
 
 This is the stream protocol only; the watch algorithm (routing, catch-up, fall-back, progress
-eligibility) is `store/watches.py`, as etcd keeps it in mvcc rather than v3rpc. Requests (create,
+eligibility) is `mvcc/watchable.py`, as etcd keeps it in mvcc rather than v3rpc. Requests (create,
 cancel, progress) are handled as they arrive; one sender task per stream writes responses: control
 responses first (created/canceled/progress), then what the watches deliver, fragmented if asked.
 The hub only queues into watches; it never waits for a client.
@@ -25,7 +25,7 @@ from kine_server.mvcc.applier import CHUNK, range_end
 from kine_server.mvcc.watchable import Cancelled, Delivery, Watches, WatchLimits, WatchStats
 from kine_server.mvcc.watcher import WatchSpec
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
-from kine_server.store.store import Storage
+from kine_server.store.store import Store
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Create = rpc_pb2.WatchCreateRequest
@@ -76,7 +76,7 @@ def encode(response: rpc_pb2.WatchResponse | bytes) -> bytes:
 
 class WatchService(rpc_pb2_grpc.WatchServicer):
     def __init__(
-        self, store: Storage, member: Member, credentials: Credentials, settings: WatchSettings
+        self, store: Store, member: Member, credentials: Credentials, settings: WatchSettings
     ) -> None:
         self._store = store
         self._member = member
@@ -138,7 +138,7 @@ class WatchService(rpc_pb2_grpc.WatchServicer):
 class WatchStream:
     def __init__(
         self,
-        store: Storage,
+        store: Store,
         member: Member,
         headers: Headers,
         settings: WatchSettings,
@@ -157,7 +157,7 @@ class WatchStream:
         self._context = context
         self._wake = asyncio.Event()
         limits = WatchLimits(settings.max_pending_events, settings.page_size)
-        self.watches = Watches(store, limits, stats, self._wake.set)
+        self.watches = Watches(store.hub, store.kv.history, limits, stats, self._wake.set)
         self._control: collections.deque[rpc_pb2.WatchResponse] = collections.deque()
         #: Set while the control queue has room; the receiver waits on it (see _receive).
         self._room = asyncio.Event()

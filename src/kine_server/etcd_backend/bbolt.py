@@ -1,6 +1,6 @@
-"""Reading a bbolt file: etcd's backend (`member/snap/db`, or what `etcdctl snapshot save` writes).
-
-Only reading, and only what etcd's files use. The layout (bbolt's page.go, bucket.go, db.go):
+"""bbolt files, etcd's backend (`member/snap/db`, or what `etcdctl snapshot save` writes): read
+(`BoltFile`, for restores) and written (`BoltWriter`, for snapshots), only as much of the
+format as etcd's files use. The layout (bbolt's page.go, bucket.go, db.go):
 every page starts with a 16-byte header, `id u64 | flags u16 | count u16 | overflow u32`, and a
 page with `overflow` N spans N more pages. Pages 0 and 1 are the two meta pages; the valid one
 (magic, version 2, FNV-1a checksum) with the higher transaction id is current, and names the

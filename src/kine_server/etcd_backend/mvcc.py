@@ -1,12 +1,14 @@
-"""etcd's backend as its mvcc package lays it out in bbolt, read into a kine-server store.
+"""etcd's backend as its mvcc package lays it out in bbolt: a kine-server store written as one
+(Maintenance.Snapshot), and one read into a kine-server store (`kine-server restore`).
 
 The `key` bucket holds every revision etcd still has: the key is the revision, 8 bytes of main
 revision (big-endian), `_`, 8 bytes of sub revision, and a trailing `t` for a tombstone (a
 deletion); the value is the `mvccpb.KeyValue` as of that revision. The `lease` bucket maps each
 lease id (8 bytes, big-endian) to a `leasepb.Lease` (ID, TTL); the `meta` bucket holds the
 revisions compacted (`finishedCompactRev`) and to be compacted (`scheduledCompactRev`) in the
-same 17-byte form. Each revision becomes the kine-server row of the same revision and sub, so
-revisions, versions and history read as they did on etcd.
+same 17-byte form; `auth`, `authUsers` and `authRoles` hold etcd's auth store. Each revision
+becomes the kine-server row of the same revision and sub (and back), so revisions, versions and
+history read as they did on the source.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kine_server.drivers.base import Counters, Driver, RawRow, ReadTx, WriteTx
 from kine_server.etcd_backend.bbolt import BoltError, BoltFile, BoltWriter
 from kine_server.maintenance.restore import SnapshotError
 from kine_server.pb import kv_pb2
-from kine_server.process.frames import read_varint, varint
+from kine_server.wire import read_varint, varint
 
 #: Rows written per step.
 PAGE = 1000

@@ -1,0 +1,1 @@
+"""etcd's leases, kept in the database: granted, renewed, revoked and expired through the writer."""

@@ -45,7 +45,7 @@ class Alarms:
     def __init__(self, driver: Driver, writer: Writer) -> None:
         self._driver = driver
         self._writer = writer
-        #: This server's member id, whose alarm the quota raises (set by Store.start).
+        #: This server's member id, whose alarm the quota raises (set by WriteSide.start).
         self.member_id = 0
         self.raised: frozenset[Alarm] = frozenset()
 

@@ -2,7 +2,7 @@
 
 As in etcd: a write that would take the database past the quota is refused with
 "etcdserver: mvcc: database space exceeded" and raises the NOSPACE alarm for this server's
-member id; while any NOSPACE alarm is raised (by any member, store/alarms.py), writes that add
+member id; while any NOSPACE alarm is raised (by any member, maintenance/alarms.py), writes that add
 data (Put, Txns that put, LeaseGrant) are refused, while reads, deletes and compaction go on,
 until an operator frees space and disarms the alarm. The alarms are kept in the database, so
 every instance sharing it sees the same ones.

@@ -1,9 +1,9 @@
-"""Snapshots: a consistent copy of a store as a SQLite file, and restoring one into any database.
+"""Restoring a snapshot into an empty store: the pieces `kine-server restore` shares.
 
-One format for both drivers: the snapshot is a kine-server SQLite database holding the same
-rows, counters and leases as the source, read from one consistent snapshot of it. `etcdctl
-snapshot save` receives the file over Maintenance.Snapshot; `kine-server restore` copies it into
-an empty database of either kind.
+Snapshots are etcd's bbolt files (etcd_backend/mvcc.py writes and reads them). What is here:
+cutting off the SHA-256 that `etcdctl snapshot save` appends to the file, and copying a store
+row for row (`copy_store`), which restores the kine-server SQLite snapshots of earlier releases
+into an empty database of any kind.
 """
 
 from __future__ import annotations

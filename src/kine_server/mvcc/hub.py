@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from kine_server.pb import kv_pb2
-from kine_server.process.frames import varint
+from kine_server.wire import varint
 
 #: WatchResponse.events is field 11; a length-delimited field's key is (11 << 3) | 2.
 _EVENTS_KEY = bytes([(11 << 3) | 2])

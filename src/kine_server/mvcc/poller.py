@@ -19,8 +19,8 @@ import logging
 
 from kine_server import supervise
 from kine_server.drivers.base import OPEN_END, Change, Driver, DriverError, ReadTx
+from kine_server.mvcc.history import change_event, whole_revisions
 from kine_server.mvcc.hub import EventHub
-from kine_server.mvcc.watcher import change_event, whole_revisions
 
 log = logging.getLogger(__name__)
 

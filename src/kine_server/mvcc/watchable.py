@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kine_server import errors
-from kine_server.mvcc.hub import Group, WireEvent
-from kine_server.mvcc.watcher import Watcher, WatchSpec, route, wire_events
+from kine_server.mvcc.history import HistoryPage, wire_events
+from kine_server.mvcc.hub import EventHub, Group, WireEvent
+from kine_server.mvcc.watcher import Watcher, WatchSpec, route
 from kine_server.mvcc.watcher_group import WatcherGroup
-from kine_server.store.store import Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,23 @@ class Cancelled(NamedTuple):
 
 Delivery = Events | Cancelled
 
+#: Reads a page of history: (after, through, key, end, limit), as KVReader.history.
+HistoryReader = Callable[[int, int, bytes, bytes | None, int], Awaitable[HistoryPage]]
+
 
 class Watches:
     """The watches of one stream. `wake` is called whenever a watch has something to deliver."""
 
     def __init__(
-        self, store: Storage, limits: WatchLimits, stats: WatchStats, wake: Callable[[], None]
+        self,
+        hub: EventHub,
+        history: HistoryReader,
+        limits: WatchLimits,
+        stats: WatchStats,
+        wake: Callable[[], None],
     ) -> None:
-        self._store = store
-        self._hub = store.hub
+        self._hub = hub
+        self._history = history
         self._limits = limits
         self._stats = stats
         self._wake = wake
@@ -236,7 +244,7 @@ class Watches:
         if after < through:
             spec = watcher.spec
             page = self._limits.page_size
-            history = await self._store.history(after, through, spec.key, spec.end, page)
+            history = await self._history(after, through, spec.key, spec.end, page)
             if not self._current(watcher):
                 return
             if watcher.next_revision < history.compact_revision:

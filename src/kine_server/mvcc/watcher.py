@@ -9,13 +9,10 @@ repeated or reordered, and memory stays bounded however far behind a client fall
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from kine_server.drivers.base import OPEN_END, Change
-from kine_server.mvcc.applier import CHUNK, to_kv
+from kine_server.drivers.base import OPEN_END
 from kine_server.mvcc.hub import Group, WireEvent
 from kine_server.mvcc.watcher_group import WatcherGroup
 from kine_server.pb import kv_pb2
@@ -133,41 +130,3 @@ def route(index: WatcherGroup[Watcher], groups: list[Group], max_pending: int) -
             part = group if len(chosen) == len(events) else (revision, chosen)
             offered.setdefault(watcher, []).append(part)
     return [watcher for watcher, mine in offered.items() if watcher.offer(mine, max_pending)]
-
-
-def change_event(change: Change) -> kv_pb2.Event:
-    row, prev = change
-    if row.version == 0:
-        kv = kv_pb2.KeyValue(key=row.key, mod_revision=row.mod_revision)
-        event = Event(type=Event.DELETE, kv=kv)
-    else:
-        event = Event(type=Event.PUT, kv=to_kv(row))
-    if prev is not None:
-        event.prev_kv.CopyFrom(to_kv(prev))
-    return event
-
-
-async def wire_events(changes: list[Change]) -> list[WireEvent]:
-    """History as events, CHUNK at a time: one revision's history (a DeleteRange's) can be
-    50 000 changes, and building them at once held the event loop for every other client."""
-    events: list[WireEvent] = []
-    for start in range(0, len(changes), CHUNK):
-        if start:
-            await asyncio.sleep(0)
-        events += [WireEvent(change_event(c)) for c in changes[start : start + CHUNK]]
-    return events
-
-
-class HistoryPage(NamedTuple):
-    """A page of history for a catching-up watcher: complete for every revision up to `through`."""
-
-    compact_revision: int
-    changes: list[Change]
-    through: int
-
-
-def whole_revisions(changes: list[Change]) -> list[Change]:
-    """Drop a full page's last revision, which may continue past the page: one revision must
-    never be split over two responses. Empty if the page holds part of a single revision."""
-    last = changes[-1].row.mod_revision
-    return [c for c in changes if c.row.mod_revision != last]

@@ -13,20 +13,12 @@ class StatusQuery(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("compaction_failures", "compaction_last_error", "nospace", "expired_leases", "write_batches", "write_requests")
+    __slots__ = ("compaction_failures", "compaction_last_error")
     COMPACTION_FAILURES_FIELD_NUMBER: _ClassVar[int]
     COMPACTION_LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
-    NOSPACE_FIELD_NUMBER: _ClassVar[int]
-    EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
-    WRITE_BATCHES_FIELD_NUMBER: _ClassVar[int]
-    WRITE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     compaction_failures: int
     compaction_last_error: str
-    nospace: bool
-    expired_leases: int
-    write_batches: int
-    write_requests: int
-    def __init__(self, compaction_failures: _Optional[int] = ..., compaction_last_error: _Optional[str] = ..., nospace: _Optional[bool] = ..., expired_leases: _Optional[int] = ..., write_batches: _Optional[int] = ..., write_requests: _Optional[int] = ...) -> None: ...
+    def __init__(self, compaction_failures: _Optional[int] = ..., compaction_last_error: _Optional[str] = ...) -> None: ...
 
 class KeepAlives(_message.Message):
     __slots__ = ("ids",)
@@ -39,34 +31,6 @@ class KeepAliveTTLs(_message.Message):
     TTLS_FIELD_NUMBER: _ClassVar[int]
     ttls: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ttls: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class Command(_message.Message):
-    __slots__ = ("id", "put", "delete_range", "txn", "compaction", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status", "auth_change")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    PUT_FIELD_NUMBER: _ClassVar[int]
-    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
-    TXN_FIELD_NUMBER: _ClassVar[int]
-    COMPACTION_FIELD_NUMBER: _ClassVar[int]
-    LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
-    LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
-    LEASE_KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
-    ALARM_FIELD_NUMBER: _ClassVar[int]
-    DEFRAGMENT_FIELD_NUMBER: _ClassVar[int]
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    AUTH_CHANGE_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    put: _rpc_pb2.PutRequest
-    delete_range: _rpc_pb2.DeleteRangeRequest
-    txn: _rpc_pb2.TxnRequest
-    compaction: _rpc_pb2.CompactionRequest
-    lease_grant: _rpc_pb2.LeaseGrantRequest
-    lease_revoke: _rpc_pb2.LeaseRevokeRequest
-    lease_keep_alive: KeepAlives
-    alarm: _rpc_pb2.AlarmRequest
-    defragment: _rpc_pb2.DefragmentRequest
-    status: StatusQuery
-    auth_change: AuthChange
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compaction: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChange, _Mapping]] = ...) -> None: ...
 
 class AuthChange(_message.Message):
     __slots__ = ("method", "request", "identified", "user", "revision")
@@ -82,6 +46,40 @@ class AuthChange(_message.Message):
     revision: int
     def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ..., identified: _Optional[bool] = ..., user: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
+class AuthChanged(_message.Message):
+    __slots__ = ("response",)
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    response: bytes
+    def __init__(self, response: _Optional[bytes] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("id", "put", "delete_range", "txn", "compact", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status", "auth_change")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
+    TXN_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    DEFRAGMENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    put: _rpc_pb2.PutRequest
+    delete_range: _rpc_pb2.DeleteRangeRequest
+    txn: _rpc_pb2.TxnRequest
+    compact: _rpc_pb2.CompactionRequest
+    lease_grant: _rpc_pb2.LeaseGrantRequest
+    lease_revoke: _rpc_pb2.LeaseRevokeRequest
+    lease_keep_alive: KeepAlives
+    alarm: _rpc_pb2.AlarmRequest
+    defragment: _rpc_pb2.DefragmentRequest
+    status: StatusQuery
+    auth_change: AuthChange
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compact: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChange, _Mapping]] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -91,34 +89,34 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "put", "delete_range", "txn", "compacted_at", "lease_grant", "lease_revoked", "lease_ttls", "defragmented", "status", "alarms", "auth_changed", "error")
+    __slots__ = ("id", "put", "delete_range", "txn", "compact", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status", "auth_change", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
     TXN_FIELD_NUMBER: _ClassVar[int]
-    COMPACTED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
     LEASE_GRANT_FIELD_NUMBER: _ClassVar[int]
-    LEASE_REVOKED_FIELD_NUMBER: _ClassVar[int]
-    LEASE_TTLS_FIELD_NUMBER: _ClassVar[int]
-    DEFRAGMENTED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_REVOKE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    DEFRAGMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
-    ALARMS_FIELD_NUMBER: _ClassVar[int]
-    AUTH_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_CHANGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     id: int
     put: _rpc_pb2.PutResponse
     delete_range: _rpc_pb2.DeleteRangeResponse
     txn: _rpc_pb2.TxnResponse
-    compacted_at: int
+    compact: _rpc_pb2.CompactionResponse
     lease_grant: _rpc_pb2.LeaseGrantResponse
-    lease_revoked: bool
-    lease_ttls: KeepAliveTTLs
-    defragmented: bool
+    lease_revoke: _rpc_pb2.LeaseRevokeResponse
+    lease_keep_alive: KeepAliveTTLs
+    alarm: _rpc_pb2.AlarmResponse
+    defragment: _rpc_pb2.DefragmentResponse
     status: StatusReply
-    alarms: _rpc_pb2.AlarmResponse
-    auth_changed: bytes
+    auth_change: AuthChanged
     error: Error
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compacted_at: _Optional[int] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoked: _Optional[bool] = ..., lease_ttls: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., defragmented: _Optional[bool] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., alarms: _Optional[_Union[_rpc_pb2.AlarmResponse, _Mapping]] = ..., auth_changed: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutResponse, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeResponse, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnResponse, _Mapping]] = ..., compact: _Optional[_Union[_rpc_pb2.CompactionResponse, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantResponse, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeResponse, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAliveTTLs, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmResponse, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentResponse, _Mapping]] = ..., status: _Optional[_Union[StatusReply, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChanged, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Feed(_message.Message):
     __slots__ = ("skipped_through", "auth_generation", "events")

@@ -23,6 +23,9 @@ except ImportError:  # pragma: no cover - another protobuf backend
 
 log = logging.getLogger(__name__)
 
+#: Envelope's field numbers (workers.proto), from the generated descriptor.
+ENVELOPE = {field.name: field.number for field in workers_pb2.Envelope.DESCRIPTOR.fields}
+
 #: Larger than any request or response the server accepts (gRPC's limit is 2 GiB; frames carry
 #: one request or one commit's events).
 MAX_FRAME = 2**31 - 1
@@ -47,39 +50,6 @@ def parse_envelope(frame: bytes) -> workers_pb2.Envelope:
     finally:
         _allow_deep(False)
     return envelope
-
-
-def length_delimited(field: int, payload: bytes) -> bytes:
-    """`payload` as protobuf field `field` of wire type 2 (bytes, string, message)."""
-    out = bytearray(varint((field << 3) | 2))
-    out += varint(len(payload))
-    out += payload
-    return bytes(out)
-
-
-def varint(n: int) -> bytes:
-    """`n` (not negative) as a protobuf varint."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The protobuf varint at `pos` and the position after it; ValueError if it is cut short
-    or longer than 64 bits."""
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 class FrameConnection(asyncio.Protocol):

@@ -1,13 +1,13 @@
-"""A `--workers` front-end process's store: reads here, writes in the writer process.
+"""A `--workers` front-end's connection to the writer process: its commands out, the feed in.
 
-Reads (Range, read-only Txn, watch history, lease time-to-live) go straight to the database, as
-in a single process: a write is committed before the writer process answers it, so a read that
-starts after any client heard of a write sees it (linearizable, as etcd's reads). Every write is
-a Command to the writer process (store/channel.py); its hub's feed keeps this process's hub, and
-so its watches, exactly in step with the writer's: the same revisions, in order, none twice.
+Every command (store/commands.py) a front-end's Store submits goes to the writer process as a
+workers.Command and comes back as a Result: its response under the same field name, or etcd's
+error. The writer's feed keeps this process's hub, and so its watches, exactly in step with the
+writer's: the same revisions, in order, none twice; it also tells of auth changes before their
+answers, so the client that made one sees it checked at once.
 
 If the writer process goes away, this process cannot serve anything correctly (its watches
-would silently stop): it fails what is in flight with UNAVAILABLE and tells its server to exit.
+would silently stop): it fails what is in flight with UNAVAILABLE and tells its owner to exit.
 """
 
 from __future__ import annotations
@@ -17,29 +17,26 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from google.protobuf.message import Message
-
 from kine_server import errors
-from kine_server.auth.permissions import Identity, message_types
-from kine_server.drivers.base import Driver
-from kine_server.mvcc.compactor import CompactionStatus
-from kine_server.pb import rpc_pb2, workers_pb2
-from kine_server.process.frames import FrameConnection, length_delimited, parse_envelope, varint
-from kine_server.store.store import Storage, WriteSideStatus
+from kine_server.auth.store import AuthStore
+from kine_server.mvcc.hub import EventHub
+from kine_server.pb import workers_pb2
+from kine_server.process.frames import ENVELOPE, FrameConnection, parse_envelope
+from kine_server.store.commands import COMMAND_FIELDS, Command, Req, Resp
+from kine_server.wire import length_delimited, varint
 
 log = logging.getLogger(__name__)
 
-_COMMAND_FIELD = 1
-#: Command's field number for each kind of write.
-_COMMAND_FIELDS = {f.name: f.number for f in workers_pb2.Command.DESCRIPTOR.fields}
-_HELLO_FIELD = 4
-_SCRAPED_FIELD = 6
 
+class WriterLink:
+    """The `Writes` of a front-end: commands carried out by the writer process."""
 
-class FrontendStore(Storage):
-    def __init__(self, driver: Driver, writer_socket: str, on_lost: Callable[[], None]) -> None:
-        super().__init__(driver)
-        self._socket = writer_socket
+    def __init__(
+        self, socket_path: str, hub: EventHub, auth: AuthStore, on_lost: Callable[[], None]
+    ) -> None:
+        self._socket = socket_path
+        self._hub = hub
+        self._auth = auth
         #: Told once when the writer process is gone.
         self._on_lost = on_lost
         self._connection: FrameConnection | None = None
@@ -53,6 +50,7 @@ class FrontendStore(Storage):
         self.scrape: Callable[[], bytes] = lambda: b""
 
     async def start(self) -> None:
+        """Connect; return once the hub continues from the revision the writer's hello names."""
         loop = self._loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
         try:
@@ -64,23 +62,47 @@ class FrontendStore(Storage):
                 f"kine-server: cannot reach the writer process: {exc}"
             ) from exc
         self._connection = connection
-        await self._hello  # the hub continues from its revision (see _received)
-        await self.auth.start()
+        await self._hello
 
     def ready(self, worker: int) -> None:
         """Tell the writer process that this front-end, number `worker`, serves gRPC now."""
         self.worker = worker
         hello = workers_pb2.Hello(worker=worker).SerializeToString()
         if self._connection is not None:
-            self._connection.send(length_delimited(_HELLO_FIELD, hello))
+            self._connection.send(length_delimited(ENVELOPE["hello"], hello))
 
     async def stop(self, timeout: float | None = None) -> None:
         """After the gRPC server stopped: its last writes have been answered."""
         self._stopping = True
-        await self.auth.stop()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+    async def submit(self, command: Command[Req, Resp], request: Req) -> Resp:
+        """Send `command` to the writer process; its response, or its error raised.
+
+        Encoded by hand, the request as its own bytes: no copy, and a Txn nested as deep as
+        --max-txn-ops allows passes (upb's copy re-parses, refusing past 100 levels)."""
+        connection, loop = self._connection, self._loop
+        if connection is None or connection.closed or loop is None:
+            raise errors.Unavailable("kine-server: the writer process is gone")
+        command_id = next(self._ids)
+        encoded = (
+            b"\x08"  # Command.id: field 1, varint
+            + varint(command_id)
+            + length_delimited(COMMAND_FIELDS[command.name], request.SerializeToString())
+        )
+        future: asyncio.Future[workers_pb2.Result] = loop.create_future()
+        self._pending[command_id] = future
+        connection.send(length_delimited(ENVELOPE["command"], encoded))
+        try:
+            result = await future
+        finally:
+            self._pending.pop(command_id, None)
+        if result.WhichOneof("outcome") == "error":
+            raise errors.Relayed(result.error.code, result.error.message)
+        response: Resp = getattr(result, command.name)
+        return response
 
     def _received(self, frame: bytes) -> None:
         envelope = parse_envelope(frame)
@@ -91,26 +113,28 @@ class FrontendStore(Storage):
                 future.set_result(envelope.result)
         elif kind == "feed":
             feed = envelope.feed
-            if feed.events and not self.hub.publish(list(feed.events)):
+            if feed.events and not self._hub.publish(list(feed.events)):
                 # The writer's hub publishes revisions in order, one after another: a gap here
                 # is a bug, and watches served from a hub with a hole would be wrong.
                 log.error("the writer process's feed skipped revisions; restarting this process")
                 self._lost(None)
             if feed.skipped_through:
-                self.hub.skip(feed.skipped_through)
+                self._hub.skip(feed.skipped_through)
             if feed.auth_generation:
-                self.auth.expect(feed.auth_generation)
+                self._auth.expect(feed.auth_generation)
         elif kind == "scrape":
             reply = workers_pb2.Scraped(
                 id=envelope.scrape.id, text=self.scrape(), worker=self.worker
             )
             if self._connection is not None:
-                self._connection.send(length_delimited(_SCRAPED_FIELD, reply.SerializeToString()))
+                self._connection.send(
+                    length_delimited(ENVELOPE["scraped"], reply.SerializeToString())
+                )
         elif kind == "hello" and self._hello is not None and not self._hello.done():
             # Here, not where start() awaits it: the feed that follows may be in the same read
             # (the writer sends what one loop turn queued in one write), and it continues from
             # this revision.
-            self.hub.revision = envelope.hello.revision
+            self._hub.revision = envelope.hello.revision
             self._hello.set_result(envelope.hello.revision)
 
     def _lost(self, exc: Exception | None) -> None:
@@ -127,80 +151,3 @@ class FrontendStore(Storage):
         if not self._stopping:
             log.error("lost the connection to the writer process; stopping")
             self._on_lost()
-
-    async def _call(self, **op: Message) -> workers_pb2.Result:
-        """Send the one command in `op` (its Command field name and request); its Result.
-
-        Encoded by hand, the request as its own bytes: no copy, and a Txn nested as deep as
-        --max-txn-ops allows passes (upb's copy re-parses, refusing past 100 levels)."""
-        connection, loop = self._connection, self._loop
-        if connection is None or connection.closed or loop is None:
-            raise errors.Unavailable("kine-server: the writer process is gone")
-        ((name, request),) = op.items()
-        command_id = next(self._ids)
-        command = (
-            b"\x08"  # Command.id: field 1, varint
-            + varint(command_id)
-            + length_delimited(_COMMAND_FIELDS[name], request.SerializeToString())
-        )
-        future: asyncio.Future[workers_pb2.Result] = loop.create_future()
-        self._pending[command_id] = future
-        connection.send(length_delimited(_COMMAND_FIELD, command))
-        try:
-            result = await future
-        finally:
-            self._pending.pop(command_id, None)
-        if result.WhichOneof("outcome") == "error":
-            raise errors.Relayed(result.error.code, result.error.message)
-        return result
-
-    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
-        return (await self._call(put=req)).put
-
-    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
-        return (await self._call(delete_range=req)).delete_range
-
-    async def write_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
-        return (await self._call(txn=req)).txn
-
-    async def compact(self, revision: int, physical: bool) -> int:
-        request = rpc_pb2.CompactionRequest(revision=revision, physical=physical)
-        return (await self._call(compaction=request)).compacted_at
-
-    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> tuple[int, int]:
-        granted = (await self._call(lease_grant=req)).lease_grant
-        return granted.ID, granted.TTL
-
-    async def lease_revoke(self, lease_id: int) -> None:
-        await self._call(lease_revoke=rpc_pb2.LeaseRevokeRequest(ID=lease_id))
-
-    async def lease_keep_alive_many(self, lease_ids: list[int]) -> list[int]:
-        keep_alive = workers_pb2.KeepAlives(ids=lease_ids)
-        return list((await self._call(lease_keep_alive=keep_alive)).lease_ttls.ttls)
-
-    async def alarm(self, req: rpc_pb2.AlarmRequest) -> list[rpc_pb2.AlarmMember]:
-        return list((await self._call(alarm=req)).alarms.alarms)
-
-    async def defragment(self) -> None:
-        await self._call(defragment=rpc_pb2.DefragmentRequest())
-
-    async def auth_change(self, method: str, req: Message, who: Identity | None) -> Message:
-        change = workers_pb2.AuthChange(method=method, request=req.SerializeToString())
-        if who is not None:
-            change.identified, change.user, change.revision = True, who.user, who.revision
-        answer = (await self._call(auth_change=change)).auth_changed
-        await self.auth.reload()  # the client that made the change sees it at once
-        return message_types(method)[1].FromString(answer)
-
-    async def write_side_status(self) -> WriteSideStatus:
-        reply = (await self._call(status=workers_pb2.StatusQuery())).status
-        return WriteSideStatus(
-            compaction=CompactionStatus(
-                consecutive_failures=reply.compaction_failures,
-                last_error=reply.compaction_last_error,
-            ),
-            nospace=reply.nospace,
-            expired_leases=reply.expired_leases,
-            write_batches=reply.write_batches,
-            write_requests=reply.write_requests,
-        )
