@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,12 +35,15 @@ from .procs import children_map, tree_cpu
 #: every request is checked against its role's permissions (root's skip them).
 AUTH_USER, AUTH_PASSWORD = "bench", "benchpw"
 
+#: The generated stub class carries no annotations: typed here.
+AUTH_STUB: Callable[[grpc.Channel], Any] = rpc_pb2_grpc.AuthStub
+
 
 def enable_auth(endpoint: str) -> None:
     """Turn auth on as an operator would: root, and a user with readwrite on every key."""
     channel = grpc.insecure_channel(endpoint)
     try:
-        auth = rpc_pb2_grpc.AuthStub(channel)
+        auth = AUTH_STUB(channel)
         auth.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password="rootpw"), timeout=30)
         auth.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), timeout=30)
         auth.UserAdd(rpc_pb2.AuthUserAddRequest(name=AUTH_USER, password=AUTH_PASSWORD), timeout=30)
