@@ -73,6 +73,12 @@ class Server:
     server's requests cost too."""
     auth: bool = False
     """With --auth: auth is on, and clients sign in as AUTH_USER."""
+    kind: str = "kine"
+    """"kine", "etcd", or "floor" (bench/floor.py: no storage, not every workload runs on it)."""
+
+    @property
+    def is_floor(self) -> bool:
+        return self.kind == "floor"
 
     @property
     def target(self) -> str:
@@ -267,7 +273,7 @@ class Etcd:
     def server(self) -> Server:
         proc = self.etcd._proc
         assert proc is not None
-        return Server(self.name, self.etcd.endpoint, proc.pid, self.etcd.log_path)
+        return Server(self.name, self.etcd.endpoint, proc.pid, self.etcd.log_path, kind="etcd")
 
     def stop(self) -> None:
         self.etcd.stop()
