@@ -105,7 +105,7 @@ def on_apiserver(b: Bench, stack: ExitStack, main: Server, binary: str) -> None:
     write_cpu = {"server": 0.0, "apiserver": 0.0, "writes": 0.0}
     for op in PHASES:
         targets = names if op == "create" else sorted(rvs)
-        done, server_cpu = phase(b, s, apiserver, cpu, op, targets, rvs)
+        done, server_cpu, ops = phase(b, s, apiserver, cpu, op, targets, rvs)
         if op == "create":
             rvs = done
         elif op == "update":
@@ -113,7 +113,7 @@ def on_apiserver(b: Bench, stack: ExitStack, main: Server, binary: str) -> None:
         if op != "get":
             write_cpu["server"] += server_cpu
             write_cpu["apiserver"] += cpu.used
-            write_cpu["writes"] += len(targets) if op != "create" else len(done)
+            write_cpu["writes"] += ops
     writes = write_cpu["writes"]
     for who in ("server", "apiserver"):
         b.results.put(
@@ -138,9 +138,9 @@ def phase(
     op: str,
     targets: list[str],
     rvs: dict[str, str],
-) -> tuple[dict[str, str], float]:
-    """One measured phase over `targets`; the resourceVersions it answered and the server's
-    CPU (with its database's) during it."""
+) -> tuple[dict[str, str], float, int]:
+    """One measured phase over `targets`: the resourceVersions it answered, the server's CPU
+    (with its database's) during it, and how many requests succeeded."""
     a = b.args
     procs = max(1, min(a.client_procs, len(b.workers)))
     threads = b.split(a.kube_workers, procs)
@@ -193,7 +193,7 @@ def phase(
             **win.summary(),
         },
     )
-    return done, server_cpu
+    return done, server_cpu, len(lat)
 
 
 def watch_phase(b: Bench, s: Server, apiserver: KubeApiserver) -> None:
