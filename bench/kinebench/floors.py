@@ -9,6 +9,7 @@ fraction of the floor with the most processes (report.py). Workloads that need s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 from tests.support.ports import free_port
 
 from .paths import BENCH, ROOT, BenchError
-from .servers import Server
+from .servers import Server, terminate
 
 READY = b"floor: serving"
 
@@ -70,18 +71,13 @@ class Floor:
         return Server(self.name, self.endpoint, self.proc.pid, self.log_path, kind="floor")
 
     def stop(self) -> None:
-        """SIGTERM (it stops its processes and exits 0), SIGKILL of the group after 15 s."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
+        """SIGTERM (it stops its processes and exits 0), SIGKILL after 15 s; then SIGKILL to
+        its session, should a server process have outlived it."""
+        if self.proc is not None:
+            self.exit_code = terminate(self.proc, 15)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-        self.proc = None
+            self.proc = None
 
     def problems(self) -> list[str]:
         """A floor logs nothing but its ready line; anything else (a traceback) is reported."""

@@ -94,6 +94,18 @@ class Server:
         ) if self.db_root else 0.0
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` s; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def pinned(cpus: str | None) -> list[str]:
     """The command prefix that starts a program on these cores only (nothing if None)."""
     return ["taskset", "-c", cpus] if cpus else []
@@ -223,17 +235,9 @@ class KineServer:
 
     def stop(self) -> None:
         """SIGTERM (kine-server drains and closes the database), SIGKILL after 30 s."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-        self.proc = None
+        if self.proc is not None:
+            self.exit_code = terminate(self.proc, 30)
+            self.proc = None
 
     def problems(self) -> list[str]:
         """Lines of its log above INFO: each is worth reporting."""

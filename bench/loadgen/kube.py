@@ -23,7 +23,7 @@ from typing import Any
 
 from kubee2e.rest import Api, brief, cm_body, cms
 
-from .measure import Errors, Sync, Window, sleep_until
+from .measure import Errors, Sync, Window, open_loop, sleep_until
 
 OPS = ("create", "get", "update", "delete")
 
@@ -274,25 +274,13 @@ async def kube_writer(
             for _ in range(min(8, max_inflight))
         ]
         await asyncio.gather(*warm, return_exceptions=True)
-        slots = asyncio.Semaphore(max_inflight)
         await sleep_until(await sync(None))
         window.start()
-        deadline = window.t0 + time_cap
 
         async def put(i: int) -> None:
-            try:
-                await loop.run_in_executor(pool, create, f"w-{i:06d}")
-            finally:
-                slots.release()
+            await loop.run_in_executor(pool, create, f"w-{i:06d}")
 
-        tasks = []
-        for i in range(count):
-            await sleep_until(window.t0 + i / rate)
-            if time.monotonic() >= deadline:
-                break
-            await slots.acquire()
-            tasks.append(asyncio.create_task(put(i)))
-        await asyncio.gather(*tasks)
+        await open_loop(window, count, rate, max_inflight, time_cap, put)
         window.stop()
         await loop.run_in_executor(pool, create, sentinel)
     finally:

@@ -64,3 +64,34 @@ async def sleep_until(instant: float) -> None:
     delay = instant - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+async def open_loop(
+    window: Window,
+    count: int,
+    rate: float,
+    max_inflight: int,
+    time_cap: float,
+    send: Callable[[int], Awaitable[None]],
+) -> None:
+    """An open-loop writer from `window`'s start: `send(i)` is started at t0 + i/rate (later
+    only while `max_inflight` sends are outstanding), until `count` or the time cap; returns
+    once every send has finished. A slow server thus sees the same offered rate, not a rate
+    that drops to what it can do (as a closed loop's would)."""
+    slots = asyncio.Semaphore(max_inflight)
+    deadline = window.t0 + time_cap
+
+    async def one(i: int) -> None:
+        try:
+            await send(i)
+        finally:
+            slots.release()
+
+    tasks = []
+    for i in range(count):
+        await sleep_until(window.t0 + i / rate)
+        if time.monotonic() >= deadline:
+            break
+        await slots.acquire()
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)

@@ -12,7 +12,7 @@ import grpc
 from kine_server.pb import rpc_pb2
 
 from .channels import RPC_TIMEOUT, Channels
-from .measure import Errors, Sync, Window, sleep_until
+from .measure import Errors, Sync, Window, open_loop, sleep_until
 from .requests import prefix_end, value_of
 
 
@@ -123,10 +123,8 @@ async def watch_writer(
     window = Window()
     try:
         await chans.ready()
-        slots = asyncio.Semaphore(max_inflight)
         await sleep_until(await sync(None))
         window.start()
-        deadline = window.t0 + time_cap
 
         async def put(i: int) -> None:
             key = prefix + b"k%06d" % i
@@ -138,17 +136,8 @@ async def watch_writer(
                 writes.append((response.header.revision, key, sent, time.monotonic()))
             except grpc.aio.AioRpcError as exc:
                 errors.add("watched Put", exc)
-            finally:
-                slots.release()
 
-        tasks = []
-        for i in range(count):
-            await sleep_until(window.t0 + i / rate)
-            if time.monotonic() >= deadline:
-                break
-            await slots.acquire()
-            tasks.append(asyncio.create_task(put(i)))
-        await asyncio.gather(*tasks)
+        await open_loop(window, count, rate, max_inflight, time_cap, put)
         window.stop()
         await chans.kv[0].Put(rpc_pb2.PutRequest(key=sentinel, value=b"end"), timeout=RPC_TIMEOUT)
     finally:
