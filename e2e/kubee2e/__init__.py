@@ -5,8 +5,8 @@ tails), `processes` (server processes with a log, kine-server, loopback ports), 
 (finding, configuring and starting kube-apiserver, waiting for /readyz: the benchmark starts
 its apiservers with this module too), `rest` (a tiny Kubernetes REST client), `watching` (a
 configmap watch that re-watches), `context` (what one database's checks share), the checks
-(`basics`, `crud`, `restart`, `compaction`, `logs`), `suite` (one database from start to
-shutdown) and `cli` (flags, every database in turn, the exit code).
+(`basics`, `crud`, `listing`, `restart`, `compaction`, `logs`), `suite` (one database from
+start to shutdown) and `cli` (flags, every database in turn, the exit code).
 
 Standard library only (and the repository's tests/support/postgres.py for PostgreSQL).
 """
