@@ -50,8 +50,10 @@ e2e: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	$(PY) e2e/run.py --db both
 
-## Side-by-side benchmark against a real etcd (ARGS=--pg adds PostgreSQL).
+## Side-by-side benchmark against a real etcd and the no-storage floor (ARGS=--pg adds
+## PostgreSQL). Workload 9 runs a kube-apiserver: built once as for `make e2e`.
 bench: $(INSTALLED) deps
+	scripts/kube-apiserver.sh >/dev/null
 	$(PY) bench/run.py $(ARGS)
 
 ## Long soak tests, excluded from `make test`.

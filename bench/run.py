@@ -23,7 +23,8 @@ if __name__ == "__main__" and VENV_PYTHON.exists() and Path(sys.prefix) != ROOT 
     # grpcio and the stubs live in the project's venv; the client processes must use it too.
     os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
 
-for path in (BENCH, ROOT, ROOT / "src"):
+# bench/ for kinebench and loadgen, e2e/ for kubee2e (the kube-apiserver launcher and client).
+for path in (BENCH, ROOT / "e2e", ROOT, ROOT / "src"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import loadgen
+from loadgen.worker import serve
 
 from .paths import BenchError
 from .procs import machine_busy, ours_cpu
@@ -28,7 +28,7 @@ class Worker:
     def __init__(self, ctx: Any, index: int) -> None:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=loadgen.serve, args=(child,), daemon=True, name=f"bench-client-{index}"
+            target=serve, args=(child,), daemon=True, name=f"bench-client-{index}"
         )
         self.proc.start()
         child.close()

@@ -112,18 +112,66 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+THROUGHPUT_UNIT = "ops/s"
+
+
+def floor_reference(servers: list[str]) -> str | None:
+    """The floor every throughput row is a fraction of: the one with the most processes
+    (`floor-N`), as kine-server runs a front-end per core."""
+    floors = [s for s in servers if s.startswith("floor-") and s[6:].isdigit()]
+    return max(floors, key=lambda s: int(s[6:])) if floors else None
+
+
+def floor_ratios(metrics: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
+    """Add `vs_floor` ({server: value / floor's}) to every throughput metric the reference
+    floor has a figure for; what the JSON says about the floors."""
+    reference = floor_reference(servers)
+    for m in metrics:
+        floor = m["values"].get(reference) if reference else None
+        if m["unit"] != THROUGHPUT_UNIT or floor is None or math.isnan(floor) or floor <= 0:
+            continue
+        m["vs_floor"] = {
+            s: v / floor for s, v in m["values"].items() if s != reference and not math.isnan(v)
+        }
+    return {"reference": reference, "floors": [s for s in servers if s.startswith("floor-")]}
+
+
 def render(metrics: list[dict[str, Any]], servers: list[str]) -> str:
-    kines = [s for s in servers if s != "etcd"]
-    header = ["metric", "unit", "etcd"]
+    """One row per metric: etcd, the floors, then each kine-server with its ratio to etcd and,
+    for throughput, its fraction of the reference floor (etcd's too, beside the floors)."""
+    floors = [s for s in servers if s.startswith("floor-")]
+    kines = [s for s in servers if s != "etcd" and s not in floors]
+    reference = floor_reference(servers)
+    has_etcd = "etcd" in servers
+    header = ["metric", "unit"]
+    if has_etcd:
+        header.append("etcd")
+    header += floors
+    if reference and has_etcd:
+        header.append(f"etcd/{reference}")
     for k in kines:
-        header += [k, f"{k}/etcd"]
+        header += [k, f"{k}/etcd"] if has_etcd else [k]
+        if reference:
+            header.append(f"{k}/{reference}")
     rows = []
     for m in metrics:
-        etcd = m["values"].get("etcd")
-        row = [m["label"], m["unit"], fmt(etcd, m["unit"])]
+        values = m["values"]
+        etcd = values.get("etcd")
+        vs_floor = m["unit"] == THROUGHPUT_UNIT and reference is not None
+        floor = values.get(reference) if vs_floor and reference else None
+        row = [m["label"], m["unit"]]
+        if has_etcd:
+            row.append(fmt(etcd, m["unit"]))
+        row += [fmt(values.get(f), m["unit"]) for f in floors]
+        if reference and has_etcd:
+            row.append(ratio_of(etcd, floor) if vs_floor else "")
         for k in kines:
-            value = m["values"].get(k)
-            row += [fmt(value, m["unit"]), ratio_of(value, etcd) if m.get("ratio", True) else ""]
+            value = values.get(k)
+            row.append(fmt(value, m["unit"]))
+            if has_etcd:
+                row.append(ratio_of(value, etcd) if m.get("ratio", True) else "")
+            if reference:
+                row.append(ratio_of(value, floor) if vs_floor else "")
         rows.append(row)
     return table(rows, header)
 
@@ -170,7 +218,7 @@ def machine_info() -> dict[str, Any]:
 def print_run(data: dict[str, Any]) -> None:
     print()
     print(
-        f"kine-server vs etcd  ({data['started_utc']}, {data['machine']['cpus']} cores, "
+        f"kine-server vs etcd and the floor  ({data['started_utc']}, {data['machine']['cpus']} cores, "
         f"run took {data['duration_s']:.0f} s)"
     )
     print(render(data["metrics"], data["servers"]))

@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,12 +35,15 @@ from .procs import children_map, tree_cpu
 #: every request is checked against its role's permissions (root's skip them).
 AUTH_USER, AUTH_PASSWORD = "bench", "benchpw"
 
+#: The generated stub class carries no annotations: typed here.
+AUTH_STUB: Callable[[grpc.Channel], Any] = rpc_pb2_grpc.AuthStub
+
 
 def enable_auth(endpoint: str) -> None:
     """Turn auth on as an operator would: root, and a user with readwrite on every key."""
     channel = grpc.insecure_channel(endpoint)
     try:
-        auth = rpc_pb2_grpc.AuthStub(channel)
+        auth = AUTH_STUB(channel)
         auth.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password="rootpw"), timeout=30)
         auth.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), timeout=30)
         auth.UserAdd(rpc_pb2.AuthUserAddRequest(name=AUTH_USER, password=AUTH_PASSWORD), timeout=30)
@@ -68,6 +73,12 @@ class Server:
     server's requests cost too."""
     auth: bool = False
     """With --auth: auth is on, and clients sign in as AUTH_USER."""
+    kind: str = "kine"
+    """"kine", "etcd", or "floor" (bench/floor.py: no storage, not every workload runs on it)."""
+
+    @property
+    def is_floor(self) -> bool:
+        return self.kind == "floor"
 
     @property
     def target(self) -> str:
@@ -81,6 +92,18 @@ class Server:
         return tree_cpu(self.pid, children), tree_cpu(
             self.db_root, children
         ) if self.db_root else 0.0
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` s; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def pinned(cpus: str | None) -> list[str]:
@@ -212,17 +235,9 @@ class KineServer:
 
     def stop(self) -> None:
         """SIGTERM (kine-server drains and closes the database), SIGKILL after 30 s."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-        self.proc = None
+        if self.proc is not None:
+            self.exit_code = terminate(self.proc, 30)
+            self.proc = None
 
     def problems(self) -> list[str]:
         """Lines of its log above INFO: each is worth reporting."""
@@ -262,7 +277,7 @@ class Etcd:
     def server(self) -> Server:
         proc = self.etcd._proc
         assert proc is not None
-        return Server(self.name, self.etcd.endpoint, proc.pid, self.etcd.log_path)
+        return Server(self.name, self.etcd.endpoint, proc.pid, self.etcd.log_path, kind="etcd")
 
     def stop(self) -> None:
         self.etcd.stop()

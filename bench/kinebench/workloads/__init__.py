@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import churn, create, goclient, listing, put, scaling, watch
+from . import churn, create, goclient, kube, listing, put, scaling, watch
 from .base import Bench
 
 WORKLOADS: tuple[tuple[int, Callable[[Bench], None]], ...] = (
@@ -20,10 +20,11 @@ WORKLOADS: tuple[tuple[int, Callable[[Bench], None]], ...] = (
     (5, watch.run),
     (7, goclient.run),
     (8, scaling.run),
+    (9, kube.run),
 )
 
-LATE = frozenset({7, 8})
+LATE = frozenset({7, 8, 9})
 """Run after every repetition of the others and after the peak-RSS figure: 7 grows the shared
-servers' stores by hundreds of thousands of revisions, 8 starts servers of its own."""
+servers' stores by hundreds of thousands of revisions, 8 and 9 start servers of their own."""
 
 __all__ = ["LATE", "WORKLOADS", "Bench"]

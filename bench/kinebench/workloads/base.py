@@ -33,15 +33,21 @@ class Bench:
     listed: set[str] = field(default_factory=set)
     """Servers already loaded with workload 4's keys (they serve every repetition)."""
     extra_trees: list[int] = field(default_factory=list)
-    """Processes a workload started besides the servers and workers (etcdctl, pinned servers):
-    their CPU, with their children's, is ours, not other programs'."""
+    """Processes a workload started besides the servers and workers (etcdctl, pinned servers,
+    kube-apiservers): their CPU, with their children's, is ours, not other programs'."""
+    pg_base: str | None = None
+    """With --pg: the bench's PostgreSQL as a DSN without a database (fresh ones for 9)."""
 
-    def order(self) -> list[Server]:
-        """Servers in turn, starting one further along each time (no server always goes first)."""
-        n = len(self.servers)
+    def order(self, floors: bool = True) -> list[Server]:
+        """Servers in turn, starting one further along each time (no server always goes first);
+        without the floors for a workload that needs stored data."""
+        servers = [s for s in self.servers if floors or not s.is_floor]
+        n = len(servers)
+        if n == 0:
+            return []
         start = self.rotation % n
         self.rotation += 1
-        return self.servers[start:] + self.servers[:start]
+        return servers[start:] + servers[:start]
 
     def all_pids(self) -> tuple[list[int], list[int]]:
         """Our processes: single ones, and roots whose whole tree is ours (servers, PostgreSQL)."""

@@ -40,6 +40,7 @@ def run(b: Bench) -> None:
                     channels=max(1, channels[i]),
                     value_size=a.value_size,
                     time_cap=a.time_cap,
+                    verify=not s.is_floor,
                 ),
             )
             for i in range(procs)

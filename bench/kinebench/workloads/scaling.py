@@ -16,9 +16,10 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from ..servers import Etcd, KineServer, Server
+from ..servers import Server
 from .base import Bench
 from .create import Level, create_level
+from .fresh import start_etcd, start_kine
 
 CORE_SETS = (("c1", "0", "1 core"), ("c2", "0,1", "2 cores"))
 """Metric id part, `taskset -c` list, label."""
@@ -31,9 +32,9 @@ def run(b: Bench) -> None:
         return
     kinds: list[tuple[str, Callable[[ExitStack, str, str], Server]]] = []
     if not a.no_etcd:
-        kinds.append(("etcd", lambda stack, cpus, tag: start_etcd(b, stack, cpus, tag)))
+        kinds.append(("etcd", lambda stack, cpus, tag: start_etcd(b, stack, tag, cpus)))
     if not a.no_sqlite:
-        kinds.append(("kine-sqlite", lambda stack, cpus, tag: start_kine(b, stack, cpus, tag)))
+        kinds.append(("kine-sqlite", lambda stack, cpus, tag: start_kine(b, stack, tag, cpus)))
     throughput: dict[str, dict[str, float]] = {name: {} for name, _ in kinds}
     for mid, cpus, label in CORE_SETS:
         turn = b.rotation % max(1, len(kinds))
@@ -92,31 +93,3 @@ def put_level(b: Bench, name: str, mid: str, cpus: str, label: str, m: Level) ->
     errors = m.detail["not_created"]
     if errors:
         b.results.problems.append(f"8 scaling on {name}, {label}: {errors} creates not created")
-
-
-def start_etcd(b: Bench, stack: ExitStack, cpus: str, tag: str) -> Server:
-    etcd = Etcd(b.workdir, f"etcd-{tag}", cpus)
-    stack.callback(etcd.stop)
-    etcd.start()
-    server = etcd.server()
-    server.name = "etcd"
-    return server
-
-
-def start_kine(b: Bench, stack: ExitStack, cpus: str, tag: str) -> Server:
-    """A kine-server on a fresh SQLite file; its log's warnings and its exit code on SIGTERM
-    are reported as for the main servers."""
-    dsn = f"sqlite://{b.workdir}/{tag}/state.db"
-    kine = KineServer(dsn, b.workdir, tag, ["-m", "kine_server"], {}, b.kine_flags, cpus)
-
-    def stop() -> None:
-        kine.stop()
-        b.results.problems.extend(kine.problems())
-        if kine.exit_code not in (0, None):
-            b.results.problems.append(f"{tag} exited with code {kine.exit_code} after SIGTERM")
-
-    stack.callback(stop)
-    kine.start()
-    server = kine.server()
-    server.name = "kine-sqlite"
-    return server
