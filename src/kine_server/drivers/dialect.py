@@ -71,17 +71,33 @@ def dollar(n: int) -> str:
 _PLACEHOLDER = re.compile(r"\?")
 
 
+def column_types(
+    int64: str = "BIGINT",
+    int32: str = "INTEGER",
+    name: str = "TEXT",
+    key_bytes: str = "BLOB",
+    value_bytes: str = "BLOB",
+) -> dict[ColumnType, str]:
+    """A name for each ColumnType: the common ones unless the database spells a type its own way
+    (MySQL: VARCHAR(n) names, VARBINARY(n) keys, LONGBLOB values)."""
+    return {
+        ColumnType.INT64: int64,
+        ColumnType.INT32: int32,
+        ColumnType.NAME: name,
+        ColumnType.KEY_BYTES: key_bytes,
+        ColumnType.BYTES: value_bytes,
+    }
+
+
 @dataclass(frozen=True, eq=False)
 class Dialect:
-    """The spellings of one database. Every field is used by the generic layer only; a
-    database's own connection code never needs to look at them."""
+    """The spellings of one database, used by the generic layer only (a database's own
+    connection code never looks at them). The defaults are the SQL most databases share; the
+    optional features (INCLUDE, partial indexes, UPDATE ... RETURNING) default to absent, so a
+    new dialect takes the fallback paths until it says it has them."""
 
     #: "sqlite", "postgres": for messages.
     name: str
-    #: The n-th (from 1) placeholder: "?", "$n", "%s".
-    placeholder: Callable[[int], str]
-    #: A two-argument maximum (SQLite's max, everyone else's GREATEST).
-    greatest: str
     #: The database's clock in milliseconds since the epoch, as a BIGINT: lease deadlines are
     #: the database's, so every instance on one database agrees on them whatever its own clock.
     now_ms: str
@@ -89,22 +105,26 @@ class Dialect:
     #: the statement is prepared once), and how that parameter is made from the ids.
     id_list: str
     encode_ids: Callable[[list[int]], Any]
-    #: The type name of CAST(? AS ...) to a 64-bit integer ("BIGINT"; MySQL says "SIGNED").
-    int64_cast: str
+    #: The name of each ColumnType (see column_types).
+    types: Mapping[ColumnType, str]
+    #: The n-th (from 1) placeholder: "?", "$n", "%s".
+    placeholder: Callable[[int], str] = question_mark
+    #: A two-argument maximum (SQLite says max).
+    greatest: str = "GREATEST"
+    #: The type name of CAST(? AS ...) to a 64-bit integer (MySQL says SIGNED).
+    int64_cast: str = "BIGINT"
     #: The suffix of a SELECT that locks the rows it reads until commit; "" where the writer's
     #: BEGIN already holds a lock over the whole database (SQLite's BEGIN IMMEDIATE).
-    for_update: str
-    #: The name of each ColumnType (every one must be named).
-    types: Mapping[ColumnType, str]
+    for_update: str = " FOR UPDATE"
     #: CREATE INDEX ... INCLUDE (...) exists (PostgreSQL 11+): a covering index without the
     #: columns in its key. Without it, schema.py's `covers` indexes are made instead.
-    include_columns: bool
+    include_columns: bool = False
     #: CREATE INDEX ... WHERE exists (SQLite, PostgreSQL; not MySQL/MariaDB). Without it a
     #: partial index is made over every row: larger, still correct.
-    partial_indexes: bool
+    partial_indexes: bool = False
     #: UPDATE ... RETURNING exists (SQLite 3.35+, PostgreSQL; not MySQL, nor MariaDB 10.x).
     #: Without it a renewal reads the renewable leases FOR UPDATE first, then updates them.
-    update_returning: bool
+    update_returning: bool = False
     #: The longest key the database can index, if it has a limit (see base.ReadTx).
     max_key_bytes: int | None = None
     #: A statement run with the new revision (as text) after each commit's revision is set,

@@ -35,7 +35,7 @@ from kine_server.drivers.base import (
     ReadTx,
     WriteTx,
 )
-from kine_server.drivers.dialect import ColumnType, Dialect, dollar
+from kine_server.drivers.dialect import Dialect, column_types, dollar
 from kine_server.drivers.postgres_errors import (
     DATABASE_ERRORS,
     describe,
@@ -62,21 +62,12 @@ CHANNEL = "kine_kv"
 
 DIALECT = Dialect(
     name="postgres",
-    placeholder=dollar,
-    greatest="GREATEST",
     # clock_timestamp(), not now(): now() is the transaction's start, and a batch may wait.
     now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
     id_list="SELECT unnest(?::bigint[])",
     encode_ids=list,
-    int64_cast="BIGINT",
-    for_update=" FOR UPDATE",
-    types={
-        ColumnType.INT64: "BIGINT",
-        ColumnType.INT32: "INTEGER",
-        ColumnType.NAME: "TEXT",
-        ColumnType.KEY_BYTES: "BYTEA",
-        ColumnType.BYTES: "BYTEA",
-    },
+    types=column_types(key_bytes="BYTEA", value_bytes="BYTEA"),
+    placeholder=dollar,
     # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
     # next_revision and version of every row of the range in the index, not in the heap.
     include_columns=True,

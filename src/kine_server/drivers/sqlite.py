@@ -33,7 +33,7 @@ from kine_server.drivers.base import (
     StatementError,
     WriteTx,
 )
-from kine_server.drivers.dialect import ColumnType, Dialect, question_mark
+from kine_server.drivers.dialect import Dialect, column_types
 from kine_server.drivers.sqlite_link import (
     Link,
     ThreadConnection,
@@ -53,29 +53,20 @@ T = TypeVar("T")
 
 DIALECT = Dialect(
     name="sqlite",
-    placeholder=question_mark,
-    greatest="max",
-    #: julianday('now') is stable within a statement; unixepoch('subsec') needs SQLite 3.42.
+    # julianday('now') is stable within a statement; unixepoch('subsec') needs SQLite 3.42.
     now_ms="CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
     # A JSON array: no limit on the number of ids, unlike one placeholder each.
     id_list="SELECT value FROM json_each(?)",
     encode_ids=json.dumps,
-    int64_cast="BIGINT",
-    # BEGIN IMMEDIATE holds SQLite's one write lock: there are no row locks to take.
+    # SQLite's integers are all 64 bits, and `id INTEGER PRIMARY KEY` is the rowid itself.
+    types=column_types(int64="INTEGER"),
+    greatest="max",
+    # BEGIN IMMEDIATE holds SQLite's one write lock: there are no row locks to take, and taking
+    # the writer's lock is only reading the counters.
     for_update="",
-    # SQLite's integers are all 64 bits; `id INTEGER PRIMARY KEY` is the rowid itself.
-    types={
-        ColumnType.INT64: "INTEGER",
-        ColumnType.INT32: "INTEGER",
-        ColumnType.NAME: "TEXT",
-        ColumnType.KEY_BYTES: "BLOB",
-        ColumnType.BYTES: "BLOB",
-    },
-    include_columns=False,
-    partial_indexes=True,
-    update_returning=True,
-    # Taking the writer's lock is BEGIN IMMEDIATE's: lock() only reads the counters.
     overrides={"lock_counters": sql.COUNTERS},
+    partial_indexes=True,
+    update_returning=True,  # SQLite 3.35
 )
 
 #: Primary result codes that say "not now" rather than "not this statement": the database is
@@ -166,6 +157,7 @@ class SQLiteDriver(Driver):
         readers: int | None = None,
         busy_timeout_ms: int = 30_000,
         read_only: bool = False,
+        dialect: Dialect = DIALECT,
     ) -> None:
         self.path = path
         self.read_only = read_only
@@ -179,8 +171,9 @@ class SQLiteDriver(Driver):
         self._maintenance = asyncio.Lock()
         self._readers: asyncio.Queue[Link] = asyncio.Queue()
         self._all: list[Link] = []
-        #: Every statement, rendered once for SQLite.
-        self._statements = sql.Statements(DIALECT)
+        #: Every statement, rendered once for SQLite (tests pass a dialect without some of its
+        #: features, to run the generic layer's fallbacks on a real database).
+        self._statements = sql.Statements(dialect)
 
     async def open(self) -> None:
         try:
