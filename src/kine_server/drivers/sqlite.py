@@ -310,8 +310,7 @@ class SQLiteDriver(Driver):
             raise driver_error(exc) from exc
 
     async def _on_reader(self, step: Callable[[sqlite3.Connection], T]) -> T:
-        """`step` on a reader's thread, outside any transaction (one statement or a few
-        pragmas need no snapshot)."""
+        """`step` on a reader's thread, in one hop."""
         link = await self._readers.get()
         try:
             return await link.call(step)
@@ -327,9 +326,13 @@ class SQLiteDriver(Driver):
 
     async def size(self) -> tuple[int, int]:
         def pragmas(conn: sqlite3.Connection) -> tuple[int, int, int]:
-            ((page_size,),) = conn.execute("PRAGMA page_size").fetchall()
-            ((pages,),) = conn.execute("PRAGMA page_count").fetchall()
-            ((free,),) = conn.execute("PRAGMA freelist_count").fetchall()
+            conn.execute("BEGIN")  # the counts of one snapshot
+            try:
+                ((page_size,),) = conn.execute("PRAGMA page_size").fetchall()
+                ((pages,),) = conn.execute("PRAGMA page_count").fetchall()
+                ((free,),) = conn.execute("PRAGMA freelist_count").fetchall()
+            finally:
+                rollback(conn)
             return page_size, pages, free
 
         page_size, pages, free = await self._on_reader(pragmas)
