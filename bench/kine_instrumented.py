@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from kine_server.drivers import sqlite as sqlite_module
+from kine_server.drivers import sqlite_link
 from kine_server.mvcc import writer as writer_module
 from kine_server.process import single as server_module
 
@@ -89,12 +89,12 @@ async def _commit(self: Any, batch: list[Any]) -> None:
         sizes[len(batch)] = sizes.get(len(batch), 0) + 1
 
 
-_original_submit = sqlite_module._Link.submit
+_original_submit = sqlite_link.Link.submit
 
 
 def _submit(self: Any, fn: Any) -> Any:
     """Every hand-off to a connection's thread: its time on the thread and its round trip."""
-    bucket = _sql_bucket("writer" if isinstance(self, sqlite_module._WriterLink) else "other")
+    bucket = _sql_bucket("writer" if isinstance(self, sqlite_link.WriterLink) else "other")
     spent = [0.0]
 
     def timed(conn: Any) -> Any:
@@ -144,7 +144,7 @@ def _dump() -> None:
 
 
 writer_module.Writer._commit = _commit  # type: ignore[method-assign]
-sqlite_module._Link.submit = _submit  # type: ignore[method-assign]
+sqlite_link.Link.submit = _submit  # type: ignore[method-assign]
 server_module.SingleProcess.start = _start  # type: ignore[method-assign]
 gc.callbacks.append(_on_gc)
 atexit.register(_dump)

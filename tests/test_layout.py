@@ -50,7 +50,12 @@ def imports(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            # `from package import submodule` uses the submodule; any other name is the
+            # module's own.
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [name for name in submodules if name in modules]
+            if len(names) < len(submodules):
+                names.append(node.module)
         else:
             continue
         found.update(name for name in names if name in modules)

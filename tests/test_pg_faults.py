@@ -313,16 +313,16 @@ async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
 def test_a_value_asyncpg_cannot_encode_is_the_statements_fault_not_a_lost_connection() -> None:
     """asyncpg's DataError is an InterfaceError, as a closed connection is; only the second
     means the connection is gone (dropped without a ROLLBACK, and UNAVAILABLE to clients)."""
-    from kine_server.drivers import postgres
+    from kine_server.drivers import postgres_errors
     from kine_server.drivers.base import DatabaseUnreachable, StatementError
 
     data = asyncpg.DataError("invalid input for query argument $1: value out of int64 range")
     lost = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
-    assert not postgres.unanswered(data)
-    assert isinstance(postgres.driver_error(data), StatementError)
+    assert not postgres_errors.unanswered(data)
+    assert isinstance(postgres_errors.driver_error(data), StatementError)
     for gone in (lost, ConnectionResetError(), TimeoutError()):
-        assert postgres.unanswered(gone)
-        assert isinstance(postgres.driver_error(gone), DatabaseUnreachable)
+        assert postgres_errors.unanswered(gone)
+        assert isinstance(postgres_errors.driver_error(gone), DatabaseUnreachable)
 
 
 async def test_a_value_past_int64_fails_its_own_request_and_the_writer_goes_on(

@@ -79,7 +79,7 @@ class Change(NamedTuple):
 
 
 def change(record: tuple[Any, ...]) -> Change:
-    """A Change from the 12 columns of sql.changes_query (bytes already converted)."""
+    """A Change from the 12 columns of sql.changes_template (bytes already converted)."""
     key = record[0]
     row = ChangeRow(key, *record[1:7])
     if record[8] is None:

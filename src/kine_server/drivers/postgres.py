@@ -1,8 +1,16 @@
-"""PostgreSQL driver: asyncpg pools, one row lock serialising writers across every instance.
+"""PostgreSQL: asyncpg pools, one row lock serialising writers across every instance.
 
-Writers take `FOR UPDATE` on the `revision` counter row first, so transactions that write commit in
-revision order and a rolled-back transaction leaves no gap, whichever process or machine they come
-from. Reads run in REPEATABLE READ so the counters and the rows they read come from one snapshot.
+Writers take `FOR UPDATE` on the `revision` counter row first (sql.LOCK_COUNTERS), so
+transactions that write commit in revision order and a rolled-back transaction leaves no gap,
+whichever process or machine they come from. Reads run in REPEATABLE READ so the counters and
+the rows they read come from one snapshot.
+
+This module owns what is PostgreSQL's alone: its dialect (DIALECT), the connection primitives
+over asyncpg (`PgConnection`: prepared statements reused by asyncpg's per-connection cache, big
+results converted a chunk at a time, a compaction batch's own timeout), the pools and their
+timeouts, the cancellation-safe `_connection`, the database's creation, LISTEN/NOTIFY, and the
+DSN. What its errors mean is postgres_errors.py's; the statements and the transactions' logic are
+the generic layer's (sql.py, transactions.py).
 """
 
 from __future__ import annotations
@@ -11,114 +19,64 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 import ssl as ssl_module
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
-    SCHEMA_VERSION,
-    Change,
-    ChangeRow,
     CompactTx,
-    Counters,
     DatabaseUnreachable,
     Driver,
     DriverError,
-    RawRow,
     ReadTx,
-    Row,
-    StatementError,
     WriteTx,
-    change,
+)
+from kine_server.drivers.dialect import Dialect, column_types, dollar
+from kine_server.drivers.postgres_errors import (
+    DATABASE_ERRORS,
+    describe,
+    describe_connect_error,
+    driver_error,
+    unanswered,
+    unreachable,
+)
+from kine_server.drivers.transactions import (
+    SchemaTooNew,
+    SQLCompact,
+    SQLRead,
+    SQLWrite,
+    create_schema,
 )
 
 log = logging.getLogger(__name__)
-
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS kine_meta (
-        name TEXT PRIMARY KEY,
-        value BIGINT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS kine_kv (
-        key BYTEA NOT NULL,
-        create_revision BIGINT NOT NULL,
-        mod_revision BIGINT NOT NULL,
-        version BIGINT NOT NULL,
-        value BYTEA NOT NULL,
-        lease BIGINT NOT NULL,
-        sub INTEGER NOT NULL,
-        next_revision BIGINT
-    )""",
-    """CREATE TABLE IF NOT EXISTS kine_lease (
-        id BIGINT PRIMARY KEY,
-        ttl BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS kine_lease_expiry ON kine_lease (expires_at)",
-    """CREATE TABLE IF NOT EXISTS kine_alarm (
-        member_id BIGINT NOT NULL,
-        alarm INTEGER NOT NULL,
-        PRIMARY KEY (member_id, alarm)
-    )""",
-    """CREATE TABLE IF NOT EXISTS kine_auth (
-        kind TEXT NOT NULL,
-        name BYTEA NOT NULL,
-        value BYTEA NOT NULL,
-        PRIMARY KEY (kind, name)
-    )""",
-    """CREATE INDEX IF NOT EXISTS kine_kv_lease ON kine_kv (lease)
-        WHERE next_revision IS NULL AND version > 0""",
-    # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
-    # next_revision and version of every row of the range in the index, not in the heap.
-    """CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_key_rev_sub ON kine_kv (key, mod_revision, sub)
-        INCLUDE (next_revision, version)""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS kine_kv_rev_sub ON kine_kv (mod_revision, sub)",
-    """CREATE INDEX IF NOT EXISTS kine_kv_live ON kine_kv (key)
-        WHERE next_revision IS NULL AND version > 0""",
-    """CREATE INDEX IF NOT EXISTS kine_kv_next ON kine_kv (next_revision)
-        WHERE next_revision IS NOT NULL""",
-]
+T = TypeVar("T")
+Record = Sequence[Any]
 
 #: Any number will do, as long as every kine-server uses the same one for schema creation.
 SCHEMA_LOCK_ID = 0x6B696E65
-
-#: A writer locks the revision row (writers commit in revision order) and the compact revision's
-#: (a periodic compaction cannot move it, and delete the history a write Txn's range at an old
-#: revision is reading, until the writer commits: at READ COMMITTED each statement would see the
-#: deletions). The compactor takes compacted_through first and the compact revision second, so
-#: no two lock orders cross. One round trip returns all three counters.
-LOCK_COUNTERS = (
-    "WITH locked AS (SELECT name, value FROM kine_meta "
-    "WHERE name IN ('compact_revision', 'revision') ORDER BY name FOR UPDATE) "
-    "SELECT name, value FROM locked "
-    "UNION ALL SELECT name, value FROM kine_meta WHERE name = 'compacted_through'"
-)
 CHANNEL = "kine_kv"
-NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
-#: What asyncpg and the network raise when the database is unreachable or a statement fails.
-DATABASE_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,  # TimeoutError and ConnectionError included
-)
-
-#: Of those, the ones that mean no answer came (as opposed to an error the server answered with):
-#: the connection cannot be trusted any more, and no request is at fault.
-UNANSWERED = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
+DIALECT = Dialect(
+    name="postgres",
+    # clock_timestamp(), not now(): now() is the transaction's start, and a batch may wait.
+    now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    id_list="SELECT unnest(?::bigint[])",
+    encode_ids=list,
+    types=column_types(key_bytes="BYTEA", value_bytes="BYTEA"),
+    placeholder=dollar,
+    # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
+    # next_revision and version of every row of the range in the index, not in the heap.
+    include_columns=True,
+    partial_indexes=True,
+    update_returning=True,
+    # A btree entry may take a third of an 8 kB page (2704 bytes), the key and revision included.
+    max_key_bytes=2600,
+    # Delivered at commit: other instances' pollers wake at once instead of at their interval.
+    notify_commit=f"SELECT pg_notify('{CHANNEL}', ?)",
 )
 
 #: --datastore-timeout's default: connecting, waiting for a pooled connection and each statement
@@ -134,296 +92,59 @@ LISTEN_CHECK_INTERVAL = 10.0
 #: Attempts to LISTEN again back off up to this.
 LISTEN_RETRY_MAX = 5.0
 
-#: SQLSTATE classes a retry may cure: connection exceptions, transaction rollbacks (serialization,
-#: deadlock), insufficient resources, operator intervention (shutdown, statement timeout), system
-#: errors; and lock_not_available. Every other class (data, integrity, syntax) is the statement's.
-_RETRYABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
-_RETRYABLE_STATES = ("55P03",)
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer from PostgreSQL in time"
-    return str(exc) or type(exc).__name__
-
-
-def unreachable(exc: BaseException) -> bool:
-    """Connecting failed in a way waiting may cure: nobody listens yet, no route or no name yet
-    (a pod that starts beside its database), no answer in time, or a server still starting."""
-    if isinstance(exc, ssl_module.SSLError):  # a certificate does not get better by waiting
-        return False
-    return isinstance(
-        exc, OSError | asyncpg.CannotConnectNowError | asyncpg.PostgresConnectionError
-    )
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    """A connect error in a few words: asyncpg joins one per address it tried ("Multiple
-    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ...")."""
-    if isinstance(exc, ConnectionRefusedError) or "Errno 111" in str(exc):
-        return "connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host: {exc.strerror}"
-    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, TimeoutError):
-        return exc.strerror
-    return describe(exc)
-
-
-def unanswered(exc: BaseException) -> bool:
-    """No answer came: the connection cannot be trusted any more. Not asyncpg's DataError,
-    although it is an InterfaceError: a value asyncpg cannot encode (e.g. past int64) is refused
-    before anything is sent, and the connection is as good as before."""
-    return isinstance(exc, UNANSWERED) and not isinstance(exc, asyncpg.DataError)
-
-
-def driver_error(exc: BaseException) -> DriverError:
-    """What an asyncpg or network error means to the store: no answer at all, an error a
-    retry may cure, or the statement's own fault."""
-    if isinstance(exc, asyncpg.DataError):
-        return StatementError(f"{type(exc).__name__}: {exc}")
-    if unanswered(exc):
-        return DatabaseUnreachable(describe(exc))
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        if not (state[:2] in _RETRYABLE_CLASSES or state in _RETRYABLE_STATES):
-            return StatementError(f"{type(exc).__name__}: {exc}")
-    return DriverError(describe(exc))
-
-
-DIALECT = sql.Dialect(
-    greatest="GREATEST",
-    # clock_timestamp(), not now(): now() is the transaction's start, and a batch may wait.
-    now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
-    id_list="SELECT unnest(?::bigint[])",
-    numbered=True,
-)
-_COUNTERS = DIALECT(sql.COUNTERS)
-_META = DIALECT(sql.META)
-_SET_META = DIALECT(sql.SET_META)
-_NEWEST = DIALECT(sql.NEWEST)
-_INSERT = DIALECT(sql.INSERT)
-_SUPERSEDE = DIALECT(sql.SUPERSEDE)
-_DELETE_SUPERSEDED = DIALECT(sql.DELETE_SUPERSEDED)
-_DELETE_TOMBSTONES = DIALECT(sql.DELETE_TOMBSTONES)
-_CLAIM_COMPACTED = DIALECT(sql.CLAIM_COMPACTED)
-_LOCK_COMPACT_REVISION = sql.LOCK_COMPACT_REVISION + " FOR UPDATE"
-_ADVANCE_COMPACT_REVISION = DIALECT(sql.ADVANCE_COMPACT_REVISION)
-_DUMP = DIALECT(sql.DUMP)
-_INSERT_RAW = DIALECT(sql.INSERT_RAW)
-_ALL_LEASES = sql.ALL_LEASES
-_ALL_META = sql.ALL_META
-_LEASE = DIALECT(sql.LEASE)
-_LEASES = DIALECT(sql.LEASES)
-_EXPIRED_LEASES = DIALECT(sql.EXPIRED_LEASES)
-_INSERT_LEASE = DIALECT(sql.INSERT_LEASE)
-_RENEW_LEASES = DIALECT(sql.RENEW_LEASES)
-_DELETE_LEASE = DIALECT(sql.DELETE_LEASE)
-_DELETE_EXPIRED_LEASE = DIALECT(sql.DELETE_EXPIRED_LEASE)
-_RESUME_LEASES = DIALECT(sql.RESUME_LEASES)
-_LEASES_SERVED_UNTIL = DIALECT(sql.LEASES_SERVED_UNTIL)
-_LEASED = DIALECT(sql.LEASED)
-_MIGRATE_1_TO_2 = [DIALECT(statement) for statement in sql.MIGRATE_1_TO_2]
-_MIGRATE_2_TO_3 = [DIALECT(statement) for statement in sql.MIGRATE_2_TO_3]
-_MIGRATE_3_TO_4 = [DIALECT(statement) for statement in sql.MIGRATE_3_TO_4]
-_PUT_AUTH_RECORD = DIALECT(sql.PUT_AUTH_RECORD)
-_DELETE_AUTH_RECORD = DIALECT(sql.DELETE_AUTH_RECORD)
-_RAISE_ALARM = DIALECT(sql.RAISE_ALARM)
-_CLEAR_ALARM = DIALECT(sql.CLEAR_ALARM)
-
-
-def _row(record: Sequence[Any]) -> Row:
-    key, create, mod, version, value, lease = record
-    return Row(bytes(key), create, mod, version, bytes(value) if value is not None else b"", lease)
-
 
 #: Records converted between two turns of the event loop: asyncpg hands over a 50 000-row result
 #: at once, and converting it in one go held the loop for every other client.
 _CHUNK = 1000
 
 
-async def _rows(records: list[Any]) -> list[Row]:
-    rows: list[Row] = []
-    for start in range(0, len(records), _CHUNK):
-        if start:
-            await asyncio.sleep(0)
-        rows += [_row(r) for r in records[start : start + _CHUNK]]
-    return rows
-
-
 def _affected(status: str) -> int:
-    """asyncpg returns the command tag, e.g. 'DELETE 12'."""
-    return int(status.rsplit(" ", 1)[-1])
+    """asyncpg returns the command tag, e.g. 'DELETE 12' ('CREATE TABLE' changed no rows)."""
+    count = status.rpartition(" ")[2]
+    return int(count) if count.isdigit() else 0
 
 
-class _Read(ReadTx):
-    # A btree entry may take a third of an 8 kB page (2704 bytes), the key and revision included.
-    max_key_bytes = 2600
+class PgConnection:
+    """transactions.Connection over one asyncpg connection. asyncpg prepares a statement the
+    first time a connection runs its text and reuses it after (its statement cache): every text
+    comes from sql.Statements, rendered once, so each shape is prepared once per connection.
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    `execute_timeout`: a compaction batch's own limit for the statements that change rows (the
+    server's statement_timeout and a second for its answer): --datastore-timeout, asyncpg's
+    command_timeout for everything else, must not cut short a batch that --compact-timeout
+    allows."""
+
+    def __init__(self, conn: asyncpg.Connection, execute_timeout: float | None = None) -> None:
         self._conn = conn
+        self._timeout = execute_timeout
 
-    async def counters(self) -> Counters:
-        values = {r[0]: r[1] for r in await self._conn.fetch(_COUNTERS)}
-        return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
+    async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]:
+        records: list[Record] = await self._conn.fetch(query, *params)
+        return records
 
-    async def range(
-        self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool = True
-    ) -> list[Row]:
-        query, params = sql.range_query(key, end, at, limit, with_values)
-        return await _rows(await self._conn.fetch(sql.numbered(query), *params))
-
-    async def count(self, key: bytes, end: bytes | None, at: int | None) -> int:
-        query, params = sql.count_query(key, end, at)
-        return int(await self._conn.fetchval(sql.numbered(query), *params))
-
-    async def changes(
-        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
-    ) -> list[Change]:
-        query, params = sql.changes_query(after, through, key, end, limit)
-        records = await self._conn.fetch(sql.numbered(query), *params)
-        changes: list[Change] = []
-        for start in range(0, len(records), _CHUNK):  # as _rows
+    async def fetch_rows(
+        self, query: str, params: Sequence[Any], convert: Callable[[Record], T]
+    ) -> list[T]:
+        records = await self._conn.fetch(query, *params)
+        rows: list[T] = []
+        for start in range(0, len(records), _CHUNK):
             if start:
                 await asyncio.sleep(0)
-            changes += [
-                change(tuple(bytes(v) if isinstance(v, memoryview) else v for v in r))
-                for r in records[start : start + _CHUNK]
-            ]
-        return changes
+            rows += [convert(r) for r in records[start : start + _CHUNK]]
+        return rows
 
-    async def lease(self, lease_id: int) -> tuple[int, int] | None:
-        record = await self._conn.fetchrow(_LEASE, lease_id)
-        return (record[0], record[1]) if record is not None else None
+    def fetch_soon(self, query: str, params: Sequence[Any]) -> Awaitable[list[Record]]:
+        return self.fetch(query, params)  # one connection, one statement at a time
 
-    async def leases(self) -> list[int]:
-        return [r[0] for r in await self._conn.fetch(_LEASES)]
+    async def execute(self, query: str, params: Sequence[Any]) -> int:
+        return _affected(await self._conn.execute(query, *params, timeout=self._timeout))
 
-    async def any_lease(self) -> bool:
-        return bool(await self._conn.fetchval(sql.ANY_LEASE))
+    async def executemany(self, query: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(query, rows)
 
-    async def expired_leases(self, limit: int) -> list[int]:
-        return [r[0] for r in await self._conn.fetch(_EXPIRED_LEASES, limit)]
-
-    async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
-        records = await self._conn.fetch(_DUMP, after[0], after[0], after[1], limit)
-        return [
-            RawRow(bytes(r[0]), r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7]) for r in records
-        ]
-
-    async def all_leases(self) -> list[tuple[int, int, int]]:
-        return [(r[0], r[1], r[2]) for r in await self._conn.fetch(_ALL_LEASES)]
-
-    async def all_meta(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in await self._conn.fetch(_ALL_META)}
-
-    async def alarms(self) -> list[tuple[int, int]]:
-        return [(sql.member_of(r[0]), r[1]) for r in await self._conn.fetch(sql.ALARMS)]
-
-    async def auth_records(self) -> list[tuple[str, bytes, bytes]]:
-        records = await self._conn.fetch(sql.AUTH_RECORDS)
-        return [(r[0], bytes(r[1]), bytes(r[2])) for r in records]
-
-    async def leased(self, lease_id: int) -> list[Row]:
-        return await _rows(await self._conn.fetch(_LEASED, lease_id))
-
-
-class _Write(_Read, WriteTx):
-    async def lock(self) -> Counters:
-        values = {r[0]: r[1] for r in await self._conn.fetch(LOCK_COUNTERS)}
-        return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
-
-    async def newest(self, key: bytes) -> Row | None:
-        record = await self._conn.fetchrow(_NEWEST, key)
-        return _row(record) if record is not None else None
-
-    async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
-        if superseded:
-            revision = rows[0].mod_revision
-            await self._conn.executemany(_SUPERSEDE, [(revision, k, r) for k, r in superseded])
-        await self._conn.executemany(_INSERT, rows)
-
-    async def delete_range(
-        self, key: bytes, end: bytes | None, revision: int, first_sub: int
-    ) -> None:
-        for query, params in sql.delete_range(key, end, revision, first_sub):
-            await self._conn.execute(sql.numbered(query), *params)
-
-    async def delete_leased(self, lease_id: int, revision: int, first_sub: int) -> None:
-        for query, params in sql.delete_leased(lease_id, revision, first_sub):
-            await self._conn.execute(sql.numbered(query), *params)
-
-    async def insert_raw(self, rows: list[RawRow]) -> None:
-        await self._conn.executemany(_INSERT_RAW, rows)
-
-    async def link_history(self) -> None:
-        await self._conn.execute(sql.LINK_HISTORY)
-
-    async def insert_lease(self, lease_id: int, ttl: int) -> bool:
-        return _affected(await self._conn.execute(_INSERT_LEASE, lease_id, ttl, ttl)) == 1
-
-    async def renew_leases(self, lease_ids: Collection[int]) -> dict[int, int]:
-        rows = await self._conn.fetch(_RENEW_LEASES, list(lease_ids))
-        return {int(row[0]): int(row[1]) for row in rows}
-
-    async def delete_lease(self, lease_id: int, expired_only: bool) -> bool:
-        statement = _DELETE_EXPIRED_LEASE if expired_only else _DELETE_LEASE
-        return _affected(await self._conn.execute(statement, lease_id)) == 1
-
-    async def resume_leases(self, promise_ms: int) -> None:
-        await self._conn.execute(_RESUME_LEASES)
-        await self.serve_leases(promise_ms)
-
-    async def serve_leases(self, promise_ms: int) -> None:
-        await self._conn.execute(_LEASES_SERVED_UNTIL, promise_ms)
-
-    async def set_revision(self, revision: int) -> None:
-        await self._conn.execute(_SET_META, revision, "revision")
-        # Delivered at commit: other instances' pollers wake at once instead of at their interval.
-        await self._conn.execute(NOTIFY, str(revision))
-
-    async def set_meta(self, name: str, value: int) -> None:
-        await self._conn.execute(_SET_META, value, name)
-
-    async def put_auth_record(self, kind: str, name: bytes, value: bytes) -> None:
-        await self._conn.execute(_PUT_AUTH_RECORD, kind, name, value)
-
-    async def delete_auth_record(self, kind: str, name: bytes) -> None:
-        await self._conn.execute(_DELETE_AUTH_RECORD, kind, name)
-
-    async def raise_alarm(self, member_id: int, alarm: int) -> bool:
-        status = await self._conn.execute(_RAISE_ALARM, sql.stored_member(member_id), alarm)
-        return _affected(status) == 1
-
-    async def clear_alarm(self, member_id: int, alarm: int) -> bool:
-        status = await self._conn.execute(_CLEAR_ALARM, sql.stored_member(member_id), alarm)
-        return _affected(status) == 1
-
-    async def lock_compact_revision(self) -> int:
-        return int(await self._conn.fetchval(_LOCK_COMPACT_REVISION))
-
-    async def advance_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision)
-
-
-class _Compact(_Read, CompactTx):
-    def __init__(self, conn: asyncpg.Connection, timeout: float) -> None:
-        super().__init__(conn)
-        #: The batch's own limit (the server's statement_timeout) and a second for its answer:
-        #: --datastore-timeout must not cut short a batch that --compact-timeout allows.
-        self._limit = timeout + 1.0
-
-    async def delete_history(self, after: int, through: int) -> int:
-        t = self._limit
-        superseded = await self._conn.execute(_DELETE_SUPERSEDED, after, through, timeout=t)
-        tombstones = await self._conn.execute(_DELETE_TOMBSTONES, after, through, timeout=t)
-        return _affected(superseded) + _affected(tombstones)
-
-    async def claim(self, expected: int, through: int) -> bool:
-        claimed = await self._conn.execute(_CLAIM_COMPACTED, through, expected, timeout=self._limit)
-        return _affected(claimed) == 1
-
-    async def advance_compact_revision(self, revision: int) -> None:
-        await self._conn.execute(_ADVANCE_COMPACT_REVISION, revision, timeout=self._limit)
+    async def execute_all(self, statements: sql.Batch, bulk: bool) -> None:
+        for query, params in statements:
+            await self._conn.execute(query, *params, timeout=self._timeout)
 
 
 def _drop(conn: asyncpg.Connection) -> None:
@@ -483,6 +204,8 @@ class PostgresDriver(Driver):
         #: Tests turn this off to prove the periodic poll alone converges.
         self.listen_enabled = True
         self.listen_check_interval = LISTEN_CHECK_INTERVAL
+        #: Every statement, rendered once for PostgreSQL.
+        self._statements = sql.Statements(DIALECT)
 
     async def open(self) -> None:
         try:
@@ -507,6 +230,9 @@ class PostgresDriver(Driver):
                     f"{describe_connect_error(exc)}"
                 ) from exc
             raise DriverError(f"cannot open PostgreSQL database: {describe(exc)}") from exc
+        except SchemaTooNew as exc:
+            await self.close()
+            raise DriverError(f"cannot open PostgreSQL database: {exc}") from exc
 
     @property
     def server(self) -> str:
@@ -558,25 +284,10 @@ class PostgresDriver(Driver):
         await conn.close(timeout=CLOSE_TIMEOUT)
 
     async def _create_schema(self, conn: asyncpg.Connection) -> None:
+        """Inside the caller's transaction; the advisory lock keeps two instances starting at
+        once from creating or migrating the schema side by side."""
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_ID)
-        for statement in SCHEMA:
-            await conn.execute(statement)
-        seed, rows = sql.seed_meta(secrets.randbits(63) or 1)
-        await conn.executemany(sql.numbered(seed), rows)
-        found = await conn.fetchval(_META, "schema_version")
-        if found > SCHEMA_VERSION:
-            raise DriverError(
-                f"schema version {found} is newer than this kine-server ({SCHEMA_VERSION})"
-            )
-        if found < 2:
-            for statement in _MIGRATE_1_TO_2:
-                await conn.execute(statement)
-        if found < 3:
-            for statement in _MIGRATE_2_TO_3:
-                await conn.execute(statement)
-        if found < 4:
-            for statement in _MIGRATE_3_TO_4:
-                await conn.execute(statement)
+        await create_schema(PgConnection(conn), self._statements, secrets.randbits(63) or 1)
 
     async def listen(self, on_commit: Callable[[int], None]) -> None:
         if not self.listen_enabled:
@@ -600,7 +311,7 @@ class PostgresDriver(Driver):
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _: lost.set())
             await conn.add_listener(CHANNEL, self._notified)
-            revision = await conn.fetchval(_META, "revision")
+            revision = await conn.fetchval(self._statements.meta, "revision")
         except BaseException:
             _drop(conn)
             raise
@@ -727,13 +438,13 @@ class PostgresDriver(Driver):
     async def read(self) -> AsyncIterator[ReadTx]:
         assert self._readers is not None, "driver not open"
         async with self._transaction(self._readers, "repeatable_read", readonly=True) as conn:
-            yield _Read(conn)
+            yield SQLRead(PgConnection(conn), self._statements)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[WriteTx]:
         assert self._writers is not None, "driver not open"
         async with self._transaction(self._writers) as conn:
-            yield _Write(conn)
+            yield SQLWrite(PgConnection(conn), self._statements)
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
@@ -743,7 +454,8 @@ class PostgresDriver(Driver):
             # A batch gives up rather than wait on row locks or run long: writers first.
             await conn.execute(f"SET LOCAL lock_timeout = {millis}")
             await conn.execute(f"SET LOCAL statement_timeout = {millis}")
-            yield _Compact(conn, timeout)
+            # The batch's own limit (the server's statement_timeout) and a second for its answer.
+            yield SQLCompact(PgConnection(conn, execute_timeout=timeout + 1.0), self._statements)
 
     async def checkpoint(self) -> None:
         """Nothing to do: autovacuum reclaims the deleted rows' space for reuse."""
@@ -759,7 +471,7 @@ class PostgresDriver(Driver):
     async def meta(self, name: str) -> int | None:
         assert self._readers is not None, "driver not open"
         async with self._connection(self._readers) as conn:
-            value = await conn.fetchval(_META, name)
+            value = await conn.fetchval(self._statements.meta, name)
         return int(value) if value is not None else None
 
     async def size(self) -> tuple[int, int]:

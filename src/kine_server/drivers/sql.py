@@ -1,21 +1,22 @@
-"""The statements both drivers share, written once with `?` placeholders.
+"""Every statement of the store, written once, and `Statements`: all of them rendered for one dialect.
 
-The query shapes are the same on SQLite and PostgreSQL; only DDL, locking and placeholder syntax
-differ, and those stay in each driver. `numbered()` turns `?` into PostgreSQL's `$1, $2, ...`.
-Three dialect words are filled in by each driver: `{greatest}` (a two-argument maximum),
-`{now_ms}` (the database's clock in milliseconds: lease deadlines are the database's, so every
-instance on one PostgreSQL agrees on them whatever its own clock says) and `{id_list}` (a
-subquery of the ids given as one parameter: a JSON array on SQLite, an array on PostgreSQL).
+The templates use `?` placeholders and the words of dialect.Dialect ({greatest}, {now_ms},
+{id_list}, {int64_cast}, {for_update}); a dialect may replace a whole statement (`overrides`).
+The statements whose text depends on the request (a range, a count, a page of history, the
+set-based deletes) come in a few shapes: single key, open-ended or bounded range, newest or at
+a revision, limited or not. `Statements` renders every shape once, when a driver is made, so a
+request only looks its text up (PostgreSQL's `$n` numbering was a regex on every call) and
+PostgreSQL's prepared statements are reused across requests.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from kine_server.drivers.base import OPEN_END, SCHEMA_VERSION
+from kine_server.drivers import schema
+from kine_server.drivers.base import OPEN_END
+from kine_server.drivers.dialect import Conflict, Dialect
 
 ROW_COLUMNS = "key, create_revision, mod_revision, version, value, lease"
 KEY_COLUMNS = "key, create_revision, mod_revision, version, NULL AS value, lease"
@@ -24,10 +25,20 @@ COUNTERS = (
     "SELECT name, value FROM kine_meta "
     "WHERE name IN ('revision', 'compact_revision', 'compacted_through')"
 )
+#: A writer locks the revision row (writers commit in revision order) and the compact revision's
+#: (a periodic compaction cannot move it, and delete the history a write Txn's range at an old
+#: revision is reading, until the writer commits: at READ COMMITTED each statement would see the
+#: deletions). The compactor takes compacted_through first and the compact revision second, so
+#: no two lock orders cross. One round trip returns all three counters.
+LOCK_COUNTERS = (
+    "WITH locked AS (SELECT name, value FROM kine_meta "
+    "WHERE name IN ('compact_revision', 'revision') ORDER BY name{for_update}) "
+    "SELECT name, value FROM locked "
+    "UNION ALL SELECT name, value FROM kine_meta WHERE name = 'compacted_through'"
+)
 META = "SELECT value FROM kine_meta WHERE name = ?"
 SET_META = "UPDATE kine_meta SET value = ? WHERE name = ?"
-LOCK_COMPACT_REVISION = "SELECT value FROM kine_meta WHERE name = 'compact_revision'"
-#: {greatest} is the dialect's two-argument maximum (SQLite max, PostgreSQL GREATEST).
+LOCK_COMPACT_REVISION = "SELECT value FROM kine_meta WHERE name = 'compact_revision'{for_update}"
 ADVANCE_COMPACT_REVISION = (
     "UPDATE kine_meta SET value = {greatest}(value, ?) WHERE name = 'compact_revision'"
 )
@@ -54,14 +65,22 @@ EXPIRED_LEASES = (
     "SELECT id FROM kine_lease WHERE expires_at <= {now_ms} ORDER BY expires_at LIMIT ?"
 )
 INSERT_LEASE = (
-    "INSERT INTO kine_lease (id, ttl, expires_at) VALUES (?, ?, {now_ms} + CAST(? AS BIGINT) * 1000) "
-    "ON CONFLICT (id) DO NOTHING"
+    "INSERT INTO kine_lease (id, ttl, expires_at) "
+    "VALUES (?, ?, {now_ms} + CAST(? AS {int64_cast}) * 1000)"
 )
 # An expired lease is not renewed, even before the expiry pass has revoked it (as etcd's Renew).
 #: `{id_list}`: the ids as one parameter, so that one statement (cached once) renews any number.
 RENEW_LEASES = (
     "UPDATE kine_lease SET expires_at = {now_ms} + ttl * 1000 "
     "WHERE id IN ({id_list}) AND expires_at > {now_ms} RETURNING id, ttl"
+)
+#: Without UPDATE ... RETURNING (dialect.update_returning): the renewable leases, locked, then
+#: RENEW_LOCKED of exactly those.
+RENEWABLE_LEASES = (
+    "SELECT id, ttl FROM kine_lease WHERE id IN ({id_list}) AND expires_at > {now_ms}{for_update}"
+)
+RENEW_LOCKED_LEASES = (
+    "UPDATE kine_lease SET expires_at = {now_ms} + ttl * 1000 WHERE id IN ({id_list})"
 )
 DELETE_LEASE = "DELETE FROM kine_lease WHERE id = ?"
 DELETE_EXPIRED_LEASE = "DELETE FROM kine_lease WHERE id = ? AND expires_at <= {now_ms}"
@@ -78,10 +97,7 @@ LEASES_SERVED_UNTIL = (
     "UPDATE kine_meta SET value = {now_ms} + ? WHERE name = 'lease_served_until' "
     "AND EXISTS (SELECT 1 FROM kine_lease)"
 )
-LEASED = (
-    f"SELECT {ROW_COLUMNS} FROM kine_kv "
-    "WHERE lease = ? AND next_revision IS NULL AND version > 0 ORDER BY key"
-)
+LEASED = f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE lease = ? AND {schema.LIVE} ORDER BY key"
 
 # Snapshots copy the tables row for row, next_revision included.
 RAW_COLUMNS = f"{ROW_COLUMNS}, sub, next_revision"
@@ -95,6 +111,7 @@ DUMP = (
 INSERT_RAW = f"INSERT INTO kine_kv ({RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 #: After rows were inserted without it (a restore of another format): each row's
 #: next_revision is the revision of its key's next row, as the writer would have set it.
+#: (MySQL cannot read the table an UPDATE writes in a subquery: its dialect overrides this.)
 LINK_HISTORY = (
     "UPDATE kine_kv SET next_revision = ("
     "SELECT n.mod_revision FROM kine_kv n WHERE n.key = kine_kv.key AND "
@@ -111,52 +128,21 @@ DELETE_TOMBSTONES = (
 )
 CLAIM_COMPACTED = "UPDATE kine_meta SET value = ? WHERE name = 'compacted_through' AND value = ?"
 
-
-#: From schema 1: (key, mod_revision) stops being unique (see base.SCHEMA_VERSION), and a store
-#: that was never compacted says so the way etcd does.
-MIGRATE_1_TO_2 = [
-    "DROP INDEX IF EXISTS kine_kv_key_rev",
-    "UPDATE kine_meta SET value = -1 WHERE name = 'compact_revision' AND value = 0",
-    "INSERT INTO kine_meta (name, value) VALUES ('lease_served_until', 0) "
-    "ON CONFLICT (name) DO NOTHING",
-    "UPDATE kine_meta SET value = 2 WHERE name = 'schema_version'",
-]
-
-#: From schema 2: the one NOSPACE flag becomes a row of kine_alarm. It did not say which
-#: instance raised it, so it becomes member 0's (what `etcdctl alarm disarm` clears as well).
-MIGRATE_2_TO_3 = [
-    "INSERT INTO kine_alarm (member_id, alarm) "
-    "SELECT 0, 1 FROM kine_meta WHERE name = 'alarm_nospace' AND value <> 0",
-    "DELETE FROM kine_meta WHERE name = 'alarm_nospace'",
-    "UPDATE kine_meta SET value = 3 WHERE name = 'schema_version'",
-]
-
-#: From schema 3: the auth store (its table is created with the others); auth off, at etcd's
-#: first auth revision.
-MIGRATE_3_TO_4 = [
-    "INSERT INTO kine_meta (name, value) VALUES ('auth_enabled', 0) ON CONFLICT (name) DO NOTHING",
-    "INSERT INTO kine_meta (name, value) VALUES ('auth_revision', 1) ON CONFLICT (name) DO NOTHING",
-    "INSERT INTO kine_meta (name, value) VALUES ('auth_generation', 0) "
-    "ON CONFLICT (name) DO NOTHING",
-    "UPDATE kine_meta SET value = 4 WHERE name = 'schema_version'",
-]
-
 #: Users and roles, as etcd's authUsers and authRoles buckets hold them.
 AUTH_RECORDS = "SELECT kind, name, value FROM kine_auth ORDER BY kind, name"
-PUT_AUTH_RECORD = (
-    "INSERT INTO kine_auth (kind, name, value) VALUES (?, ?, ?) "
-    "ON CONFLICT (kind, name) DO UPDATE SET value = excluded.value"
-)
+PUT_AUTH_RECORD = "INSERT INTO kine_auth (kind, name, value) VALUES (?, ?, ?)"
 DELETE_AUTH_RECORD = "DELETE FROM kine_auth WHERE kind = ? AND name = ?"
 
 #: Alarms, as etcd's alarm bucket holds them: one row per raised (member id, alarm type).
 ALARMS = "SELECT member_id, alarm FROM kine_alarm"
-RAISE_ALARM = "INSERT INTO kine_alarm (member_id, alarm) VALUES (?, ?) ON CONFLICT DO NOTHING"
+RAISE_ALARM = "INSERT INTO kine_alarm (member_id, alarm) VALUES (?, ?)"
 CLEAR_ALARM = "DELETE FROM kine_alarm WHERE member_id = ? AND alarm = ?"
+
+SEED_META = "INSERT INTO kine_meta (name, value) VALUES (?, ?)"
 
 
 def stored_member(member_id: int) -> int:
-    """etcd's member ids are uint64, both databases' integers int64: the one with the same bits."""
+    """etcd's member ids are uint64, the databases' integers int64: the one with the same bits."""
     return member_id - 2**64 if member_id >= 2**63 else member_id
 
 
@@ -165,34 +151,30 @@ def member_of(stored: int) -> int:
     return stored % 2**64
 
 
-def seed_meta(cluster_id: int) -> tuple[str, list[tuple[str, int]]]:
-    """Rows a new store starts with: etcd's first revision is 1, nothing compacted."""
-    rows = [
-        ("schema_version", SCHEMA_VERSION),
-        ("revision", 1),
-        ("compact_revision", -1),
-        ("compacted_through", 0),
-        ("cluster_id", cluster_id),
-        ("lease_served_until", 0),
-        ("auth_enabled", 0),
-        ("auth_revision", 1),
-        ("auth_generation", 0),
-    ]
-    return "INSERT INTO kine_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", rows
+# The shapes of the statements that depend on the request. `end` is one of three kinds:
+#: A single key (end None), every key from `key` on (end OPEN_END), or [key, end).
+SINGLE, OPEN, BOUNDED = 0, 1, 2
+_END_KINDS = (SINGLE, OPEN, BOUNDED)
 
 
-def _key_filter(end: bytes | None, column: str = "key") -> str:
+def end_kind(end: bytes | None) -> int:
     if end is None:
+        return SINGLE
+    return OPEN if end == OPEN_END else BOUNDED
+
+
+def _key_filter(kind: int, column: str = "key") -> str:
+    if kind == SINGLE:
         return f"{column} = ?"
-    if end == OPEN_END:
+    if kind == OPEN:
         return f"{column} >= ?"
     return f"{column} >= ? AND {column} < ?"
 
 
-def _visible(at: int | None) -> str:
+def _visible(historical: bool) -> str:
     # The newest-row predicate matches the partial index kine_kv_live word for word.
-    if at is None:
-        return "next_revision IS NULL AND version > 0"
+    if not historical:
+        return schema.LIVE
     return "mod_revision <= ? AND (next_revision IS NULL OR next_revision > ?) AND version > 0"
 
 
@@ -205,21 +187,20 @@ def _params(key: bytes, end: bytes | None, at: int | None) -> list[Any]:
     return params
 
 
-def range_query(
-    key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool
-) -> tuple[str, list[Any]]:
+def range_template(kind: int, historical: bool, limited: bool, with_values: bool) -> str:
     columns = ROW_COLUMNS if with_values else KEY_COLUMNS
-    sql = f"SELECT {columns} FROM kine_kv WHERE {_key_filter(end)} AND {_visible(at)} ORDER BY key"
-    params = _params(key, end, at)
-    if limit > 0:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return sql, params
+    text = (
+        f"SELECT {columns} FROM kine_kv WHERE {_key_filter(kind)} AND {_visible(historical)} "
+        "ORDER BY key"
+    )
+    return text + " LIMIT ?" if limited else text
 
 
-def changes_query(
-    after: int, through: int, key: bytes, end: bytes | None, limit: int
-) -> tuple[str, list[Any]]:
+def count_template(kind: int, historical: bool) -> str:
+    return f"SELECT count(*) FROM kine_kv WHERE {_key_filter(kind)} AND {_visible(historical)}"
+
+
+def changes_template(kind: int) -> str:
     """History in (after, through] for a key range, each row with the live row it replaced.
 
     As etcd's watch, the previous value is the key's state just before the change's revision:
@@ -229,12 +210,12 @@ def changes_query(
     row of the range before sorting and limiting took 240 ms per 100-row page of a 50 000-change
     range.
     """
-    sql = (
+    return (
         "SELECT c.key, c.create_revision, c.mod_revision, c.version, c.value, c.lease, c.sub, "
         "p.create_revision, p.mod_revision, p.version, p.value, p.lease "
         "FROM (SELECT key, create_revision, mod_revision, version, value, lease, sub "
         "FROM kine_kv "
-        f"WHERE mod_revision > ? AND mod_revision <= ? AND {_key_filter(end)} "
+        f"WHERE mod_revision > ? AND mod_revision <= ? AND {_key_filter(kind)} "
         "ORDER BY mod_revision, sub LIMIT ?) c "
         "LEFT JOIN kine_kv p ON p.key = c.key AND c.version <> 1 AND p.version > 0 AND "
         "(p.next_revision IS NULL OR p.next_revision > p.mod_revision) AND "
@@ -242,65 +223,181 @@ def changes_query(
         "WHERE q.key = c.key AND q.mod_revision < c.mod_revision) "
         "ORDER BY c.mod_revision, c.sub"
     )
-    params: list[Any] = [after, through, key]
-    if end:
-        params.append(end)
-    params.append(limit)
-    return sql, params
 
 
-def delete_live(
-    revision: int, first_sub: int, where: str, params: list[Any]
-) -> list[tuple[str, list[Any]]]:
-    """The statements that delete every live row matching `where` at `revision`: a tombstone
-    for each (subs from `first_sub` on, in key order, as range() and LEASED return the rows),
+def delete_live_templates(where: str) -> tuple[str, str]:
+    """The statements that delete every live row matching `where` at a revision: a tombstone
+    for each (subs from a first one on, in key order, as range() and LEASED return the rows),
     then the rows superseded. Set-based: a statement per key (SUPERSEDE and INSERT) cost about
     90 microseconds a key, 12 s for a DeleteRange of 130 000 keys. The tombstones go in first,
-    while the rows they delete are still the live ones; being tombstones, they are not live."""
-    live = f"WHERE {where} AND next_revision IS NULL AND version > 0"
+    while the rows they delete are still the live ones; being tombstones, they are not live.
+    (row_number() OVER: SQLite 3.25+, PostgreSQL, MySQL 8, MariaDB 10.2.)"""
+    live = f"WHERE {where} AND {schema.LIVE}"
     tombstones = (
         "INSERT INTO kine_kv (key, create_revision, mod_revision, version, value, lease, sub) "
         f"SELECT key, 0, ?, 0, ?, 0, ? + row_number() OVER (ORDER BY key) - 1 FROM kine_kv {live}"
     )
     supersede = f"UPDATE kine_kv SET next_revision = ? {live}"
-    return [(tombstones, [revision, b"", first_sub, *params]), (supersede, [revision, *params])]
+    return tombstones, supersede
 
 
-def delete_range(
-    key: bytes, end: bytes | None, revision: int, first_sub: int
-) -> list[tuple[str, list[Any]]]:
-    return delete_live(revision, first_sub, _key_filter(end), _params(key, end, None))
+Batch = list[tuple[str, list[Any]]]
 
 
-def delete_leased(lease: int, revision: int, first_sub: int) -> list[tuple[str, list[Any]]]:
-    return delete_live(revision, first_sub, "lease = ?", [lease])
+class Statements:
+    """Every statement rendered for one dialect, once; the request-shaped ones in tables keyed
+    by their shape. Immutable once made: a driver builds one and shares it with every
+    transaction."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        unknown = set(dialect.overrides) - set(_FIXED)
+        if unknown:
+            raise ValueError(f"{dialect.name}: no statement named {sorted(unknown)}")
+
+        def render(name: str) -> str:
+            if name in dialect.overrides:
+                return dialect.render(dialect.overrides[name])
+            conflict = _CONFLICTS.get(name)
+            template = _FIXED[name]
+            return dialect.render(dialect.insert(template, conflict) if conflict else template)
+
+        fixed = {name: render(name) for name in _FIXED}
+        self.counters = fixed["counters"]
+        self.lock_counters = fixed["lock_counters"]
+        self.meta = fixed["meta"]
+        self.set_meta = fixed["set_meta"]
+        self.lock_compact_revision = fixed["lock_compact_revision"]
+        self.advance_compact_revision = fixed["advance_compact_revision"]
+        self.newest = fixed["newest"]
+        self.insert = fixed["insert"]
+        self.supersede = fixed["supersede"]
+        self.lease = fixed["lease"]
+        self.leases = fixed["leases"]
+        self.any_lease = fixed["any_lease"]
+        self.expired_leases = fixed["expired_leases"]
+        self.insert_lease = fixed["insert_lease"]
+        self.renew_leases = fixed["renew_leases"]
+        self.renewable_leases = fixed["renewable_leases"]
+        self.renew_locked_leases = fixed["renew_locked_leases"]
+        self.delete_lease = fixed["delete_lease"]
+        self.delete_expired_lease = fixed["delete_expired_lease"]
+        self.resume_leases = fixed["resume_leases"]
+        self.leases_served_until = fixed["leases_served_until"]
+        self.leased = fixed["leased"]
+        self.dump = fixed["dump"]
+        self.insert_raw = fixed["insert_raw"]
+        self.link_history = fixed["link_history"]
+        self.all_leases = fixed["all_leases"]
+        self.all_meta = fixed["all_meta"]
+        self.delete_superseded = fixed["delete_superseded"]
+        self.delete_tombstones = fixed["delete_tombstones"]
+        self.claim_compacted = fixed["claim_compacted"]
+        self.auth_records = fixed["auth_records"]
+        self.put_auth_record = fixed["put_auth_record"]
+        self.delete_auth_record = fixed["delete_auth_record"]
+        self.alarms = fixed["alarms"]
+        self.raise_alarm = fixed["raise_alarm"]
+        self.clear_alarm = fixed["clear_alarm"]
+        self.seed_meta = fixed["seed_meta"]
+        notify = dialect.notify_commit
+        self.notify_commit = dialect.render(notify) if notify is not None else None
+
+        flags = (False, True)
+        self._range = {
+            shape: dialect.render(range_template(*shape))
+            for shape in itertools.product(_END_KINDS, flags, flags, flags)
+        }
+        self._count = {
+            shape: dialect.render(count_template(*shape))
+            for shape in itertools.product(_END_KINDS, flags)
+        }
+        self._changes = {kind: dialect.render(changes_template(kind)) for kind in _END_KINDS}
+        self._delete_range = {
+            kind: tuple(dialect.render(t) for t in delete_live_templates(_key_filter(kind)))
+            for kind in _END_KINDS
+        }
+        self._delete_leased = tuple(dialect.render(t) for t in delete_live_templates("lease = ?"))
+        self.schema = schema.ddl(dialect)
+        self.migrations = schema.migrations(dialect)
+
+    def range(
+        self, key: bytes, end: bytes | None, at: int | None, limit: int, with_values: bool
+    ) -> tuple[str, list[Any]]:
+        text = self._range[end_kind(end), at is not None, limit > 0, with_values]
+        params = _params(key, end, at)
+        if limit > 0:
+            params.append(limit)
+        return text, params
+
+    def count(self, key: bytes, end: bytes | None, at: int | None) -> tuple[str, list[Any]]:
+        return self._count[end_kind(end), at is not None], _params(key, end, at)
+
+    def changes(
+        self, after: int, through: int, key: bytes, end: bytes | None, limit: int
+    ) -> tuple[str, list[Any]]:
+        params: list[Any] = [after, through, key]
+        if end:
+            params.append(end)
+        params.append(limit)
+        return self._changes[end_kind(end)], params
+
+    def delete_range(self, key: bytes, end: bytes | None, revision: int, first_sub: int) -> Batch:
+        tombstones, supersede = self._delete_range[end_kind(end)]
+        params = _params(key, end, None)
+        return [(tombstones, [revision, b"", first_sub, *params]), (supersede, [revision, *params])]
+
+    def delete_leased(self, lease: int, revision: int, first_sub: int) -> Batch:
+        tombstones, supersede = self._delete_leased
+        return [(tombstones, [revision, b"", first_sub, lease]), (supersede, [revision, lease])]
 
 
-def count_query(key: bytes, end: bytes | None, at: int | None) -> tuple[str, list[Any]]:
-    sql = f"SELECT count(*) FROM kine_kv WHERE {_key_filter(end)} AND {_visible(at)}"
-    return sql, _params(key, end, at)
+#: The INSERTs whose conflict clause is the dialect's (dialect.insert_on_conflict).
+_CONFLICTS = {
+    "insert_lease": Conflict(("id",)),
+    "put_auth_record": Conflict(("kind", "name"), update=("value",)),
+    "raise_alarm": Conflict(()),
+    "seed_meta": Conflict(("name",)),
+}
 
-
-@dataclass(frozen=True)
-class Dialect:
-    """What one database spells its own way in the shared statements."""
-
-    greatest: str
-    now_ms: str
-    #: A subquery of the ids passed as one parameter (its value is the driver's to encode).
-    id_list: str
-    numbered: bool
-
-    def __call__(self, statement: str) -> str:
-        """`statement` with the dialect's words and placeholders."""
-        text = statement.format(greatest=self.greatest, now_ms=self.now_ms, id_list=self.id_list)
-        return numbered(text) if self.numbered else text
-
-
-_PLACEHOLDER = re.compile(r"\?")
-
-
-def numbered(sql: str) -> str:
-    """`?` placeholders to PostgreSQL's numbered `$n` ones."""
-    counter = itertools.count(1)
-    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
+#: The statements of one text whatever the request, by their name in `Statements` (which is
+#: also the name a dialect's `overrides` replaces them by).
+_FIXED = {
+    "counters": COUNTERS,
+    "lock_counters": LOCK_COUNTERS,
+    "meta": META,
+    "set_meta": SET_META,
+    "lock_compact_revision": LOCK_COMPACT_REVISION,
+    "advance_compact_revision": ADVANCE_COMPACT_REVISION,
+    "newest": NEWEST,
+    "insert": INSERT,
+    "supersede": SUPERSEDE,
+    "lease": LEASE,
+    "leases": LEASES,
+    "any_lease": ANY_LEASE,
+    "expired_leases": EXPIRED_LEASES,
+    "insert_lease": INSERT_LEASE,
+    "renew_leases": RENEW_LEASES,
+    "renewable_leases": RENEWABLE_LEASES,
+    "renew_locked_leases": RENEW_LOCKED_LEASES,
+    "delete_lease": DELETE_LEASE,
+    "delete_expired_lease": DELETE_EXPIRED_LEASE,
+    "resume_leases": RESUME_LEASES,
+    "leases_served_until": LEASES_SERVED_UNTIL,
+    "leased": LEASED,
+    "dump": DUMP,
+    "insert_raw": INSERT_RAW,
+    "link_history": LINK_HISTORY,
+    "all_leases": ALL_LEASES,
+    "all_meta": ALL_META,
+    "delete_superseded": DELETE_SUPERSEDED,
+    "delete_tombstones": DELETE_TOMBSTONES,
+    "claim_compacted": CLAIM_COMPACTED,
+    "auth_records": AUTH_RECORDS,
+    "put_auth_record": PUT_AUTH_RECORD,
+    "delete_auth_record": DELETE_AUTH_RECORD,
+    "alarms": ALARMS,
+    "raise_alarm": RAISE_ALARM,
+    "clear_alarm": CLEAR_ALARM,
+    "seed_meta": SEED_META,
+}
