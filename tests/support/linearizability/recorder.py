@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +88,9 @@ def _kv(item: Any) -> KeyValue:
 class Clients:
     """The clients of one recording; `operations` grows as they run."""
 
-    def __init__(self, address: str, workload: Workload, seed: int) -> None:
-        self.address = address
+    def __init__(self, addresses: Sequence[str], workload: Workload, seed: int) -> None:
+        #: Client n connects to addresses[n % len(addresses)].
+        self.addresses = addresses
         self.workload = workload
         self.seed = seed
         self.operations: list[Operation] = []
@@ -100,14 +101,14 @@ class Clients:
 
     async def read_all(self, client: int) -> None:
         """One more client reads every key once (retrying until answered): the final state."""
-        async with self._connection() as kv:
+        async with self._connection(client) as kv:
             for n in range(self.workload.keys):
                 while not await self._one(kv, client, Kind.GET, self.workload.key(n), None):
                     await asyncio.sleep(0.1)
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[rpc_pb2_grpc.KVStub]:
-        conn = channel(self.address)
+    async def _connection(self, client: int) -> AsyncIterator[rpc_pb2_grpc.KVStub]:
+        conn = channel(self.addresses[client % len(self.addresses)])
         try:
             yield rpc_pb2_grpc.KVStub(conn)
         finally:
@@ -119,7 +120,7 @@ class Clients:
         weights = list(self.workload.weights.values())
         #: What this client last saw of each key (a CAS compares against it).
         seen: dict[bytes, KeyValue | None] = {}
-        async with self._connection() as kv:
+        async with self._connection(client) as kv:
             while not stop.is_set():
                 key = self.workload.key(rng.randrange(self.workload.keys))
                 kind = rng.choices(kinds, weights)[0]

@@ -17,8 +17,8 @@ from tests.support.linearizability.recorder import Clients, Watcher, Workload
 @dataclass
 class Recording:
     history: History
-    #: Each fault's name and the seconds it took.
-    faults: list[tuple[str, float]] = field(default_factory=list)
+    #: Each fault: its name, and when it began and ended (monotonic ns).
+    faults: list[tuple[str, int, int]] = field(default_factory=list)
     seconds: float = 0.0
     #: Watches whose progress response never confirmed the final revision.
     undrained: list[str] = field(default_factory=list)
@@ -32,7 +32,7 @@ class Recording:
             f"{w.name} {len(w.events)} events, {len(w.reconnects)} reconnects"
             for w in self.history.watches
         )
-        faults = ", ".join(f"{name} ({took:.1f}s)" for name, took in self.faults)
+        faults = ", ".join(f"{name} ({(end - at) / 1e9:.1f}s)" for name, at, end in self.faults)
         return (
             f"{len(ops)} operations in {self.seconds:.1f}s: {sum(ok.values())} ok "
             f"{dict(sorted(ok.items()))}, {sum(failed.values())} indeterminate "
@@ -40,21 +40,35 @@ class Recording:
             f"r{self.history.final_revision}; watches: {watches}; faults: {faults}"
         )
 
+    def unanswered_after(self) -> list[str]:
+        """The faults after whose end no write was answered (the server did not come back)."""
+        ops = self.history.operations
+        return [
+            name
+            for name, _, ended in self.faults
+            if not any(op.writes and op.call > ended for op in ops)
+        ]
+
 
 async def record(
-    address: str,
+    addresses: str | Sequence[str],
     seconds: float,
     faults: Sequence[Fault] = (),
     workload: Workload | None = None,
     seed: int = 0,
+    settle: float = 1.0,
 ) -> Recording:
-    """Record for `seconds` (faults at their times, the mid-way watch opened halfway), then
-    read every key once more and drain both watches through the final revision."""
+    """Record for `seconds` (faults at their times, the mid-way watch opened halfway) and at
+    least `settle` seconds after the last fault ended, then read every key once more and drain
+    both watches through the final revision. With several addresses (servers on one database)
+    the clients take turns, the watch from the start is on the first, the mid-way one on the
+    last."""
     workload = workload or Workload()
+    addresses = [addresses] if isinstance(addresses, str) else list(addresses)
     began = time.monotonic()
-    clients = Clients(address, workload, seed)
-    from_start = Watcher(address, "from-start", workload, 1)
-    mid_way = Watcher(address, "mid-way", workload, 0)
+    clients = Clients(addresses, workload, seed)
+    from_start = Watcher(addresses[0], "from-start", workload, 1)
+    mid_way = Watcher(addresses[-1], "mid-way", workload, 0)
     await from_start.start()
     stop = asyncio.Event()
     running = asyncio.create_task(clients.run(stop))
@@ -63,9 +77,9 @@ async def record(
     async def inject() -> None:
         for fault in faults:
             await asyncio.sleep(max(0.0, began + fault.at - time.monotonic()))
-            started = time.monotonic()
+            started = time.monotonic_ns()
             await asyncio.to_thread(fault.inject)
-            recording.faults.append((fault.name, time.monotonic() - started))
+            recording.faults.append((fault.name, started, time.monotonic_ns()))
 
     async def open_mid_way() -> None:
         await asyncio.sleep(seconds / 2)
@@ -73,13 +87,19 @@ async def record(
 
     async def until_stop() -> None:
         await asyncio.sleep(seconds)
+        await injecting
+        if recording.faults:  # the clients see the server serve again
+            last = recording.faults[-1][2] / 1e9
+            await asyncio.sleep(max(0.0, last + settle - time.monotonic()))
         stop.set()
 
+    injecting = asyncio.create_task(inject())
     try:
-        await asyncio.gather(inject(), open_mid_way(), until_stop(), running)
+        await asyncio.gather(open_mid_way(), until_stop(), running)
     finally:
         stop.set()
         await running
+        await injecting
     await clients.read_all(client=workload.clients)
     final = max(op.outcome.revision for op in clients.operations[-workload.keys :] if op.outcome)
     for watcher in (from_start, mid_way):

@@ -1,0 +1,212 @@
+"""Linearizability of recorded histories under faults, as etcd's robustness suite checks etcd.
+
+Concurrent clients (a connection each) run random Get / Put / Delete / Txn compare-and-set on a
+few keys against a real kine-server process while it is killed with -9 (all of it, or one
+front-end of `--workers 2`), PostgreSQL is restarted, or the network to PostgreSQL blackholes,
+resets or slows down. Two watches (one from the first revision, one opened mid-way) reconnect
+after each fault. The history must be linearizable as etcd's KV (tests.support.linearizability
+.checker, per key, time-capped: UNKNOWN fails), keep etcd's revision guarantees, and both watches
+must deliver every write exactly once, in revision order.
+
+The short runs here take about 10 s each; `make soak` runs the long ones (KINE_LIN_SECONDS each,
+default 60, faults every few seconds). A failing run saves its history as JSON next to the test's
+tmp_path and names it: `History.from_json` + `verify` reproduce the verdict offline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kine_server.drivers.postgres import with_database
+from tests.support.faultproxy import FaultProxy, Mode
+from tests.support.linearizability import faults, mutations
+from tests.support.linearizability.faults import Fault
+from tests.support.linearizability.recorder import Workload
+from tests.support.linearizability.run import Recording, record
+from tests.support.linearizability.verify import verify
+from tests.support.postgres import ThrowawayPostgres
+from tests.support.process import KineProcess
+
+#: Seconds each short run records.
+SHORT = 6.0
+LONG = float(os.environ.get("KINE_LIN_SECONDS", "60"))
+#: The search's cap: past it the verdict is UNKNOWN, and the test fails.
+CHECK_TIMEOUT = 60.0
+#: A sanity floor (a run makes hundreds, or thousands, of operations): the clients did run.
+MIN_OK = 50
+SERVER_OPTIONS = ["--compact-interval", "0"]
+
+
+def verified(recording: Recording, tmp_path: Path, timeout: float = CHECK_TIMEOUT) -> None:
+    """The recording passes every check (else its history is saved and named), its watches were
+    drained through the final revision, and the server answered writes after every fault."""
+    verification = verify(recording.history, timeout=timeout)
+    print(recording.summary())
+    print(verification.report())
+    if not verification.ok:
+        saved = recording.history.save(tmp_path / "history.json")
+        pytest.fail(f"{recording.summary()}\n{verification.report()}\nhistory: {saved}")
+    assert not recording.undrained, f"no progress response through the end: {recording.undrained}"
+    assert not recording.unanswered_after(), recording.summary()
+    assert sum(op.ok for op in recording.history.operations) >= MIN_OK, recording.summary()
+
+
+def database(postgres: ThrowawayPostgres) -> str:
+    return with_database(postgres.dsn, f"kine_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def proxy(postgres: ThrowawayPostgres) -> Iterator[FaultProxy]:
+    parts = urllib.parse.urlsplit(postgres.dsn)
+    with FaultProxy(parts.port or 5432, parts.hostname or "127.0.0.1") as p:
+        yield p
+
+
+async def test_sqlite_kill_9_of_the_server(tmp_path: Path) -> None:
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(dsn, tmp_path, "--workers", "1", *SERVER_OPTIONS) as kine:
+        kill = faults.kill_server(kine)
+        recording = await record(
+            kine.address, SHORT, [Fault(1.5, "kill -9", kill), Fault(4.0, "kill -9", kill)]
+        )
+    verified(recording, tmp_path)
+    from_start = recording.history.watches[0]
+    assert len(from_start.reconnects) >= 2, "the watch outlived the server it watched"
+
+
+async def test_sqlite_workers_2_kill_9_of_a_frontend_then_the_server(tmp_path: Path) -> None:
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(dsn, tmp_path, "--workers", "2", *SERVER_OPTIONS) as kine:
+        recording = await record(
+            kine.address,
+            SHORT,
+            [
+                Fault(1.5, "kill -9 front-end", faults.kill_frontend(kine)),
+                Fault(4.0, "kill -9", faults.kill_server(kine)),
+            ],
+        )
+    verified(recording, tmp_path)
+
+
+async def test_postgres_workers_2_kill_9_of_a_frontend_then_the_server(
+    postgres: ThrowawayPostgres, tmp_path: Path
+) -> None:
+    with KineProcess(database(postgres), tmp_path, "--workers", "2", *SERVER_OPTIONS) as kine:
+        recording = await record(
+            kine.address,
+            SHORT,
+            [
+                Fault(1.5, "kill -9 front-end", faults.kill_frontend(kine)),
+                Fault(4.0, "kill -9", faults.kill_server(kine)),
+            ],
+        )
+    verified(recording, tmp_path)
+
+
+async def test_postgres_restarted_and_its_network_faulty(
+    postgres: ThrowawayPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    if postgres.external:
+        pytest.skip("needs the throwaway PostgreSQL this suite starts (it restarts it)")
+    options = ["--workers", "1", "--datastore-timeout", "1s", *SERVER_OPTIONS]
+    with KineProcess(proxy.dsn(database(postgres)), tmp_path, *options) as kine:
+        recording = await record(
+            kine.address,
+            SHORT,
+            [
+                Fault(1.0, "PostgreSQL restart", faults.restart_postgres(postgres)),
+                Fault(2.5, "blackhole", faults.proxy_fault(proxy, Mode.BLACKHOLE, 1.5)),
+                Fault(4.5, "reset", faults.proxy_fault(proxy, Mode.RESET, 0.3)),
+                Fault(5.0, "slow", faults.proxy_fault(proxy, Mode.SLOW, 1.0)),
+            ],
+        )
+    verified(recording, tmp_path)
+    # A blackhole longer than --datastore-timeout fails every request in flight.
+    assert any(not op.ok for op in recording.history.operations), recording.summary()
+
+
+async def test_a_recorded_history_with_one_thing_wrong_fails(tmp_path: Path) -> None:
+    """The checks on a real history: it passes as recorded, and each alteration is flagged."""
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(dsn, tmp_path, "--workers", "1", *SERVER_OPTIONS) as kine:
+        recording = await record(kine.address, 2.5)
+    verified(recording, tmp_path)
+    history = recording.history
+    for name, altered, expected in mutations.all_of(history):
+        verification = verify(altered, timeout=CHECK_TIMEOUT)
+        report = verification.report()
+        assert not verification.ok and expected in report, f"{name} went unnoticed:\n{report}"
+        print(
+            f"{name}: {report.splitlines()[0]}; {len(verification.findings.violations)} violations"
+        )
+
+
+def soak_schedule(
+    rng: random.Random,
+    kine: KineProcess,
+    workers: int,
+    postgres: ThrowawayPostgres | None = None,
+    proxy: FaultProxy | None = None,
+) -> list[Fault]:
+    """A fault every 3 to 7 seconds through LONG, each drawn from those that apply."""
+    kinds = ["kill -9"] + ["kill -9 front-end"] * (workers > 1)
+    if postgres is not None and not postgres.external:
+        kinds.append("PostgreSQL restart")
+    if proxy is not None:
+        kinds += ["blackhole", "reset", "slow"]
+    schedule = []
+    at = rng.uniform(1, 3)
+    while at < LONG - 3:
+        name = rng.choice(kinds)
+        if name == "kill -9":
+            inject = faults.kill_server(kine)
+        elif name == "kill -9 front-end":
+            inject = faults.kill_frontend(kine)
+        elif name == "PostgreSQL restart":
+            assert postgres is not None
+            inject = faults.restart_postgres(postgres)
+        else:
+            assert proxy is not None
+            longest = 0.5 if name == "reset" else 3.0
+            inject = faults.proxy_fault(proxy, Mode(name), rng.uniform(0.2, longest))
+        schedule.append(Fault(at, name, inject))
+        at += rng.uniform(3, 7)
+    return schedule
+
+
+SOAK_OPTIONS = ["--datastore-timeout", "1s", *SERVER_OPTIONS]
+SOAK_WORKLOAD = Workload(keys=5, clients=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_soak_sqlite(workers: int, tmp_path: Path) -> None:
+    """LONG seconds of recording, a kill -9 (of the server or a front-end) every few seconds."""
+    rng = random.Random(f"sqlite/{workers}")
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(dsn, tmp_path, "--workers", str(workers), *SOAK_OPTIONS) as kine:
+        schedule = soak_schedule(rng, kine, workers)
+        recording = await record(kine.address, LONG, schedule, SOAK_WORKLOAD, rng.randrange(99))
+    verified(recording, tmp_path, timeout=10 * CHECK_TIMEOUT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_soak_postgres(
+    workers: int, postgres: ThrowawayPostgres, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """LONG seconds of recording with a fault every few seconds: kill -9 of the server or a
+    front-end, PostgreSQL restarted, its network blackholed, reset or slow."""
+    rng = random.Random(f"postgres/{workers}")
+    dsn = proxy.dsn(database(postgres))
+    with KineProcess(dsn, tmp_path, "--workers", str(workers), *SOAK_OPTIONS) as kine:
+        schedule = soak_schedule(rng, kine, workers, postgres, proxy)
+        recording = await record(kine.address, LONG, schedule, SOAK_WORKLOAD, rng.randrange(99))
+    verified(recording, tmp_path, timeout=10 * CHECK_TIMEOUT)
