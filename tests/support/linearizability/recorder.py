@@ -99,6 +99,15 @@ class Clients:
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(*(self._client(n, stop) for n in range(self.workload.clients)))
 
+    def answered_write_after(self, moment: int) -> bool:
+        """Whether a write called after `moment` (monotonic ns) was answered."""
+        for op in reversed(self.operations):  # in completion order, roughly: newest first
+            if op.writes and op.call > moment:
+                return True
+            if op.ret is not None and op.ret < moment:
+                return False
+        return False
+
     async def read_all(self, client: int) -> None:
         """One more client reads every key once (retrying until answered): the final state."""
         async with self._connection(client) as kv:

@@ -56,13 +56,14 @@ async def record(
     faults: Sequence[Fault] = (),
     workload: Workload | None = None,
     seed: int = 0,
-    settle: float = 1.0,
+    recover_within: float = 60.0,
 ) -> Recording:
-    """Record for `seconds` (faults at their times, the mid-way watch opened halfway) and at
-    least `settle` seconds after the last fault ended, then read every key once more and drain
-    both watches through the final revision. With several addresses (servers on one database)
-    the clients take turns, the watch from the start is on the first, the mid-way one on the
-    last."""
+    """Record for `seconds` (faults at their times, the mid-way watch opened halfway) and on
+    until a write called after the last fault ended is answered (`recover_within` at most),
+    then read every key once more and drain both watches through the final revision.
+
+    With several addresses (servers on one database) the clients take turns, the watch from
+    the start is on the first, the mid-way one on the last."""
     workload = workload or Workload()
     addresses = [addresses] if isinstance(addresses, str) else list(addresses)
     began = time.monotonic()
@@ -88,9 +89,11 @@ async def record(
     async def until_stop() -> None:
         await asyncio.sleep(seconds)
         await injecting
-        if recording.faults:  # the clients see the server serve again
-            last = recording.faults[-1][2] / 1e9
-            await asyncio.sleep(max(0.0, last + settle - time.monotonic()))
+        if recording.faults:  # until the clients see the server serve again
+            ended = recording.faults[-1][2]
+            deadline = time.monotonic() + recover_within
+            while time.monotonic() < deadline and not clients.answered_write_after(ended):
+                await asyncio.sleep(0.1)
         stop.set()
 
     injecting = asyncio.create_task(inject())
