@@ -83,24 +83,8 @@ async def test_sqlite_kill_9_of_the_server(tmp_path: Path) -> None:
     assert recording.history.watches[0].reconnects, "the watch outlived the server it watched"
 
 
-async def test_sqlite_workers_2_kill_9_of_a_frontend_then_the_server(tmp_path: Path) -> None:
-    dsn = f"sqlite://{tmp_path}/db/state.db"
+async def test_workers_2_kill_9_of_a_frontend_then_the_server(dsn: str, tmp_path: Path) -> None:
     with KineProcess(dsn, tmp_path, "--workers", "2", *SERVER_OPTIONS) as kine:
-        recording = await record(
-            kine.address,
-            SHORT,
-            [
-                Fault(1.5, "kill -9 front-end", faults.kill_frontend(kine)),
-                Fault(3.5, "kill -9", faults.kill_server(kine)),
-            ],
-        )
-    verified(recording, tmp_path)
-
-
-async def test_postgres_workers_2_kill_9_of_a_frontend_then_the_server(
-    postgres: ThrowawayPostgres, tmp_path: Path
-) -> None:
-    with KineProcess(database(postgres), tmp_path, "--workers", "2", *SERVER_OPTIONS) as kine:
         recording = await record(
             kine.address,
             SHORT,

@@ -8,11 +8,11 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.postgres import ThrowawayPostgres
 from tests.support.process import KineProcess
+from tests.support.procs import group
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def kill_frontend(kine: KineProcess) -> Callable[[], None]:
     def inject() -> None:
         assert kine.proc is not None
         deadline = time.monotonic() + 30
-        while not (frontends := _group(kine.proc.pid) - {kine.proc.pid}):
+        while not (frontends := group(kine.proc.pid) - {kine.proc.pid}):
             assert time.monotonic() < deadline, "no front-end to kill"
             time.sleep(0.05)
         os.kill(min(frontends), signal.SIGKILL)
@@ -69,25 +69,9 @@ def proxy_fault(
     return inject
 
 
-def _group(pgid: int) -> set[int]:
-    """The live processes of a process group."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.add(int(entry.name))
-    return found
-
-
 def _wait_gone(pgid: int, within: float = 10.0) -> None:
     """Until no process of the group is left (a front-end would still hold the port)."""
     deadline = time.monotonic() + within
-    while _group(pgid):
+    while group(pgid):
         assert time.monotonic() < deadline, f"processes of group {pgid} outlived SIGKILL"
         time.sleep(0.02)
