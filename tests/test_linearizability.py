@@ -16,18 +16,22 @@ PostgreSQL). A failing run saves its history as JSON in the test's tmp_path and 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import urllib.parse
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kine_server.drivers.postgres import with_database
 from tests.support.faultproxy import FaultProxy, Mode
-from tests.support.linearizability import faults, mutations
+from tests.support.linearizability import faults, multikey, mutations
+from tests.support.linearizability.checker import Verdict
 from tests.support.linearizability.faults import Fault
 from tests.support.linearizability.recorder import Workload
 from tests.support.linearizability.run import Recording, record
@@ -132,6 +136,45 @@ async def test_a_recorded_history_with_one_thing_wrong_fails(tmp_path: Path) -> 
         print(
             f"{name}: {report.splitlines()[0]}; {len(verification.findings.violations)} violations"
         )
+
+
+async def test_a_txn_over_two_keys_is_atomic_to_readers(tmp_path: Path) -> None:
+    """A Txn swapping two keys against Ranges reading both, on `--workers 2` (reads and writes
+    in different processes), one front-end killed: checked as one history, unpartitioned."""
+    dsn = f"sqlite://{tmp_path}/db/state.db"
+    with KineProcess(dsn, tmp_path, "--workers", "2", *SERVER_OPTIONS) as kine:
+        clients = multikey.MultiClients(kine.address, clients=6, seed=5)
+        stop = asyncio.Event()
+        running = asyncio.create_task(clients.run(stop))
+        await asyncio.sleep(0.8)
+        await asyncio.to_thread(faults.kill_frontend(kine))
+        await asyncio.sleep(1.2)
+        stop.set()
+        await running
+    ops = clients.operations
+    verdict, report = multikey.check(ops, CHECK_TIMEOUT)
+    kinds = Counter((op.kind.value, op.outcome is not None) for op in ops)
+    print(f"{len(ops)} operations {dict(kinds)}\n{report}")
+    assert verdict is Verdict.OK, report
+    # The runs' point was made: swaps held, and reads saw the keys written by them.
+    swapped = {op.values for op in ops if op.outcome and op.outcome.succeeded and op.kind == "swap"}
+    read_whole = [
+        op
+        for op in ops
+        if op.kind == "read"
+        and op.outcome
+        and tuple(kv and kv.value for kv in op.outcome.kvs) in swapped
+    ]
+    assert swapped and read_whole, dict(kinds)
+    # One of those reads torn: b as it was before the swap that wrote a. Flagged.
+    read = read_whole[0]
+    assert read.outcome is not None and read.outcome.kvs[0] is not None
+    a = read.outcome.kvs[0]
+    swap = next(op for op in ops if op.kind == "swap" and op.values[0] == a.value)
+    assert swap.outcome is not None
+    torn = replace(read.outcome, kvs=(a, swap.outcome.kvs[1]))
+    ops[ops.index(read)] = replace(read, outcome=torn)
+    assert multikey.check(ops, CHECK_TIMEOUT)[0] is Verdict.ILLEGAL
 
 
 Injector = Callable[[random.Random], Callable[[], None]]

@@ -9,8 +9,9 @@ Times are abstract integers; revisions are as etcd's (a store starts at 1, its f
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
-from tests.support.linearizability import checker, guarantees, watches
+from tests.support.linearizability import checker, guarantees, multikey, watches
 from tests.support.linearizability.checker import Verdict
 from tests.support.linearizability.history import (
     Compare,
@@ -23,6 +24,7 @@ from tests.support.linearizability.history import (
     WatchEvent,
     WatchLog,
 )
+from tests.support.linearizability.multikey import MultiKind, MultiOp, MultiOutcome
 from tests.support.linearizability.resolve import resolve
 from tests.support.linearizability.verify import verify
 
@@ -369,3 +371,81 @@ def test_a_history_survives_json() -> None:
     history = History(h.ops, [WatchLog("w", 1, full_log(), [3])], 5)
     again = History.from_json(history.to_json())
     assert again == history
+
+
+# -- across two keys ------------------------------------------------------------------------
+
+
+def swap_history() -> list[MultiOp]:
+    """Both keys put, swapped together, then read."""
+    a1, b1 = kv(b"a1", 2, 2), kv(b"b1", 3, 3)
+    return [
+        MultiOp(
+            0,
+            0,
+            MultiKind.PUT,
+            0,
+            (b"a1", b""),
+            call=0,
+            ret=1,
+            outcome=MultiOutcome(2, (None, None)),
+        ),
+        MultiOp(
+            1,
+            0,
+            MultiKind.PUT,
+            1,
+            (b"b1", b""),
+            call=2,
+            ret=3,
+            outcome=MultiOutcome(3, (None, None)),
+        ),
+        MultiOp(2, 1, MultiKind.SWAP, 0, (b"a2", b"b2"), (2, 3), 4, 5, MultiOutcome(4, (a1, b1))),
+        MultiOp(
+            3,
+            2,
+            MultiKind.READ,
+            call=6,
+            ret=7,
+            outcome=MultiOutcome(4, (kv(b"a2", 2, 4, 2), kv(b"b2", 3, 4, 2))),
+        ),
+    ]
+
+
+def test_a_swap_of_two_keys_read_whole_passes() -> None:
+    assert multikey.check(swap_history())[0] is Verdict.OK
+
+
+def test_a_torn_read_of_a_swap_is_flagged() -> None:
+    ops = swap_history()
+    read = ops[3]
+    # The swap's write of a, not yet of b: no single revision has that state.
+    torn = MultiOutcome(4, (kv(b"a2", 2, 4, 2), kv(b"b1", 3, 3)))
+    ops[3] = replace(read, outcome=torn)
+    verdict, report = multikey.check(ops)
+    assert verdict is Verdict.ILLEGAL, report
+    # Concurrent with the swap, the read may see it whole or not at all, never half.
+    ops[3] = replace(read, call=3, outcome=torn)
+    assert multikey.check(ops)[0] is Verdict.ILLEGAL
+
+
+def test_a_swap_that_held_on_one_key_only_is_flagged() -> None:
+    ops = swap_history()
+    ops.insert(
+        2,
+        MultiOp(
+            4,
+            3,
+            MultiKind.PUT,
+            1,
+            (b"b9", b""),
+            call=3,
+            ret=3,
+            outcome=MultiOutcome(4, (kv(b"b1", 3, 3), None)),
+        ),
+    )
+    # b changed (r4) before the swap compared b's mod_revision 3; so the swap cannot hold.
+    ops[3] = replace(ops[3], outcome=MultiOutcome(5, (kv(b"a1", 2, 2), kv(b"b9", 3, 4, 2))))
+    ops[4] = replace(ops[4], outcome=MultiOutcome(5, (kv(b"a2", 2, 5, 2), kv(b"b2", 3, 5, 3))))
+    verdict, report = multikey.check(ops)
+    assert verdict is Verdict.ILLEGAL, report

@@ -19,14 +19,31 @@ from __future__ import annotations
 import enum
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from tests.support.linearizability import model
 from tests.support.linearizability.history import Operation
 
 #: Return time of indeterminate operations: after everything.
 INFINITY = 2**63
+
+
+class Timed(Protocol):
+    """What the search needs of an operation (the model's step function needs the rest)."""
+
+    @property
+    def call(self) -> int: ...
+
+    @property
+    def ret(self) -> int | None: ...
+
+    def describe(self) -> str: ...
+
+
+Op = TypeVar("Op", bound=Timed)
+State = TypeVar("State", bound=Hashable)
 
 
 class Verdict(enum.StrEnum):
@@ -36,19 +53,19 @@ class Verdict(enum.StrEnum):
 
 
 @dataclass
-class PartitionResult:
+class PartitionResult(Generic[Op, State]):
     key: bytes
     verdict: Verdict
     operations: int
+    #: The longest linearization found, in order, and the state after it.
+    state: State
+    longest: list[Op] = field(default_factory=list)
     #: Operations tried against the model (the search's work).
     steps: int = 0
-    #: The longest linearization found, in order, and the state after it.
-    longest: list[Operation] = field(default_factory=list)
-    state: model.State = model.INITIAL
     #: ILLEGAL: the operation whose return came before it could be placed after `longest`,
     #: and the operations whose calls came before that return (the candidates that failed).
-    blocked: Operation | None = None
-    candidates: list[Operation] = field(default_factory=list)
+    blocked: Op | None = None
+    candidates: list[Op] = field(default_factory=list)
 
     def report(self, context: int = 8) -> str:
         key = self.key.decode(errors="replace")
@@ -72,7 +89,7 @@ class PartitionResult:
 @dataclass
 class Result:
     verdict: Verdict
-    partitions: list[PartitionResult]
+    partitions: list[PartitionResult[Operation, model.State]]
     seconds: float
 
     def report(self) -> str:
@@ -85,21 +102,21 @@ class Result:
         return "\n".join([head, *(p.report() for p in bad)])
 
 
-class _Node:
+class _Node(Generic[Op]):
     """A call or return entry of the doubly linked list the search lifts entries out of."""
 
     __slots__ = ("index", "match", "next", "op", "prev")
 
-    def __init__(self, op: Operation | None, index: int) -> None:
+    def __init__(self, op: Op | None, index: int) -> None:
         self.op = op
         self.index = index
         #: A call's return entry; None for a return (and the head).
-        self.match: _Node | None = None
-        self.prev: _Node | None = None
-        self.next: _Node | None = None
+        self.match: _Node[Op] | None = None
+        self.prev: _Node[Op] | None = None
+        self.next: _Node[Op] | None = None
 
 
-def _entry_list(ops: Sequence[Operation]) -> _Node:
+def _entry_list(ops: Sequence[Op]) -> _Node[Op]:
     """The list's head: calls and returns by time, a call before a return at the same time (so
     operations that touch count as concurrent)."""
     events: list[tuple[int, int, int]] = []
@@ -107,8 +124,8 @@ def _entry_list(ops: Sequence[Operation]) -> _Node:
         events.append((op.call, 0, index))
         events.append((INFINITY if op.ret is None else op.ret, 1, index))
     events.sort()
-    head = _Node(None, -1)
-    calls: dict[int, _Node] = {}
+    head: _Node[Op] = _Node(None, -1)
+    calls: dict[int, _Node[Op]] = {}
     last = head
     for _, is_return, index in events:
         node = _Node(ops[index], index)
@@ -121,7 +138,7 @@ def _entry_list(ops: Sequence[Operation]) -> _Node:
     return head
 
 
-def _lift(call: _Node) -> None:
+def _lift(call: _Node[Op]) -> None:
     assert call.prev is not None and call.next is not None and call.match is not None
     call.prev.next = call.next
     call.next.prev = call.prev
@@ -132,7 +149,7 @@ def _lift(call: _Node) -> None:
         ret.next.prev = ret.prev
 
 
-def _unlift(call: _Node) -> None:
+def _unlift(call: _Node[Op]) -> None:
     assert call.prev is not None and call.next is not None and call.match is not None
     ret = call.match
     assert ret.prev is not None
@@ -143,20 +160,22 @@ def _unlift(call: _Node) -> None:
     call.next.prev = call
 
 
-def check_partition(
+def search(
     key: bytes,
-    ops: Sequence[Operation],
+    ops: Sequence[Op],
+    step: Callable[[State, Op], State | None],
+    initial: State,
     deadline: float,
-    step: Callable[[model.State, Operation], model.State | None] = model.step,
-) -> PartitionResult:
-    """Search one key's history for a linearization, until `deadline` (time.monotonic())."""
-    result = PartitionResult(key, Verdict.OK, len(ops))
+) -> PartitionResult[Op, State]:
+    """Search one partition's history for a linearization from `initial`, until `deadline`
+    (time.monotonic())."""
+    result: PartitionResult[Op, State] = PartitionResult(key, Verdict.OK, len(ops), initial)
     head = _entry_list(ops)
     entry = head.next
-    state = model.INITIAL
+    state = initial
     linearized = 0
-    cache: set[tuple[int, model.State]] = set()
-    calls: list[tuple[_Node, model.State]] = []
+    cache: set[tuple[int, State]] = set()
+    calls: list[tuple[_Node[Op], State]] = []
     while head.next is not None:
         assert entry is not None
         result.steps += 1
@@ -195,7 +214,7 @@ def check_partition(
     return result
 
 
-def _calls_before(head: _Node, stop: _Node) -> list[Operation]:
+def _calls_before(head: _Node[Op], stop: _Node[Op]) -> list[Op]:
     found = []
     node = head.next
     while node is not None and node is not stop:
@@ -214,7 +233,7 @@ def check(ops: Sequence[Operation], timeout: float = 30.0) -> Result:
         by_key[op.key].append(op)
     partitions = []
     for key in sorted(by_key):
-        partitions.append(check_partition(key, by_key[key], deadline))
+        partitions.append(search(key, by_key[key], model.step, model.INITIAL, deadline))
     verdicts = {p.verdict for p in partitions}
     verdict = (
         Verdict.ILLEGAL
