@@ -6,7 +6,8 @@ front-end of `--workers 2`), PostgreSQL is restarted, or the network to PostgreS
 resets or slows down. Two watches (one from the first revision, one opened mid-way) reconnect
 after each fault. The history must be linearizable as etcd's KV (tests.support.linearizability
 .checker, per key, time-capped: UNKNOWN fails), keep etcd's revision guarantees, and both watches
-must deliver every write exactly once, in revision order.
+must deliver every write exactly once, in revision order. Across two keys, a Txn writing both
+must be atomic to Ranges reading both (the whole history searched, unpartitioned).
 
 The short runs here record 5 s each (about 8 s with start-up and checks); `make soak` runs the
 long ones (KINE_LIN_SECONDS each, default 60, a fault every few seconds; also two servers on one
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,6 +38,7 @@ from tests.support.linearizability.run import Recording, record
 from tests.support.linearizability.verify import verify
 from tests.support.postgres import ThrowawayPostgres
 from tests.support.process import KineProcess
+from tests.test_pg_faults import proxy_for
 
 #: Seconds each short run records.
 SHORT = 5.0
@@ -69,8 +70,7 @@ def database(postgres: ThrowawayPostgres) -> str:
 
 @pytest.fixture
 def proxy(postgres: ThrowawayPostgres) -> Iterator[FaultProxy]:
-    parts = urllib.parse.urlsplit(postgres.dsn)
-    with FaultProxy(parts.port or 5432, parts.hostname or "127.0.0.1") as p:
+    with proxy_for(postgres) as p:
         yield p
 
 
