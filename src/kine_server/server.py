@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 import grpc
 from prometheus_client import generate_latest
 
-from kine_server import addresses, errors
+from kine_server import addresses, errors, sd_notify
 from kine_server.addresses import Address
 from kine_server.api import decoding
 from kine_server.api.auth import AuthService, Credentials
@@ -693,14 +693,14 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
         writer = WriterProcess(config, list(argv))
         if await _started_unless_stopped(writer.start(), stop, config.shutdown_grace):
             settle_garbage_collector()
-            await stop.wait()
+            await sd_notify.serving_until(stop, os.environ)
             log.info("kine-server shutting down")
             await writer.stop()
         return
     server = Server(config)
     await server.start()
     settle_garbage_collector()
-    await stop.wait()
+    await sd_notify.serving_until(stop, os.environ)
     log.info("kine-server shutting down")
     await server.stop()
 
