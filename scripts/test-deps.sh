@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the external servers the test suite starts are installed: a real etcd and etcdctl
-# (the oracle of the differential tests), PostgreSQL's initdb/pg_ctl, and faketime (an instance
-# whose clock is off), systemd's offline tools. As root, installs what is missing from Debian's packages; otherwise says
-# what to install.
+# (the oracle of the differential tests), PostgreSQL's initdb/pg_ctl, faketime (an instance
+# whose clock is off) and systemd's offline tools. As root, installs what is missing from
+# Debian's packages; otherwise says what to install.
 set -euo pipefail
 
 missing=()
