@@ -288,12 +288,25 @@ K3S_HISTORY: list[tuple[str, str, bytes, int]] = [
 ]
 
 
+def readme_commands(start: str) -> list[str]:
+    """The shell commands of the README's code block from the line that begins with `start`
+    on: one per command (continuation lines joined), comments dropped."""
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(rf"^{re.escape(start)}", readme, re.M)
+    assert found is not None, f"no line {start!r} in README.md"
+    block = readme[found.start() :].split("```")[0].replace("\\\n", "")
+    return [re.sub(r"\s+#.*$", "", line) for line in block.splitlines() if not line.startswith("#")]
+
+
+def as_root(command: str) -> str:
+    return command.replace("sudo ", "")  # the README's commands, where root runs them
+
+
 def readme_pki_commands() -> list[str]:
     """The README's commands that make the certificates (its "With client certificates" block,
     from `mkdir pki && cd pki` to the chown): the test makes them as an operator would."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("mkdir pki && cd pki\n") :].split("```")[0]
-    commands = [line for line in block.splitlines() if line.startswith(("openssl ", "printf "))]
+    block = readme_commands("mkdir pki && cd pki")
+    commands = [line for line in block if line.startswith(("openssl ", "printf "))]
     assert len(commands) == 7, commands
     return commands
 
@@ -363,3 +376,100 @@ def test_k3s_moves_onto_the_container_with_every_resource_version(
         assert kv["create_revision"] == 3  # K3s's create revision, kept
         assert podman.run("stop", name).returncode == 0
         assert podman.inspect(name)["State"]["ExitCode"] == 0
+
+
+# -- the systemd unit, under a real systemd -------------------------------------------------------
+
+SYSTEMD_IMAGE = """\
+FROM {image}
+USER 0
+RUN apt-get update && apt-get install -y --no-install-recommends systemd \\
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
+WORKDIR /root/checkout
+COPY . .
+RUN {install}
+ENTRYPOINT ["/lib/systemd/systemd"]
+"""
+
+
+def systemctl_show(podman: Podman, name: str, *properties: str) -> dict[str, str]:
+    shown = podman.run("exec", name, "systemctl", "show", "kine-server", "-p", ",".join(properties))
+    return dict(line.split("=", 1) for line in shown.stdout.splitlines())
+
+
+def test_the_unit_serves_under_systemd_and_takes_k3s_data(
+    podman: Podman, image: str, tmp_path: Path
+) -> None:
+    """systemd as PID 1 in a container made from the image (its virtualenv is the unit's
+    /opt/kine-server), the README's install commands run as written, then `systemctl enable
+    --now`, which returns once kine-server said READY=1, in the unit's sandbox; then the README's
+    K3s steps for the host service (stop, import, chown, start) and `systemctl stop`."""
+    install = readme_commands(
+        "sudo python3 -m venv /opt/kine-server && sudo /opt/kine-server/bin/pip install ."
+    )
+    assert install[-2:] == [
+        "sudo systemctl daemon-reload && sudo systemctl enable --now kine-server",
+        "systemctl status kine-server",
+    ]
+    context = tmp_path / "checkout"
+    shutil.copytree(ROOT / "deploy" / "systemd", context / "deploy" / "systemd")
+    make_pki(context / "pki")
+    steps = " && ".join(as_root(command) for command in install[1:-2])
+    (context / "Containerfile").write_text(SYSTEMD_IMAGE.format(image=image, install=steps))
+    tag = f"{image}-systemd"
+    podman.run("build", "--pull=never", "--format", "docker", "-t", tag, str(context), timeout=600)
+    k3s = tmp_path / "k3s-db"
+    k3s.mkdir(mode=0o700)
+    make_sqlite_kine(k3s / "state.db", K3S_HISTORY)
+    pki, port = context / "pki", free_port()
+    options = ["--systemd=always", "-p", f"127.0.0.1:{port}:2379", "-v", f"{k3s}:{K3S_DB}:ro"]
+    try:
+        with podman.container(tag, *options) as name:
+            deadline = time.monotonic() + 60
+            while podman.run(
+                "exec", name, "systemctl", "is-system-running", check=False
+            ).stdout.strip() not in ("running", "degraded"):
+                assert time.monotonic() < deadline, podman.logs(name)
+                time.sleep(0.5)
+            podman.run("exec", name, "sh", "-c", as_root(install[-2]), timeout=300)
+            shown = systemctl_show(podman, name, "ActiveState", "SubState", "StatusText", "MainPID")
+            assert (shown["ActiveState"], shown["SubState"], shown["StatusText"]) == (
+                "active",
+                "running",
+                "serving",
+            )
+            main = shown["MainPID"]
+            status = podman.run("exec", name, "cat", f"/proc/{main}/status").stdout
+            assert re.search(r"^NoNewPrivs:\s+1$", status, re.M) and re.search(
+                r"^Seccomp:\s+2$", status, re.M
+            )
+            owner = podman.run("exec", name, "stat", "-c", "%U", f"/proc/{main}").stdout.strip()
+            assert owner == "kine-server"
+            assert etcdctl(port, "endpoint", "health", pki=pki).returncode == 0
+            k3s_steps = readme_commands("sudo systemctl stop k3s")
+            host = [
+                c
+                for c in k3s_steps
+                if "kine-server:kine-server" in c
+                or "stop kine-server" in c
+                or "bin/kine-server import" in c
+            ]
+            assert len(host) == 3, k3s_steps
+            for command in host:
+                done = podman.run("exec", name, "sh", "-c", as_root(command), timeout=300)
+                if "import" in command:
+                    assert done.stdout.startswith(
+                        "imported revision 9 into sqlite /var/lib/kine-server/state.db"
+                    ), done
+            assert systemctl_show(podman, name, "StatusText")["StatusText"] == "serving"
+            [kv] = get(port, CM + "kept", pki)["kvs"]
+            assert (kv["create_revision"], kv["mod_revision"]) == (3, 8)
+            podman.run("exec", name, "systemctl", "stop", "kine-server", timeout=120)
+            stopped = systemctl_show(podman, name, "Result", "ExecMainStatus", "ActiveState")
+            assert stopped == {
+                "Result": "success",
+                "ExecMainStatus": "0",
+                "ActiveState": "inactive",
+            }
+    finally:
+        podman.run("rmi", "-f", tag, check=False)
