@@ -50,9 +50,9 @@ e2e: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	$(PY) e2e/run.py --db both
 
-## The container image, built from the Dockerfile and run with podman as the README runs it, and
-## K3s's move onto it with a real kube-apiserver. As root: the first run installs podman and makes
-## a local debian:bookworm-slim (scripts/podman-setup.sh), about 2 minutes, then ~3 more.
+## The container image, built from the Dockerfile and run with podman as the README runs it, K3s's
+## move onto it with a real kube-apiserver, the systemd unit under a real systemd. As root: the
+## first run installs podman and makes a local debian:bookworm-slim (scripts/podman-setup.sh).
 image-test: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	scripts/podman-setup.sh >/dev/null

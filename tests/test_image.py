@@ -1,7 +1,9 @@
 """The container image, built from the project's Dockerfile and run with podman as the README
 runs it: etcdctl through the published port, the HEALTHCHECK, the user, SIGTERM, a restart, a
 volume the server cannot write, /metrics, and K3s's move onto kine-server (`kine-server import`
-in the image, then a real kube-apiserver over mutual TLS, as K3s runs it).
+in the image, then a real kube-apiserver over mutual TLS, as K3s runs it). Then the systemd
+unit under a real systemd, in a container made from the image, installed by the README's
+commands.
 
 Behind the `image` marker (`make image-test`, run by .ci/run): the first run installs podman and
 makes its base image (scripts/podman-setup.sh), and the build fetches Python packages. As root.
