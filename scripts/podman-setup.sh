@@ -50,7 +50,9 @@ fi
 
 nofile=$(ulimit -Hn)
 nproc=$(ulimit -Hu)
-[ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ] && nproc=32768
+if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then
+  nproc=32768
+fi
 mkdir -p "$(dirname "$CONF")"
 cat >"$CONF.new" <<EOF
 # Written by kine-server's scripts/podman-setup.sh for this machine; see the comments there.

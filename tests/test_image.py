@@ -336,10 +336,9 @@ def test_k3s_moves_onto_the_container_with_every_resource_version(
     make_sqlite_kine(k3s / "state.db", K3S_HISTORY)
     data = tmp_path / "kine-server"
     data.mkdir()
-    imported = podman.run(
-        "run", "--rm", "--user", "0", "-v", f"{k3s}:{K3S_DB}:ro", "-v", f"{data}:/db", image,
-        "import", "--from", f"sqlite://{K3S_DB}/state.db",
-    )  # fmt: skip
+    mounts = ["-v", f"{k3s}:{K3S_DB}:ro", "-v", f"{data}:/db"]
+    command = ["import", "--from", f"sqlite://{K3S_DB}/state.db"]
+    imported = podman.run("run", "--rm", "--pull=never", "--user", "0", *mounts, image, *command)
     assert imported.stdout.startswith("imported revision 9 into sqlite /db/state.db"), imported
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(data)], check=True)
     pki = make_pki(tmp_path / "pki")

@@ -63,9 +63,10 @@ class Podman:
     @contextlib.contextmanager
     def container(self, image: str, *options: str, args: tuple[str, ...] = ()) -> Iterator[str]:
         """`podman run -d OPTIONS IMAGE ARGS`, yielding its name; removed at the end, with its
-        log shown if the test failed."""
+        log shown if the test failed. Never pulled: no registry is in reach, and a missing image
+        must fail here rather than look for one."""
         name = f"kine-test-{uuid.uuid4().hex[:10]}"
-        self.run("run", "-d", "--name", name, *options, image, *args)
+        self.run("run", "-d", "--pull=never", "--name", name, *options, image, *args)
         try:
             yield name
         except BaseException:
