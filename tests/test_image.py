@@ -201,7 +201,8 @@ def test_the_image_serves_stops_cleanly_and_keeps_its_data(
 ) -> None:
     """The README's `podman run`: a bind mount owned by 10001, etcdctl and /metrics through the
     published ports, the HEALTHCHECK; `podman stop` (SIGTERM) exits 0 with the WAL written into
-    the database file; a new container on the same directory has the data."""
+    the database file; a new container on the same directory has the data, confined as the
+    Kubernetes manifests confine it."""
     data = owned_directory(tmp_path / "data")
     port, metrics = free_port(), free_port()
     published = ["-p", f"127.0.0.1:{port}:2379", "-p", f"127.0.0.1:{metrics}:8080"]
@@ -235,7 +236,11 @@ def test_the_image_serves_stops_cleanly_and_keeps_its_data(
     with KineProcess(f"sqlite://{alone}/state.db", tmp_path, "--workers", "1") as copy:
         [kv] = get(copy.port, "/image/a")["kvs"]
         assert base64.b64decode(kv["value"]) == b"1" and kv["mod_revision"] == revision
-    with podman.container(image, "-p", f"127.0.0.1:{port}:2379", "-v", f"{data}:/db") as again:
+    # Again, confined as deploy/kubernetes/ runs it: a read-only root, /tmp for --workers'
+    # socket, no capabilities, no privilege escalation.
+    confined = ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL"]
+    confined += ["--security-opt", "no-new-privileges", "-p", f"127.0.0.1:{port}:2379"]
+    with podman.container(image, *confined, "-v", f"{data}:/db") as again:
         wait_serving(podman, again, port)
         [kv] = get(port, "/image/a")["kvs"]
         assert base64.b64decode(kv["value"]) == b"1" and kv["mod_revision"] == revision
