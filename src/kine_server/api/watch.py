@@ -156,7 +156,11 @@ class WatchStream:
         self._stats = stats
         self._context = context
         self._wake = asyncio.Event()
-        limits = WatchLimits(settings.max_pending_events, settings.page_size)
+        limits = WatchLimits(
+            settings.max_pending_events,
+            settings.page_size,
+            batch_bytes=settings.max_response_bytes,
+        )
         self.watches = Watches(store.hub, store.kv.history, limits, stats, self._wake.set)
         self._control: collections.deque[rpc_pb2.WatchResponse] = collections.deque()
         #: Set while the control queue has room; the receiver waits on it (see _receive).

@@ -206,10 +206,26 @@ class WriteTx(ReadTx):
     async def newest(self, key: bytes) -> Row | None:
         """The key's newest row, tombstone included (version 0), or None if it has no history."""
 
+    async def newest_many(self, keys: Collection[bytes]) -> dict[bytes, Row | None]:
+        """`newest` of each key (None for a key without history), in as few statements as the
+        database allows: a group commit reads its requests' keys at once."""
+        return {key: await self.newest(key) for key in keys}
+
     @abc.abstractmethod
     async def append(self, rows: list[ChangeRow], superseded: list[tuple[bytes, int]]) -> None:
         """Mark each key's newest row, (key, its mod_revision), superseded by the revision of
-        `rows`, then insert `rows` (all of one revision)."""
+        `rows`, then insert `rows` (all of one revision). The rows may be buffered until the
+        next statement that reads the key table, or `flush`: every read of this transaction
+        sees them, and the driver flushes before COMMIT."""
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Write what `append` buffered. A statement error surfaces here, for the rows of every
+        request buffered since the last flush (see `write_through`)."""
+
+    #: Write each `append` at once, so that a statement error surfaces in the request that made
+    #: it: the writer redoes a batch this way when a buffered write failed.
+    write_through: bool = False
 
     @abc.abstractmethod
     async def delete_range(

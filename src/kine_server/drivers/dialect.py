@@ -107,6 +107,11 @@ class Dialect:
     encode_ids: Callable[[list[int]], Any]
     #: The name of each ColumnType (see column_types).
     types: Mapping[ColumnType, str]
+    #: A subquery of the keys passed as one parameter, as `id_list` is of ids, and how that
+    #: parameter is made; None: a batch's newest rows are read a statement per key (where a
+    #: statement costs no round trip, as on SQLite, that is as quick).
+    key_list: str | None = None
+    encode_keys: Callable[[list[bytes]], Any] = list
     #: The n-th (from 1) placeholder: "?", "$n", "%s".
     placeholder: Callable[[int], str] = question_mark
     #: A two-argument maximum (SQLite says max).
@@ -150,6 +155,7 @@ class Dialect:
             greatest=self.greatest,
             now_ms=self.now_ms,
             id_list=self.id_list,
+            key_list=self.key_list or "",
             int64_cast=self.int64_cast,
             for_update=self.for_update,
         )

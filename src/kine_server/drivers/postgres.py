@@ -66,6 +66,7 @@ DIALECT = Dialect(
     now_ms="CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
     id_list="SELECT unnest(?::bigint[])",
     encode_ids=list,
+    key_list="SELECT unnest(?::bytea[])",
     types=column_types(key_bytes="BYTEA", value_bytes="BYTEA"),
     placeholder=dollar,
     # INCLUDE: reads at a past revision (every page of a paginated LIST after the first) test
@@ -444,7 +445,9 @@ class PostgresDriver(Driver):
     async def write(self) -> AsyncIterator[WriteTx]:
         assert self._writers is not None, "driver not open"
         async with self._transaction(self._writers) as conn:
-            yield SQLWrite(PgConnection(conn), self._statements)
+            tx = SQLWrite(PgConnection(conn), self._statements)
+            yield tx
+            await tx.flush()
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:

@@ -46,12 +46,14 @@ ADVANCE_COMPACT_REVISION = (
 NEWEST = (
     f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE key = ? ORDER BY mod_revision DESC, sub DESC LIMIT 1"
 )
-INSERT = (
-    "INSERT INTO kine_kv (key, create_revision, mod_revision, version, value, lease, sub) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+#: The newest row of each of several keys, tombstones included (the one whose next_revision is
+#: still NULL): a group commit reads its requests' keys in one statement (dialect.key_list).
+NEWEST_MANY = (
+    f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE key IN ({{key_list}}) AND next_revision IS NULL"
 )
-#: Run before the new rows go in: a key changed twice in one revision has two rows at that
-#: mod_revision, and only the newest of them (next_revision still NULL) is superseded.
+#: Run before the new rows go in (SQLWrite writes new rows with INSERT_RAW, next_revision set
+#: when the same batch superseded them): a key changed twice in one revision has two rows at
+#: that mod_revision, and only the newest of them (next_revision still NULL) is superseded.
 SUPERSEDE = (
     "UPDATE kine_kv SET next_revision = ? "
     "WHERE key = ? AND mod_revision = ? AND next_revision IS NULL"
@@ -270,7 +272,6 @@ class Statements:
         self.lock_compact_revision = fixed["lock_compact_revision"]
         self.advance_compact_revision = fixed["advance_compact_revision"]
         self.newest = fixed["newest"]
-        self.insert = fixed["insert"]
         self.supersede = fixed["supersede"]
         self.lease = fixed["lease"]
         self.leases = fixed["leases"]
@@ -300,6 +301,7 @@ class Statements:
         self.raise_alarm = fixed["raise_alarm"]
         self.clear_alarm = fixed["clear_alarm"]
         self.seed_meta = fixed["seed_meta"]
+        self.newest_many = dialect.render(NEWEST_MANY) if dialect.key_list else None
         notify = dialect.notify_commit
         self.notify_commit = dialect.render(notify) if notify is not None else None
 
@@ -370,7 +372,6 @@ _FIXED = {
     "lock_compact_revision": LOCK_COMPACT_REVISION,
     "advance_compact_revision": ADVANCE_COMPACT_REVISION,
     "newest": NEWEST,
-    "insert": INSERT,
     "supersede": SUPERSEDE,
     "lease": LEASE,
     "leases": LEASES,

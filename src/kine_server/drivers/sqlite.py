@@ -262,14 +262,18 @@ class SQLiteDriver(Driver):
     async def read(self) -> AsyncIterator[ReadTx]:
         link = await self._readers.get()
         try:
-            yield SQLRead(ThreadConnection(link, begin="BEGIN"), self._statements)
+            yield SQLRead(ThreadConnection(link, begin="BEGIN", inline=True), self._statements)
         except ERRORS as exc:
             raise driver_error(exc) from exc
         finally:
-            # A snapshot has nothing to commit. The ROLLBACK is queued, not awaited: the thread
-            # runs it before anything the next user of the link queues, and it also ends a BEGIN
-            # that a cancelled caller had queued.
-            link.submit(rollback)
+            # A snapshot has nothing to commit. The ROLLBACK runs at once if nothing is queued
+            # on the link's thread; otherwise it is queued, not awaited: the thread runs it
+            # before anything the next user of the link queues, and it also ends a BEGIN that
+            # a cancelled caller had queued.
+            if link.idle:
+                rollback(link.conn)
+            else:
+                link.submit(rollback)
             self._readers.put_nowait(link)
 
     @contextlib.asynccontextmanager
@@ -277,7 +281,9 @@ class SQLiteDriver(Driver):
         link = self._writer
         assert link is not None, "driver not open"
         async with _transaction(link, link.begin()):
-            yield SQLWrite(WriterConnection(link), self._statements)
+            tx = SQLWrite(WriterConnection(link), self._statements)
+            yield tx
+            await tx.flush()
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:

@@ -89,6 +89,16 @@ def has_puts(txn: rpc_pb2.TxnRequest) -> bool:
     return False
 
 
+def txn_keys(txn: rpc_pb2.TxnRequest) -> list[bytes]:
+    """The single keys a Txn compares or puts, at its top level: what a group commit reads
+    ahead of applying it (Applier.prefetch)."""
+    keys = [compare.key for compare in txn.compare if not compare.range_end]
+    for op in (*txn.success, *txn.failure):
+        if op.WhichOneof("request") == "request_put":
+            keys.append(op.request_put.key)
+    return keys
+
+
 def _compare_one(compare: rpc_pb2.Compare, row: Row | None) -> bool:
     target = compare.target
     ours: bytes | int
@@ -142,6 +152,13 @@ class Applier:
         #: change twice in one request (put, then delete), and etcd's events give the state
         #: before the revision as the previous value, not the request's own first change.
         self._prior: dict[bytes, Row | None] = {}
+
+    async def prefetch(self, keys: list[bytes]) -> None:
+        """Read the newest rows of `keys` (a batch's single-key requests) in as few statements
+        as the driver can: on PostgreSQL one round trip for the batch instead of one per key."""
+        missing = {key for key in keys if key not in self._newest}
+        if missing:
+            self._newest.update(await self.write_tx.newest_many(missing))
 
     @property
     def revision(self) -> int:

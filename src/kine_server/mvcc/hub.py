@@ -36,6 +36,10 @@ class WireEvent:
         self._with_prev: bytes | None = None
         self._without_prev: bytes | None = None
 
+    def size(self, prev_kv: bool) -> int:
+        """The length of `wire(prev_kv)`: it is encoded, once, to be sent anyway."""
+        return len(self.wire(prev_kv))
+
     def wire(self, prev_kv: bool) -> bytes:
         if prev_kv or not self.event.HasField("prev_kv"):
             if self._with_prev is None:

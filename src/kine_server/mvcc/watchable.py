@@ -37,6 +37,15 @@ class WatchLimits:
     max_pending_events: int = 1024
     #: Rows read from the database per catch-up step.
     page_size: int = 100
+    #: A watch with this many revisions queued is lagging: it sends them several to a
+    #: response, as etcd does for a watcher whose stream's channel filled up (it moves it to
+    #: its unsynced group, whose catch-up sends many revisions per response). A client that
+    #: keeps up gets one response per revision, as from etcd.
+    lagging_revisions: int = 16
+    #: At most this many revisions, and about this many bytes, in one such response (etcd:
+    #: watchBatchMaxRevs; the bytes: the stream's largest response).
+    batch_revisions: int = 1000
+    batch_bytes: int = 1536 * 1024
 
 
 @dataclass
@@ -223,7 +232,12 @@ class Watches:
                 self._unready(watcher)  # cancelled; its id may already belong to a new watch
             elif watcher.synced:
                 while self._current(watcher) and watcher.synced:
-                    group = watcher.take()
+                    if len(watcher.pending) >= self._limits.lagging_revisions:
+                        group = watcher.take_batch(
+                            self._limits.batch_revisions, self._limits.batch_bytes
+                        )
+                    else:
+                        group = watcher.take()
                     if group is None:
                         break
                     revision, events = group

@@ -103,6 +103,26 @@ class Watcher:
         self.pending_events -= len(group[1])
         return group
 
+    def take_batch(self, revisions: int, size: int) -> Group | None:
+        """Several queued revisions as one group headed by the last: at most `revisions` of
+        them and, past the first, about `size` bytes of encoded events."""
+        first = self.take()
+        if first is None:
+            return None
+        revision, events = first
+        events = list(events)
+        prev_kv = self.spec.prev_kv
+        total = sum(e.size(prev_kv) for e in events)
+        while self.pending and revisions > 1:
+            next_revision, next_events = self.pending[0]
+            grown = total + sum(e.size(prev_kv) for e in next_events)
+            if grown > size:
+                break
+            self.take()
+            revision, total, revisions = next_revision, grown, revisions - 1
+            events += next_events
+        return revision, events
+
     def sent(self, revision: int) -> None:
         self.next_revision = max(self.next_revision, revision + 1)
 

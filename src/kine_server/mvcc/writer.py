@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,13 @@ OnCommit = Callable[[int, list[kv_pb2.Event]], None]
 class _Job:
     op: WriteOp
     future: asyncio.Future[Any]
+    #: The keys the op will look up by themselves (read ahead for the whole batch at once).
+    keys: Sequence[bytes]
+
+
+class _Redo(enum.Enum):
+    #: What _attempt returns to have its batch redone writing through (see _commit).
+    WRITE_THROUGH = enum.auto()
 
 
 class Writer:
@@ -74,10 +82,12 @@ class Writer:
         self._queue.clear()
         self._fail(queued, errors.Unavailable("kine-server: shutting down"))
 
-    async def submit(self, op: WriteOp) -> Any:
+    async def submit(self, op: WriteOp, keys: Sequence[bytes] = ()) -> Any:
+        """Apply `op` in the next batch; `keys`: the single keys it reads (a Put's key, a
+        Txn's compared keys), read for the whole batch ahead of applying it."""
         if self._task is None or self._loop is None:
             raise errors.Unavailable("kine-server: shutting down")
-        job = _Job(op, self._loop.create_future())
+        job = _Job(op, self._loop.create_future(), keys)
         self._queue.append(job)
         self._wake.set()
         return await job.future
@@ -107,23 +117,34 @@ class Writer:
         """Apply and commit `batch`. A request that fails on its own account (an error after it
         wrote, a statement the database refused, a bug) gets its own error, and the batch is
         redone without it: one bad request never fails the others, and the common case pays
-        for no savepoints."""
+        for no savepoints. The driver buffers the batch's rows (WriteTx.append); when the
+        database refuses one, the batch is redone writing through, so that the refusal comes
+        from the request that made it."""
+        careful = False
         while batch:
-            culprit = await self._attempt(batch)
-            if culprit is None:
+            outcome = await self._attempt(batch, careful)
+            if outcome is None:
                 return
-            batch = [job for job in batch if job is not culprit]
+            if outcome is _Redo.WRITE_THROUGH:
+                careful = True
+                continue
+            batch = [job for job in batch if job is not outcome]
 
-    async def _attempt(self, batch: list[_Job]) -> _Job | None:
-        """One transaction for `batch`; the request to leave out if it failed on its own."""
+    async def _attempt(self, batch: list[_Job], careful: bool) -> _Job | _Redo | None:
+        """One transaction for `batch`; the request to leave out if it failed on its own, or
+        WRITE_THROUGH to redo it writing each request's rows at once (`careful`)."""
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         events: list[kv_pb2.Event] = []
         current: _Job | None = None
         began = time.perf_counter()
         try:
             async with self._driver.write() as tx:
+                tx.write_through = careful
                 counters = await tx.lock()
                 applier = Applier(tx, counters.revision, counters.compact_revision)
+                keys = [key for job in batch for key in job.keys]
+                if keys:
+                    await applier.prefetch(keys)
                 for job in batch:
                     if job.future.cancelled():
                         continue
@@ -145,6 +166,10 @@ class Writer:
             self._fail([current], exc)
             return current
         except DriverError as exc:
+            if not exc.retryable and not careful:
+                # Buffered rows of any request may be what the database refused.
+                log.info("a write batch was refused (%s); redoing it request by request", exc)
+                return _Redo.WRITE_THROUGH
             if current is not None and not exc.retryable:
                 log.warning("write request failed, redoing its batch without it: %s", exc)
                 self._fail([current], errors.database(exc))

@@ -23,7 +23,7 @@ from kine_server.drivers.base import Driver
 from kine_server.lease.lessor import Lessor
 from kine_server.maintenance.alarms import Alarms, member_id
 from kine_server.maintenance.quota import Quota
-from kine_server.mvcc.applier import Applier, has_puts
+from kine_server.mvcc.applier import Applier, has_puts, txn_keys
 from kine_server.mvcc.compactor import CompactionSettings, CompactionStatus, Compactor
 from kine_server.mvcc.hub import EventHub
 from kine_server.mvcc.poller import Poller
@@ -128,7 +128,7 @@ class WriteSide:
     async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
         self.alarms.check_write()
         await self.quota.check(req.ByteSize())
-        response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req))
+        response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req), (req.key,))
         return response
 
     async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
@@ -143,7 +143,9 @@ class WriteSide:
         self.alarms.check_write()
         if has_puts(req):
             await self.quota.check(req.ByteSize())
-        response: rpc_pb2.TxnResponse = await self.writer.submit(lambda a: a.txn(req))
+        response: rpc_pb2.TxnResponse = await self.writer.submit(
+            lambda a: a.txn(req), txn_keys(req)
+        )
         return response
 
     async def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
