@@ -21,8 +21,8 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import IO, Any, TypeVar
 
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
@@ -95,15 +95,28 @@ def driver_error(exc: BaseException) -> DriverError:
 ERRORS = (sqlite3.Error, OverflowError)
 
 
+Buffered = Callable[[], list[tuple[str, Sequence[Sequence[Any]]]]]
+
+
+def _commit(conn: sqlite3.Connection, buffered: list[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    for statement, rows in buffered:
+        conn.executemany(statement, rows)
+    conn.execute("COMMIT")
+
+
 @contextlib.asynccontextmanager
-async def _transaction(link: Link, begin: Awaitable[None]) -> AsyncIterator[None]:
+async def _transaction(
+    link: Link, begin: Awaitable[None], buffered: Buffered | None = None
+) -> AsyncIterator[None]:
     """Await `begin`, then COMMIT when the block exits normally; else roll back, also when the
-    caller is cancelled (see Link.settle)."""
+    caller is cancelled (see Link.settle). `buffered`: the statements a write transaction has
+    left to run (SQLWrite.take_buffered), run on the thread in the same hop as the COMMIT."""
     committed = False
     try:
         await begin
         yield
-        await link.execute("COMMIT")
+        final = buffered() if buffered is not None else []
+        await link.call(lambda conn: _commit(conn, final))
         committed = True
     except ERRORS as exc:
         raise driver_error(exc) from exc
@@ -280,10 +293,9 @@ class SQLiteDriver(Driver):
     async def write(self) -> AsyncIterator[WriteTx]:
         link = self._writer
         assert link is not None, "driver not open"
-        async with _transaction(link, link.begin()):
-            tx = SQLWrite(WriterConnection(link), self._statements)
+        tx = SQLWrite(WriterConnection(link), self._statements)
+        async with _transaction(link, link.begin(), tx.take_buffered):
             yield tx
-            await tx.flush()
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:

@@ -173,14 +173,23 @@ class SQLWrite(SQLRead, WriteTx):
         #: (superseding revision, key, mod_revision) of rows already in the table.
         self._superseded: list[tuple[int, bytes, int]] = []
 
-    async def flush(self) -> None:
+    def take_buffered(self) -> list[tuple[str, Sequence[Sequence[Any]]]]:
+        """The statements that write what is buffered (each with its rows, for executemany),
+        in order; the buffer is empty afterwards. A driver that commits on a thread runs them
+        in the same hop as its COMMIT."""
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = []
         if self._superseded:
-            superseded, self._superseded = self._superseded, []
-            await self._conn.executemany(self._s.supersede, superseded)
+            statements.append((self._s.supersede, self._superseded))
+            self._superseded = []
         if self._rows:
-            rows, self._rows = self._rows, []
+            statements.append((self._s.insert_raw, self._rows))
+            self._rows = []
             self._newest_row.clear()
-            await self._conn.executemany(self._s.insert_raw, rows)
+        return statements
+
+    async def flush(self) -> None:
+        for statement, rows in self.take_buffered():
+            await self._conn.executemany(statement, rows)
 
     async def lock(self) -> Counters:
         return _counters(await self._conn.fetch(self._s.lock_counters, ()))

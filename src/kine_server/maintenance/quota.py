@@ -53,22 +53,32 @@ class Quota:
             with contextlib.suppress(errors.EtcdError):
                 await self.refresh()
 
-    async def check(self, request_bytes: int) -> None:
-        """Refuse a write that adds data while a NOSPACE alarm is raised or that would pass the
-        quota."""
+    def admit(self, request_bytes: int) -> bool:
+        """Without waiting: refuse a write that adds data while a NOSPACE alarm is raised
+        (NoSpace), admit one that fits the quota as last measured (True), or say that the
+        database must be measured first (False: `check` does it)."""
         if self.alarms.nospace:
             raise errors.NoSpace()
         if self.quota_bytes and self.size + request_bytes > self.quota_bytes:
-            await self.refresh()  # the cached size may be stale: measure before refusing
-            if self.size + request_bytes > self.quota_bytes:
-                log.warning(
-                    "database size %d plus a %d-byte request passes --quota-backend-bytes %d: "
-                    "raising the NOSPACE alarm",
-                    self.size,
-                    request_bytes,
-                    self.quota_bytes,
-                )
-                await self.alarms.activate(self.alarms.member_id, rpc_pb2.NOSPACE)
-                raise errors.NoSpace()
+            return False
         # Until the next measurement, count what this write adds (as etcd estimates by cost).
+        self.size += request_bytes
+        return True
+
+    async def check(self, request_bytes: int) -> None:
+        """Refuse a write that adds data while a NOSPACE alarm is raised or that would pass the
+        quota."""
+        if self.admit(request_bytes):
+            return
+        await self.refresh()  # the cached size may be stale: measure before refusing
+        if self.size + request_bytes > self.quota_bytes:
+            log.warning(
+                "database size %d plus a %d-byte request passes --quota-backend-bytes %d: "
+                "raising the NOSPACE alarm",
+                self.size,
+                request_bytes,
+                self.quota_bytes,
+            )
+            await self.alarms.activate(self.alarms.member_id, rpc_pb2.NOSPACE)
+            raise errors.NoSpace()
         self.size += request_bytes

@@ -82,15 +82,17 @@ class Writer:
         self._queue.clear()
         self._fail(queued, errors.Unavailable("kine-server: shutting down"))
 
-    async def submit(self, op: WriteOp, keys: Sequence[bytes] = ()) -> Any:
-        """Apply `op` in the next batch; `keys`: the single keys it reads (a Put's key, a
-        Txn's compared keys), read for the whole batch ahead of applying it."""
+    def submit(self, op: WriteOp, keys: Sequence[bytes] = ()) -> asyncio.Future[Any]:
+        """Queue `op` for the next batch; the future of its outcome. `keys`: the single keys it
+        reads (a Put's key, a Txn's compared keys), read for the whole batch ahead of applying
+        it. A future rather than a coroutine: a front-end's write is answered from its
+        callback, with no task per request (process/channel.py)."""
         if self._task is None or self._loop is None:
             raise errors.Unavailable("kine-server: shutting down")
         job = _Job(op, self._loop.create_future(), keys)
         self._queue.append(job)
         self._wake.set()
-        return await job.future
+        return job.future
 
     async def _run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from kine_server import errors
 from kine_server.mvcc.hub import Group
@@ -31,28 +32,21 @@ log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT = 2.0
 
 
-async def execute(side: WriteSide, command: workers_pb2.Command) -> bytes:
-    """Carry out one front-end's command on `side`, as the same request from a client of this
-    process would be; its answer, or etcd's error, as an encoded Result. The response is put in
-    as its encoded bytes: no copy, and no limit on how deep a Txn's response nests (upb's copy
-    re-parses, with its 100 levels)."""
-    name = command.WhichOneof("op")
-    try:
-        entry = COMMANDS.get(name or "")
-        if entry is None:
-            raise errors.Internal(f"kine-server: unknown write command {name!r}")
-        response = await entry.apply(side, getattr(command, entry.name))
+def answer(command_id: int, name: str, outcome: asyncio.Future[Any]) -> bytes:
+    """The encoded Result of a command whose outcome is known: its response put in as its
+    encoded bytes (no copy, and no limit on how deep a Txn's response nests: upb's copy
+    re-parses, with its 100 levels), or etcd's error."""
+    failure = outcome.exception()
+    if failure is None:
         return (
             b"\x08"  # Result.id: field 1, varint
-            + varint(command.id)
-            + length_delimited(RESULT_FIELDS[entry.name], response.SerializeToString())
+            + varint(command_id)
+            + length_delimited(RESULT_FIELDS[name], outcome.result().SerializeToString())
         )
-    except errors.EtcdError as exc:
-        failure = exc
-    except Exception as exc:
-        log.exception("write command %s failed", name)
-        failure = errors.Internal.of(exc)
-    result = workers_pb2.Result(id=command.id)
+    if not isinstance(failure, errors.EtcdError):
+        log.error("write command %s failed", name, exc_info=failure)
+        failure = errors.Internal.of(failure)
+    result = workers_pb2.Result(id=command_id)
     result.error.code = failure.code.value[0]
     result.error.message = failure.message
     return bytes(result.SerializeToString())
@@ -68,7 +62,8 @@ class WriterChannel:
         self._on_ready = on_ready
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[FrameConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Commands carried out and not yet answered (stop waits for them).
+        self._running: set[asyncio.Future[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scrapes: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
@@ -110,8 +105,8 @@ class WriterChannel:
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         for connection in list(self._connections):
             connection.close()
         if self._unsubscribe is not None:
@@ -147,10 +142,7 @@ class WriterChannel:
         envelope = parse_envelope(frame)
         kind = envelope.WhichOneof("kind")
         if kind == "command":
-            assert self._loop is not None
-            task = self._loop.create_task(self._answer(connection, envelope.command))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._carry_out(connection, envelope.command)
         elif kind == "hello":
             self._on_ready(envelope.hello.worker)
         elif kind == "scraped":
@@ -161,9 +153,33 @@ class WriterChannel:
             log.error("unexpected %s from a front-end process; disconnecting it", kind)
             connection.close()
 
-    async def _answer(self, connection: FrameConnection, command: workers_pb2.Command) -> None:
-        result = await execute(self._side, command)
-        connection.send(length_delimited(ENVELOPE["result"], result))
+    def _carry_out(self, connection: FrameConnection, command: workers_pb2.Command) -> None:
+        """Carry out one front-end's command on the write side, as the same request from a
+        client of this process would be, and send its Result once it has an outcome. A write
+        the writer queued at once (WriteSide.put, txn, delete_range) is answered from its
+        future's callback: no task per command."""
+        assert self._loop is not None
+        name = command.WhichOneof("op") or ""
+        entry = COMMANDS.get(name)
+        outcome: asyncio.Future[Any]
+        try:
+            if entry is None:
+                raise errors.Internal(f"kine-server: unknown write command {name!r}")
+            awaitable = entry.apply(self._side, getattr(command, name))
+            outcome = asyncio.ensure_future(awaitable, loop=self._loop)
+        except Exception as exc:
+            outcome = self._loop.create_future()
+            outcome.set_exception(exc)
+        command_id = command.id
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._running.discard(finished)
+            if not finished.cancelled():
+                result = answer(command_id, name, finished)
+                connection.send(length_delimited(ENVELOPE["result"], result))
+
+        self._running.add(outcome)
+        outcome.add_done_callback(done)
 
     def _published(self, groups: list[Group]) -> None:
         # WireEvent.wire(True) is the event as field 11 with its prev_kv: Feed's own encoding.

@@ -13,7 +13,11 @@ out the same way whether it came from this process or from a front-end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from kine_server import errors
 from kine_server.auth.changes import message_types
@@ -29,6 +33,8 @@ from kine_server.mvcc.hub import EventHub
 from kine_server.mvcc.poller import Poller
 from kine_server.mvcc.writer import Writer
 from kine_server.pb import kv_pb2, rpc_pb2, workers_pb2
+
+Resp = TypeVar("Resp")
 
 
 @dataclass(frozen=True)
@@ -125,28 +131,40 @@ class WriteSide:
 
     # The commands (store/commands.py), one method each.
 
-    async def put(self, req: rpc_pb2.PutRequest) -> rpc_pb2.PutResponse:
-        self.alarms.check_write()
-        await self.quota.check(req.ByteSize())
-        response: rpc_pb2.PutResponse = await self.writer.submit(lambda a: a.put(req), (req.key,))
-        return response
+    # Put, DeleteRange and Txn, the requests that come by the thousand, return the writer's
+    # future when nothing has to be waited for first (the quota is measured only when a write
+    # may pass it): a front-end's write is then answered without a task of its own.
 
-    async def delete_range(self, req: rpc_pb2.DeleteRangeRequest) -> rpc_pb2.DeleteRangeResponse:
+    def put(self, req: rpc_pb2.PutRequest) -> Awaitable[rpc_pb2.PutResponse]:
         self.alarms.check_write()
-        response: rpc_pb2.DeleteRangeResponse = await self.writer.submit(
-            lambda a: a.delete_range(req)
-        )
-        return response
 
-    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        def queue() -> Awaitable[rpc_pb2.PutResponse]:
+            return self.writer.submit(lambda a: a.put(req), (req.key,))
+
+        return queue() if self.quota.admit(req.ByteSize()) else self._measured(req, queue)
+
+    def delete_range(
+        self, req: rpc_pb2.DeleteRangeRequest
+    ) -> Awaitable[rpc_pb2.DeleteRangeResponse]:
+        self.alarms.check_write()
+        return self.writer.submit(lambda a: a.delete_range(req))
+
+    def txn(self, req: rpc_pb2.TxnRequest) -> Awaitable[rpc_pb2.TxnResponse]:
         """A Txn that may write (Store answers the read-only ones itself)."""
         self.alarms.check_write()
-        if has_puts(req):
-            await self.quota.check(req.ByteSize())
-        response: rpc_pb2.TxnResponse = await self.writer.submit(
-            lambda a: a.txn(req), txn_keys(req)
-        )
-        return response
+
+        def queue() -> Awaitable[rpc_pb2.TxnResponse]:
+            return self.writer.submit(lambda a: a.txn(req), txn_keys(req))
+
+        if has_puts(req) and not self.quota.admit(req.ByteSize()):
+            return self._measured(req, queue)
+        return queue()
+
+    async def _measured(self, req: Message, queue: Callable[[], Awaitable[Resp]]) -> Resp:
+        """Measure the database first (NOSPACE if the write would pass the quota), then queue
+        the write."""
+        await self.quota.check(req.ByteSize())
+        return await queue()
 
     async def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
         """Mark the revision compacted (as etcd, reads below it now fail); the response's
