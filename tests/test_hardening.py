@@ -46,7 +46,9 @@ def txn(*ops: pb.RequestOp) -> pb.TxnRequest:
 # -- a request's failure is its own -----------------------------------------------------------
 
 
-async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(server: SingleProcess) -> None:
+async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(
+    server: SingleProcess,
+) -> None:
     """A statement error half way through one request of a batch: that request gets INTERNAL,
     the others commit, and the batch is redone once (not one transaction per request)."""
     writer = server.write_side.writer
@@ -58,7 +60,7 @@ async def test_a_request_that_fails_after_writing_fails_alone_in_one_redo(server
 
     before = writer.batches
     bad = writer.submit(breaks_a_constraint)
-    puts = [server.write_side.put(put(b"good/%d" % i)) for i in range(20)]
+    puts = [server.write_side.put(put(b"good/%d" % i), None) for i in range(20)]
     results = await asyncio.gather(bad, *puts, return_exceptions=True)
     assert isinstance(results[0], errors.Internal), results[0]
     assert all(isinstance(r, pb.PutResponse) for r in results[1:]), results[1:]

@@ -337,12 +337,12 @@ async def test_a_value_past_int64_fails_its_own_request_and_the_writer_goes_on(
 
         results = await asyncio.gather(
             server.write_side.writer.submit(out_of_range),
-            *(server.write_side.put(pb.PutRequest(key=b"/f/int/%d" % i)) for i in range(5)),
+            *(server.write_side.put(pb.PutRequest(key=b"/f/int/%d" % i), None) for i in range(5)),
             return_exceptions=True,
         )
         assert isinstance(results[0], errors.Internal), results[0]
         assert all(isinstance(r, pb.PutResponse) for r in results[1:]), results[1:]
-        after = await server.write_side.put(pb.PutRequest(key=b"/f/int/after"))
+        after = await server.write_side.put(pb.PutRequest(key=b"/f/int/after"), None)
         assert after.header.revision == 7  # 2-6 the Puts; the failed request took none
     finally:
         await asyncio.wait_for(server.stop(), 30)

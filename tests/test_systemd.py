@@ -23,8 +23,8 @@ import grpc
 import pytest
 
 from kine_server import sd_notify
-from kine_server.flags import FLAGS, load_config
 from kine_server.durations import parse_duration
+from kine_server.flags import FLAGS, load_config
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.pb import rpc_pb2_grpc
 from tests.support.ports import free_port

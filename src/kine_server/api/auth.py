@@ -18,7 +18,7 @@ import grpc
 from kine_server import errors
 from kine_server.api.common import Member, etcd_errors
 from kine_server.auth.changes import message_types
-from kine_server.auth.permissions import AuthState, Identity
+from kine_server.auth.permissions import AuthState, Caller, Identity
 from kine_server.auth.tokens import Tokens
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc, workers_pb2
 from kine_server.store.commands import AUTH_CHANGE
@@ -125,9 +125,8 @@ class AuthService(rpc_pb2_grpc.AuthServicer):
         and again by the writer), then the writer. Once it is answered, this process checks
         requests against the new state: the client that made the change sees it at once."""
         change = workers_pb2.AuthChange(method=method, request=request.SerializeToString())
-        if who is not None:
-            change.identified, change.user, change.revision = True, who.user, who.revision
-        answer = await self._store.submit(AUTH_CHANGE, change)
+        caller = Caller(who, self._store.auth.state.generation)
+        answer = await self._store.submit(AUTH_CHANGE, change, caller)
         await self._store.auth.reload()
         return self._answer(message_types(method)[1].FromString(answer.response))
 

@@ -54,7 +54,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self._check_size(request)
         state, who = await self._credentials.checked(context)
         await auth.check_put(state, who, request, self._store.leased_keys)
-        response = await self._store.submit(PUT, request)
+        caller = auth.Caller(who, state.generation)
+        response = await self._store.submit(PUT, request, caller)
         self._member.stamp(response.header)
         return response
 
@@ -66,7 +67,8 @@ class KVService(rpc_pb2_grpc.KVServicer):
         self._check_size(request)
         state, who = await self._credentials.checked(context)
         auth.check_delete(state, who, request)
-        response = await self._store.submit(DELETE_RANGE, request)
+        caller = auth.Caller(who, state.generation)
+        response = await self._store.submit(DELETE_RANGE, request, caller)
         self._member.stamp(response.header)
         return response
 
@@ -77,7 +79,7 @@ class KVService(rpc_pb2_grpc.KVServicer):
             self._check_size(request)
         state, who = await self._credentials.checked(context)
         await auth.check_txn(state, who, request, self._store.leased_keys)
-        response = await self._store.txn(request)
+        response = await self._store.txn(request, auth.Caller(who, state.generation))
         self._member.stamp(response.header)
         return response
 

@@ -114,7 +114,8 @@ class LeaseService(rpc_pb2_grpc.LeaseServicer):
     ) -> rpc_pb2.LeaseRevokeResponse:
         state, who = await self._credentials.checked(context)
         await auth.check_lease_keys(state, who, request.ID, self._store.leased_keys)
-        response = await self._store.submit(LEASE_REVOKE, request)
+        caller = auth.Caller(who, state.generation)
+        response = await self._store.submit(LEASE_REVOKE, request, caller)
         self._header(response.header)
         return response
 

@@ -209,7 +209,8 @@ class Change:
             raise errors.UserNotFound()
         return user
 
-    async def write(self, tx: WriteTx) -> None:
+    async def write(self, tx: WriteTx) -> int:
+        """Write the change; the auth store's generation now."""
         for kind, name in sorted(self.written):
             record = self.users[name] if kind == USER else self.roles[name]
             await tx.put_auth_record(kind, raw_name(name), record.SerializeToString())
@@ -220,6 +221,7 @@ class Change:
         await tx.set_meta("auth_enabled", int(self.enabled))
         await tx.set_meta("auth_revision", self.revision)
         await tx.set_meta("auth_generation", self.state.generation + 1)
+        return self.state.generation + 1
 
 
 def _drop_role(user: auth_pb2.User, role: str) -> None:

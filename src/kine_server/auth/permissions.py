@@ -83,6 +83,15 @@ class Identity:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a request (None: no user, or auth off) and the generation of the auth state
+    its permissions were checked against: what etcd's RequestHeader carries to its applier."""
+
+    who: Identity | None
+    generation: int
+
+
 def _name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 

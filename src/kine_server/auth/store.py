@@ -107,7 +107,7 @@ class AuthStore:
             change = Change(await AuthState.read(tx))
             response = change.apply(method, req, who)
             if change.changed:
-                await change.write(tx)
+                applier.auth_generation = await change.write(tx)
             return response
 
         response = await writer.submit(apply)
@@ -125,7 +125,7 @@ class AuthStore:
             change = Change(await AuthState.read(applier.write_tx))
             if not change.state.secret:
                 change.secret = secrets.token_bytes(32)
-                await change.write(applier.write_tx)
+                applier.auth_generation = await change.write(applier.write_tx)
 
         await writer.submit(apply)
         await self.reload()

@@ -94,11 +94,14 @@ class Counters(NamedTuple):
     compact_revision: reads below it are refused (what etcd calls the compact revision); -1
         while the store has never been compacted, as etcd's compactMainRev.
     compacted_through: history at or below it has been physically removed.
+    auth_generation: counts the auth store's changes (auth/store.py): the writer compares a
+        request's with it, under the revision lock (see WriteSide).
     """
 
     revision: int
     compact_revision: int
     compacted_through: int
+    auth_generation: int = 0
 
 
 class DriverError(Exception):

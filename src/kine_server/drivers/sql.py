@@ -23,16 +23,20 @@ KEY_COLUMNS = "key, create_revision, mod_revision, version, NULL AS value, lease
 
 COUNTERS = (
     "SELECT name, value FROM kine_meta "
-    "WHERE name IN ('revision', 'compact_revision', 'compacted_through')"
+    "WHERE name IN ('revision', 'compact_revision', 'compacted_through', 'auth_generation')"
 )
 #: A writer locks the revision row (writers commit in revision order) and the compact revision's
 #: (a periodic compaction cannot move it, and delete the history a write Txn's range at an old
 #: revision is reading, until the writer commits: at READ COMMITTED each statement would see the
 #: deletions). The compactor takes compacted_through first and the compact revision second, so
-#: no two lock orders cross. One round trip returns all three counters.
+#: no two lock orders cross. The auth generation is locked too, not only read: a row locked
+#: after a wait is read again as committed, where the statement's snapshot, taken before the
+#: wait, could miss an auth change another instance committed meanwhile (every writer locks
+#: the three in the same order). One round trip returns all the counters.
 LOCK_COUNTERS = (
     "WITH locked AS (SELECT name, value FROM kine_meta "
-    "WHERE name IN ('compact_revision', 'revision') ORDER BY name{for_update}) "
+    "WHERE name IN ('auth_generation', 'compact_revision', 'revision') ORDER BY name"
+    "{for_update}) "
     "SELECT name, value FROM locked "
     "UNION ALL SELECT name, value FROM kine_meta WHERE name = 'compacted_through'"
 )

@@ -79,7 +79,12 @@ def to_change(record: Record) -> Change:
 
 def _counters(records: list[Record]) -> Counters:
     values = {r[0]: r[1] for r in records}
-    return Counters(values["revision"], values["compact_revision"], values["compacted_through"])
+    return Counters(
+        values["revision"],
+        values["compact_revision"],
+        values["compacted_through"],
+        values.get("auth_generation", 0),
+    )
 
 
 async def _first_int(rows: Awaitable[list[Record]]) -> int:

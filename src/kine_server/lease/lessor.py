@@ -128,8 +128,15 @@ class Lessor:
         granted: int = await self._writer.submit(insert)
         return granted, ttl
 
-    async def revoke(self, lease_id: int) -> None:
+    async def revoke(
+        self, lease_id: int, authorize: Callable[[Applier], Awaitable[None]] | None = None
+    ) -> None:
+        """Revoke the lease and delete its keys; `authorize` runs first, in the same
+        transaction (the writer's check of who asked, see WriteSide)."""
+
         async def revoke(applier: Applier) -> None:
+            if authorize is not None:
+                await authorize(applier)
             if not await applier.revoke(lease_id, expired_only=False):
                 raise errors.LeaseNotFound()
 

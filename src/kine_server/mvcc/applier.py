@@ -140,10 +140,14 @@ class Applier:
     `take_changes()` after each request, which also moves `begin` to that request's revision.
     """
 
-    def __init__(self, tx: ReadTx, begin: int, compact_revision: int) -> None:
+    def __init__(
+        self, tx: ReadTx, begin: int, compact_revision: int, auth_generation: int = 0
+    ) -> None:
         self.tx = tx
         self.begin = begin
         self.compact_revision = compact_revision
+        #: The auth store's generation in this transaction (an auth change in it moves it).
+        self.auth_generation = auth_generation
         self.changes: list[kv_pb2.Event] = []
         #: Each key's newest row (tombstones included) as this transaction has seen or written
         #: it: a create's compare and its put, or a batch's requests on one key, read it once.
@@ -152,6 +156,10 @@ class Applier:
         #: change twice in one request (put, then delete), and etcd's events give the state
         #: before the revision as the previous value, not the request's own first change.
         self._prior: dict[bytes, Row | None] = {}
+
+    async def leased_keys(self, lease: int) -> list[bytes]:
+        """The live keys attached to `lease`, as this transaction sees them."""
+        return [row.key for row in await self.tx.leased(lease)]
 
     async def prefetch(self, keys: list[bytes]) -> None:
         """Read the newest rows of `keys` (a batch's single-key requests) in as few statements

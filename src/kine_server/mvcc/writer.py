@@ -143,7 +143,9 @@ class Writer:
             async with self._driver.write() as tx:
                 tx.write_through = careful
                 counters = await tx.lock()
-                applier = Applier(tx, counters.revision, counters.compact_revision)
+                applier = Applier(
+                    tx, counters.revision, counters.compact_revision, counters.auth_generation
+                )
                 keys = [key for job in batch for key in job.keys]
                 if keys:
                     await applier.prefetch(keys)

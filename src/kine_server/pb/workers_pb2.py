@@ -26,7 +26,7 @@ from kine_server.pb import kv_pb2 as kine__server_dot_pb_dot_kv__pb2
 from kine_server.pb import rpc_pb2 as kine__server_dot_pb_dot_rpc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckine_server/pb/workers.proto\x12\x12kineserver.workers\x1a\x17kine_server/pb/kv.proto\x1a\x18kine_server/pb/rpc.proto\"\r\n\x0bStatusQuery\"I\n\x0bStatusReply\x12\x1b\n\x13\x63ompaction_failures\x18\x01 \x01(\x03\x12\x1d\n\x15\x63ompaction_last_error\x18\x02 \x01(\t\"\x19\n\nKeepAlives\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\rKeepAliveTTLs\x12\x0c\n\x04ttls\x18\x01 \x03(\x03\"a\n\nAuthChange\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0c\x12\x12\n\nidentified\x18\x03 \x01(\x08\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x1f\n\x0b\x41uthChanged\x12\x10\n\x08response\x18\x01 \x01(\x0c\"\xd7\x04\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x32\n\x07\x63ompact\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x36\n\x0blease_grant\x18\x06 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x07 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12:\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32\x1e.kineserver.workers.KeepAlivesH\x00\x12+\n\x05\x61larm\x18\t \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x35\n\ndefragment\x18\n \x01(\x0b\x32\x1f.etcdserverpb.DefragmentRequestH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusQueryH\x00\x12\x35\n\x0b\x61uth_change\x18\x0c \x01(\x0b\x32\x1e.kineserver.workers.AuthChangeH\x00\x42\x04\n\x02op\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x93\x05\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x03put\x18\x02 \x01(\x0b\x32\x19.etcdserverpb.PutResponseH\x00\x12\x39\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32!.etcdserverpb.DeleteRangeResponseH\x00\x12(\n\x03txn\x18\x04 \x01(\x0b\x32\x19.etcdserverpb.TxnResponseH\x00\x12\x33\n\x07\x63ompact\x18\x05 \x01(\x0b\x32 .etcdserverpb.CompactionResponseH\x00\x12\x37\n\x0blease_grant\x18\x06 \x01(\x0b\x32 .etcdserverpb.LeaseGrantResponseH\x00\x12\x39\n\x0clease_revoke\x18\x07 \x01(\x0b\x32!.etcdserverpb.LeaseRevokeResponseH\x00\x12=\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32!.kineserver.workers.KeepAliveTTLsH\x00\x12,\n\x05\x61larm\x18\t \x01(\x0b\x32\x1b.etcdserverpb.AlarmResponseH\x00\x12\x36\n\ndefragment\x18\n \x01(\x0b\x32 .etcdserverpb.DefragmentResponseH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusReplyH\x00\x12\x36\n\x0b\x61uth_change\x18\x0c \x01(\x0b\x32\x1f.kineserver.workers.AuthChangedH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.kineserver.workers.ErrorH\x00\x42\t\n\x07outcome\"W\n\x04\x46\x65\x65\x64\x12\x17\n\x0fskipped_through\x18\x01 \x01(\x03\x12\x17\n\x0f\x61uth_generation\x18\x02 \x01(\x03\x12\x1d\n\x06\x65vents\x18\x0b \x03(\x0b\x32\r.mvccpb.Event\")\n\x05Hello\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\"\x14\n\x06Scrape\x12\n\n\x02id\x18\x01 \x01(\x04\"3\n\x07Scraped\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x0e\n\x06worker\x18\x03 \x01(\x05\"\xa4\x02\n\x08\x45nvelope\x12.\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x1b.kineserver.workers.CommandH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.kineserver.workers.ResultH\x00\x12(\n\x04\x66\x65\x65\x64\x18\x03 \x01(\x0b\x32\x18.kineserver.workers.FeedH\x00\x12*\n\x05hello\x18\x04 \x01(\x0b\x32\x19.kineserver.workers.HelloH\x00\x12,\n\x06scrape\x18\x05 \x01(\x0b\x32\x1a.kineserver.workers.ScrapeH\x00\x12.\n\x07scraped\x18\x06 \x01(\x0b\x32\x1b.kineserver.workers.ScrapedH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckine_server/pb/workers.proto\x12\x12kineserver.workers\x1a\x17kine_server/pb/kv.proto\x1a\x18kine_server/pb/rpc.proto\"\r\n\x0bStatusQuery\"I\n\x0bStatusReply\x12\x1b\n\x13\x63ompaction_failures\x18\x01 \x01(\x03\x12\x1d\n\x15\x63ompaction_last_error\x18\x02 \x01(\t\"\x19\n\nKeepAlives\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\rKeepAliveTTLs\x12\x0c\n\x04ttls\x18\x01 \x03(\x03\"?\n\nAuthChange\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07request\x18\x02 \x01(\x0cJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"P\n\x06\x43\x61ller\x12\x12\n\nidentified\x18\x01 \x01(\x08\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x12\n\ngeneration\x18\x04 \x01(\x03\"\x1f\n\x0b\x41uthChanged\x12\x10\n\x08response\x18\x01 \x01(\x0c\"\x83\x05\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x03put\x18\x02 \x01(\x0b\x32\x18.etcdserverpb.PutRequestH\x00\x12\x38\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32 .etcdserverpb.DeleteRangeRequestH\x00\x12\'\n\x03txn\x18\x04 \x01(\x0b\x32\x18.etcdserverpb.TxnRequestH\x00\x12\x32\n\x07\x63ompact\x18\x05 \x01(\x0b\x32\x1f.etcdserverpb.CompactionRequestH\x00\x12\x36\n\x0blease_grant\x18\x06 \x01(\x0b\x32\x1f.etcdserverpb.LeaseGrantRequestH\x00\x12\x38\n\x0clease_revoke\x18\x07 \x01(\x0b\x32 .etcdserverpb.LeaseRevokeRequestH\x00\x12:\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32\x1e.kineserver.workers.KeepAlivesH\x00\x12+\n\x05\x61larm\x18\t \x01(\x0b\x32\x1a.etcdserverpb.AlarmRequestH\x00\x12\x35\n\ndefragment\x18\n \x01(\x0b\x32\x1f.etcdserverpb.DefragmentRequestH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusQueryH\x00\x12\x35\n\x0b\x61uth_change\x18\x0c \x01(\x0b\x32\x1e.kineserver.workers.AuthChangeH\x00\x12*\n\x06\x63\x61ller\x18\r \x01(\x0b\x32\x1a.kineserver.workers.CallerB\x04\n\x02op\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x93\x05\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x03put\x18\x02 \x01(\x0b\x32\x19.etcdserverpb.PutResponseH\x00\x12\x39\n\x0c\x64\x65lete_range\x18\x03 \x01(\x0b\x32!.etcdserverpb.DeleteRangeResponseH\x00\x12(\n\x03txn\x18\x04 \x01(\x0b\x32\x19.etcdserverpb.TxnResponseH\x00\x12\x33\n\x07\x63ompact\x18\x05 \x01(\x0b\x32 .etcdserverpb.CompactionResponseH\x00\x12\x37\n\x0blease_grant\x18\x06 \x01(\x0b\x32 .etcdserverpb.LeaseGrantResponseH\x00\x12\x39\n\x0clease_revoke\x18\x07 \x01(\x0b\x32!.etcdserverpb.LeaseRevokeResponseH\x00\x12=\n\x10lease_keep_alive\x18\x08 \x01(\x0b\x32!.kineserver.workers.KeepAliveTTLsH\x00\x12,\n\x05\x61larm\x18\t \x01(\x0b\x32\x1b.etcdserverpb.AlarmResponseH\x00\x12\x36\n\ndefragment\x18\n \x01(\x0b\x32 .etcdserverpb.DefragmentResponseH\x00\x12\x31\n\x06status\x18\x0b \x01(\x0b\x32\x1f.kineserver.workers.StatusReplyH\x00\x12\x36\n\x0b\x61uth_change\x18\x0c \x01(\x0b\x32\x1f.kineserver.workers.AuthChangedH\x00\x12*\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x19.kineserver.workers.ErrorH\x00\x42\t\n\x07outcome\"W\n\x04\x46\x65\x65\x64\x12\x17\n\x0fskipped_through\x18\x01 \x01(\x03\x12\x17\n\x0f\x61uth_generation\x18\x02 \x01(\x03\x12\x1d\n\x06\x65vents\x18\x0b \x03(\x0b\x32\r.mvccpb.Event\")\n\x05Hello\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06worker\x18\x02 \x01(\x05\"\x14\n\x06Scrape\x12\n\n\x02id\x18\x01 \x01(\x04\"3\n\x07Scraped\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\x0c\x12\x0e\n\x06worker\x18\x03 \x01(\x05\"\xa4\x02\n\x08\x45nvelope\x12.\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x1b.kineserver.workers.CommandH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.kineserver.workers.ResultH\x00\x12(\n\x04\x66\x65\x65\x64\x18\x03 \x01(\x0b\x32\x18.kineserver.workers.FeedH\x00\x12*\n\x05hello\x18\x04 \x01(\x0b\x32\x19.kineserver.workers.HelloH\x00\x12,\n\x06scrape\x18\x05 \x01(\x0b\x32\x1a.kineserver.workers.ScrapeH\x00\x12.\n\x07scraped\x18\x06 \x01(\x0b\x32\x1b.kineserver.workers.ScrapedH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEEPALIVETTLS']._serialized_start=220
   _globals['_KEEPALIVETTLS']._serialized_end=249
   _globals['_AUTHCHANGE']._serialized_start=251
-  _globals['_AUTHCHANGE']._serialized_end=348
-  _globals['_AUTHCHANGED']._serialized_start=350
-  _globals['_AUTHCHANGED']._serialized_end=381
-  _globals['_COMMAND']._serialized_start=384
-  _globals['_COMMAND']._serialized_end=983
-  _globals['_ERROR']._serialized_start=985
-  _globals['_ERROR']._serialized_end=1023
-  _globals['_RESULT']._serialized_start=1026
-  _globals['_RESULT']._serialized_end=1685
-  _globals['_FEED']._serialized_start=1687
-  _globals['_FEED']._serialized_end=1774
-  _globals['_HELLO']._serialized_start=1776
-  _globals['_HELLO']._serialized_end=1817
-  _globals['_SCRAPE']._serialized_start=1819
-  _globals['_SCRAPE']._serialized_end=1839
-  _globals['_SCRAPED']._serialized_start=1841
-  _globals['_SCRAPED']._serialized_end=1892
-  _globals['_ENVELOPE']._serialized_start=1895
-  _globals['_ENVELOPE']._serialized_end=2187
+  _globals['_AUTHCHANGE']._serialized_end=314
+  _globals['_CALLER']._serialized_start=316
+  _globals['_CALLER']._serialized_end=396
+  _globals['_AUTHCHANGED']._serialized_start=398
+  _globals['_AUTHCHANGED']._serialized_end=429
+  _globals['_COMMAND']._serialized_start=432
+  _globals['_COMMAND']._serialized_end=1075
+  _globals['_ERROR']._serialized_start=1077
+  _globals['_ERROR']._serialized_end=1115
+  _globals['_RESULT']._serialized_start=1118
+  _globals['_RESULT']._serialized_end=1777
+  _globals['_FEED']._serialized_start=1779
+  _globals['_FEED']._serialized_end=1866
+  _globals['_HELLO']._serialized_start=1868
+  _globals['_HELLO']._serialized_end=1909
+  _globals['_SCRAPE']._serialized_start=1911
+  _globals['_SCRAPE']._serialized_end=1931
+  _globals['_SCRAPED']._serialized_start=1933
+  _globals['_SCRAPED']._serialized_end=1984
+  _globals['_ENVELOPE']._serialized_start=1987
+  _globals['_ENVELOPE']._serialized_end=2279
 # @@protoc_insertion_point(module_scope)

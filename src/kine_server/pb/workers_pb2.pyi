@@ -33,18 +33,24 @@ class KeepAliveTTLs(_message.Message):
     def __init__(self, ttls: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AuthChange(_message.Message):
-    __slots__ = ("method", "request", "identified", "user", "revision")
+    __slots__ = ("method", "request")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    request: bytes
+    def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("identified", "user", "revision", "generation")
     IDENTIFIED_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
-    method: str
-    request: bytes
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     identified: bool
     user: str
     revision: int
-    def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ..., identified: _Optional[bool] = ..., user: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, identified: _Optional[bool] = ..., user: _Optional[str] = ..., revision: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class AuthChanged(_message.Message):
     __slots__ = ("response",)
@@ -53,7 +59,7 @@ class AuthChanged(_message.Message):
     def __init__(self, response: _Optional[bytes] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "put", "delete_range", "txn", "compact", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status", "auth_change")
+    __slots__ = ("id", "put", "delete_range", "txn", "compact", "lease_grant", "lease_revoke", "lease_keep_alive", "alarm", "defragment", "status", "auth_change", "caller")
     ID_FIELD_NUMBER: _ClassVar[int]
     PUT_FIELD_NUMBER: _ClassVar[int]
     DELETE_RANGE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +72,7 @@ class Command(_message.Message):
     DEFRAGMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     AUTH_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     id: int
     put: _rpc_pb2.PutRequest
     delete_range: _rpc_pb2.DeleteRangeRequest
@@ -78,7 +85,8 @@ class Command(_message.Message):
     defragment: _rpc_pb2.DefragmentRequest
     status: StatusQuery
     auth_change: AuthChange
-    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compact: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChange, _Mapping]] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, id: _Optional[int] = ..., put: _Optional[_Union[_rpc_pb2.PutRequest, _Mapping]] = ..., delete_range: _Optional[_Union[_rpc_pb2.DeleteRangeRequest, _Mapping]] = ..., txn: _Optional[_Union[_rpc_pb2.TxnRequest, _Mapping]] = ..., compact: _Optional[_Union[_rpc_pb2.CompactionRequest, _Mapping]] = ..., lease_grant: _Optional[_Union[_rpc_pb2.LeaseGrantRequest, _Mapping]] = ..., lease_revoke: _Optional[_Union[_rpc_pb2.LeaseRevokeRequest, _Mapping]] = ..., lease_keep_alive: _Optional[_Union[KeepAlives, _Mapping]] = ..., alarm: _Optional[_Union[_rpc_pb2.AlarmRequest, _Mapping]] = ..., defragment: _Optional[_Union[_rpc_pb2.DefragmentRequest, _Mapping]] = ..., status: _Optional[_Union[StatusQuery, _Mapping]] = ..., auth_change: _Optional[_Union[AuthChange, _Mapping]] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

@@ -21,7 +21,7 @@ from typing import Any
 from kine_server import errors
 from kine_server.mvcc.hub import Group
 from kine_server.pb import workers_pb2
-from kine_server.process.frames import ENVELOPE, FrameConnection, parse_envelope
+from kine_server.process.frames import ENVELOPE, FrameConnection, decode_caller, parse_envelope
 from kine_server.store.commands import COMMANDS, RESULT_FIELDS
 from kine_server.store.local import WriteSide
 from kine_server.wire import length_delimited, varint
@@ -165,7 +165,7 @@ class WriterChannel:
         try:
             if entry is None:
                 raise errors.Internal(f"kine-server: unknown write command {name!r}")
-            awaitable = entry.apply(self._side, getattr(command, name))
+            awaitable = entry.apply(self._side, getattr(command, name), decode_caller(command))
             outcome = asyncio.ensure_future(awaitable, loop=self._loop)
         except Exception as exc:
             outcome = self._loop.create_future()

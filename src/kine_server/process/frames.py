@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
+from kine_server.auth.permissions import Caller, Identity
 from kine_server.pb import workers_pb2
 
 try:  # upb's switch for the nesting limit (see api/decoding.py)
@@ -50,6 +51,30 @@ def parse_envelope(frame: bytes) -> workers_pb2.Envelope:
     finally:
         _allow_deep(False)
     return envelope
+
+
+#: Command's caller field: who made a command, as etcd's RequestHeader (see WriteSide).
+CALLER_FIELD = workers_pb2.Command.DESCRIPTOR.fields_by_name["caller"].number
+
+
+def encode_caller(caller: Caller) -> bytes:
+    message = workers_pb2.Caller(generation=caller.generation)
+    if caller.who is not None:
+        message.identified, message.user, message.revision = (
+            True,
+            caller.who.user,
+            caller.who.revision,
+        )
+    return bytes(message.SerializeToString())
+
+
+def decode_caller(command: workers_pb2.Command) -> Caller | None:
+    """The Command's caller, as the front-end sent it (None if it sent none)."""
+    if not command.HasField("caller"):
+        return None
+    sent = command.caller
+    who = Identity(sent.user, sent.revision) if sent.identified else None
+    return Caller(who, sent.generation)
 
 
 class FrameConnection(asyncio.Protocol):

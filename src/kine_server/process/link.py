@@ -18,10 +18,17 @@ import logging
 from collections.abc import Callable
 
 from kine_server import errors
+from kine_server.auth.permissions import Caller
 from kine_server.auth.store import AuthStore
 from kine_server.mvcc.hub import EventHub
 from kine_server.pb import workers_pb2
-from kine_server.process.frames import ENVELOPE, FrameConnection, parse_envelope
+from kine_server.process.frames import (
+    CALLER_FIELD,
+    ENVELOPE,
+    FrameConnection,
+    encode_caller,
+    parse_envelope,
+)
 from kine_server.store.commands import COMMAND_FIELDS, Command, Req, Resp
 from kine_server.wire import length_delimited, varint
 
@@ -78,7 +85,9 @@ class WriterLink:
             self._connection.close()
             self._connection = None
 
-    async def submit(self, command: Command[Req, Resp], request: Req) -> Resp:
+    async def submit(
+        self, command: Command[Req, Resp], request: Req, caller: Caller | None = None
+    ) -> Resp:
         """Send `command` to the writer process; its response, or its error raised.
 
         Encoded by hand, the request as its own bytes: no copy, and a Txn nested as deep as
@@ -92,6 +101,8 @@ class WriterLink:
             + varint(command_id)
             + length_delimited(COMMAND_FIELDS[command.name], request.SerializeToString())
         )
+        if caller is not None:
+            encoded += length_delimited(CALLER_FIELD, encode_caller(caller))
         future: asyncio.Future[workers_pb2.Result] = loop.create_future()
         self._pending[command_id] = future
         connection.send(length_delimited(ENVELOPE["command"], encoded))

@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
 
+from kine_server.auth.permissions import Caller
 from kine_server.pb import workers_pb2
 from kine_server.store.local import WriteSide
 
@@ -32,7 +33,8 @@ class Command(Generic[Req, Resp]):
     """One kind of write: its proto field's name, and the WriteSide method that applies it."""
 
     name: str
-    apply: Callable[[WriteSide, Req], Awaitable[Resp]]
+    #: Carries the request out; given who made it (None: the server itself, or no check).
+    apply: Callable[[WriteSide, Req, Caller | None], Awaitable[Resp]]
 
 
 PUT = Command("put", WriteSide.put)
@@ -85,8 +87,12 @@ class Writes(Protocol):
     async def stop(self, timeout: float | None = None) -> None:
         """Stop; the commands still queued get `timeout` seconds (None: as long as they take)."""
 
-    async def submit(self, command: Command[Req, Resp], request: Req) -> Resp:
-        """Carry out `command`; etcd's response, or its error raised as an EtcdError."""
+    async def submit(
+        self, command: Command[Req, Resp], request: Req, caller: Caller | None = None
+    ) -> Resp:
+        """Carry out `command` for `caller` (who made it, and the auth state generation its
+        permissions were checked at; the writer checks again if that has changed); etcd's
+        response, or its error raised as an EtcdError."""
         ...
 
 
@@ -102,5 +108,7 @@ class LocalWrites:
     async def stop(self, timeout: float | None = None) -> None:
         await self.side.stop(timeout)
 
-    async def submit(self, command: Command[Req, Resp], request: Req) -> Resp:
-        return await command.apply(self.side, request)
+    async def submit(
+        self, command: Command[Req, Resp], request: Req, caller: Caller | None = None
+    ) -> Resp:
+        return await command.apply(self.side, request, caller)

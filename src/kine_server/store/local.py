@@ -15,13 +15,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
 from kine_server import errors
 from kine_server.auth.changes import message_types
-from kine_server.auth.permissions import Identity
+from kine_server.auth.permissions import (
+    AuthState,
+    Caller,
+    Identity,
+    LeasedKeys,
+    check_delete,
+    check_lease_keys,
+    check_put,
+    check_txn,
+)
 from kine_server.auth.store import AuthStore
 from kine_server.drivers.base import Driver
 from kine_server.lease.lessor import Lessor
@@ -135,26 +144,33 @@ class WriteSide:
     # future when nothing has to be waited for first (the quota is measured only when a write
     # may pass it): a front-end's write is then answered without a task of its own.
 
-    def put(self, req: rpc_pb2.PutRequest) -> Awaitable[rpc_pb2.PutResponse]:
+    def put(self, req: rpc_pb2.PutRequest, caller: Caller | None) -> Awaitable[rpc_pb2.PutResponse]:
         self.alarms.check_write()
+        check = _authorized(caller, lambda state, who, leased: check_put(state, who, req, leased))
 
         def queue() -> Awaitable[rpc_pb2.PutResponse]:
-            return self.writer.submit(lambda a: a.put(req), (req.key,))
+            return self.writer.submit(lambda a: check(a, a.put(req)), (req.key,))
 
         return queue() if self.quota.admit(req.ByteSize()) else self._measured(req, queue)
 
     def delete_range(
-        self, req: rpc_pb2.DeleteRangeRequest
+        self, req: rpc_pb2.DeleteRangeRequest, caller: Caller | None
     ) -> Awaitable[rpc_pb2.DeleteRangeResponse]:
         self.alarms.check_write()
-        return self.writer.submit(lambda a: a.delete_range(req))
 
-    def txn(self, req: rpc_pb2.TxnRequest) -> Awaitable[rpc_pb2.TxnResponse]:
+        async def allowed(state: AuthState, who: Identity | None, leased: LeasedKeys) -> None:
+            check_delete(state, who, req)
+
+        check = _authorized(caller, allowed)
+        return self.writer.submit(lambda a: check(a, a.delete_range(req)))
+
+    def txn(self, req: rpc_pb2.TxnRequest, caller: Caller | None) -> Awaitable[rpc_pb2.TxnResponse]:
         """A Txn that may write (Store answers the read-only ones itself)."""
         self.alarms.check_write()
+        check = _authorized(caller, lambda state, who, leased: check_txn(state, who, req, leased))
 
         def queue() -> Awaitable[rpc_pb2.TxnResponse]:
-            return self.writer.submit(lambda a: a.txn(req), txn_keys(req))
+            return self.writer.submit(lambda a: check(a, a.txn(req)), txn_keys(req))
 
         if has_puts(req) and not self.quota.admit(req.ByteSize()):
             return self._measured(req, queue)
@@ -166,7 +182,9 @@ class WriteSide:
         await self.quota.check(req.ByteSize())
         return await queue()
 
-    async def compact(self, req: rpc_pb2.CompactionRequest) -> rpc_pb2.CompactionResponse:
+    async def compact(
+        self, req: rpc_pb2.CompactionRequest, caller: Caller | None
+    ) -> rpc_pb2.CompactionResponse:
         """Mark the revision compacted (as etcd, reads below it now fail); the response's
         header holds the store revision. With `physical`, it answers once the history below
         the revision is gone."""
@@ -192,44 +210,104 @@ class WriteSide:
         response.header.revision = current
         return response
 
-    async def lease_grant(self, req: rpc_pb2.LeaseGrantRequest) -> rpc_pb2.LeaseGrantResponse:
+    async def lease_grant(
+        self, req: rpc_pb2.LeaseGrantRequest, caller: Caller | None
+    ) -> rpc_pb2.LeaseGrantResponse:
         """The lease granted: its id (the one asked for, or a new one) and the TTL granted."""
         self.alarms.check_write()
         await self.quota.check(req.ByteSize())
         lease_id, ttl = await self.lessor.grant(req.ID, req.TTL)
         return rpc_pb2.LeaseGrantResponse(ID=lease_id, TTL=ttl)
 
-    async def lease_revoke(self, req: rpc_pb2.LeaseRevokeRequest) -> rpc_pb2.LeaseRevokeResponse:
+    async def lease_revoke(
+        self, req: rpc_pb2.LeaseRevokeRequest, caller: Caller | None
+    ) -> rpc_pb2.LeaseRevokeResponse:
         self.alarms.check_write()
-        await self.lessor.revoke(req.ID)
+        lease = req.ID
+        check = _authorized(
+            caller, lambda state, who, leased: check_lease_keys(state, who, lease, leased)
+        )
+
+        async def authorize(applier: Applier) -> None:
+            await check(applier, _nothing())
+
+        await self.lessor.revoke(lease, authorize)
         return rpc_pb2.LeaseRevokeResponse()
 
-    async def lease_keep_alive(self, req: workers_pb2.KeepAlives) -> workers_pb2.KeepAliveTTLs:
+    async def lease_keep_alive(
+        self, req: workers_pb2.KeepAlives, caller: Caller | None
+    ) -> workers_pb2.KeepAliveTTLs:
         """Each lease's TTL after renewing them all, or 0 for one that does not exist (expired
         or revoked): one writer request for what a keep-alive stream has read."""
         return workers_pb2.KeepAliveTTLs(ttls=await self.lessor.keep_alive_many(req.ids))
 
-    async def alarm(self, req: rpc_pb2.AlarmRequest) -> rpc_pb2.AlarmResponse:
+    async def alarm(
+        self, req: rpc_pb2.AlarmRequest, caller: Caller | None
+    ) -> rpc_pb2.AlarmResponse:
         """Carry out an Alarm request; the response lists the alarms it answers with."""
         return rpc_pb2.AlarmResponse(alarms=await self.alarms.request(req))
 
-    async def defragment(self, req: rpc_pb2.DefragmentRequest) -> rpc_pb2.DefragmentResponse:
+    async def defragment(
+        self, req: rpc_pb2.DefragmentRequest, caller: Caller | None
+    ) -> rpc_pb2.DefragmentResponse:
         with errors.database_errors():
             await self.driver.defragment()
         return rpc_pb2.DefragmentResponse()
 
-    async def auth_change(self, req: workers_pb2.AuthChange) -> workers_pb2.AuthChanged:
-        """Carry out an Auth call that changes users, roles or the enabled flag; once it
-        returns, this process (and, told first, every front-end) checks against the new state."""
+    async def auth_change(
+        self, req: workers_pb2.AuthChange, caller: Caller | None
+    ) -> workers_pb2.AuthChanged:
+        """Carry out an Auth call that changes users, roles or the enabled flag, `caller`'s
+        root role checked again on the state it changes; once it returns, this process (and,
+        told first, every front-end) checks against the new state."""
         request = message_types(req.method)[0].FromString(req.request)
-        who = Identity(req.user, req.revision) if req.identified else None
+        who = caller.who if caller is not None else None
         answer = await self.auth.change(self.writer, req.method, request, who)
         return workers_pb2.AuthChanged(response=answer.SerializeToString())
 
-    async def write_status(self, req: workers_pb2.StatusQuery) -> workers_pb2.StatusReply:
+    async def write_status(
+        self, req: workers_pb2.StatusQuery, caller: Caller | None
+    ) -> workers_pb2.StatusReply:
         """What Maintenance.Status reports of the write side: compaction's health."""
         compaction = self.compactor.status
         return workers_pb2.StatusReply(
             compaction_failures=compaction.consecutive_failures,
             compaction_last_error=compaction.last_error,
         )
+
+
+#: A request's permission check: the auth state, who asked, and the keys of a lease.
+Check = Callable[[AuthState, Identity | None, LeasedKeys], Awaitable[None]]
+#: Runs a writer op's work after the check (see _authorized).
+Checked = Callable[[Applier, Awaitable[Resp]], Awaitable[Resp]]
+
+
+def _authorized(caller: Caller | None, check: Check) -> Checked[Any]:
+    """etcd's authApplierV3: a request is checked again when it is applied if the auth state
+    changed since it was checked (a revocation committed between a front-end's check and the
+    writer's batch): against the state in force in the writer's transaction, so it fails as
+    etcd's does ("revision of auth store is old", permission denied, user name is empty)
+    instead of slipping through. The usual case costs one comparison."""
+
+    async def checked(applier: Applier, work: Awaitable[Any]) -> Any:
+        if caller is not None and caller.generation != applier.auth_generation:
+            state = await AuthState.read(applier.write_tx)
+            try:
+                await check(state, caller.who, applier.leased_keys)
+            except BaseException:
+                _close(work)
+                raise
+        return await work
+
+    return checked
+
+
+def _close(work: Awaitable[Any]) -> None:
+    """A coroutine made and never awaited: close it (asyncio warns of one never awaited)."""
+    close = getattr(work, "close", None)
+    if close is not None:
+        close()
+
+
+async def _nothing() -> None:
+    """The work of a check that precedes another op (a lease revocation's)."""

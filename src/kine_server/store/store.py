@@ -11,6 +11,7 @@ publishes into the hub, or the writer process's feed does (process/link.py).
 from __future__ import annotations
 
 from kine_server import errors
+from kine_server.auth.permissions import Caller
 from kine_server.auth.store import AuthStore
 from kine_server.drivers.base import Counters, Driver
 from kine_server.etcd_backend.mvcc import write_etcd_snapshot
@@ -48,21 +49,26 @@ class Store:
         await self.auth.stop()
         await self._writes.stop(timeout)
 
-    async def submit(self, command: Command[Req, Resp], request: Req) -> Resp:
-        """Carry out a write command (or ask the writer what only it knows)."""
-        return await self._writes.submit(command, request)
+    async def submit(
+        self, command: Command[Req, Resp], request: Req, caller: Caller | None = None
+    ) -> Resp:
+        """Carry out a write command (or ask the writer what only it knows) for `caller`: see
+        commands.Writes."""
+        return await self._writes.submit(command, request, caller)
 
     # The reads.
 
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
         return await self.kv.range(req)
 
-    async def txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+    async def txn(
+        self, req: rpc_pb2.TxnRequest, caller: Caller | None = None
+    ) -> rpc_pb2.TxnResponse:
         """A read-only Txn is read here, as etcd serves it without a proposal; one that may
         write is a command."""
         if is_read_only(req):
             return await self.kv.read_only_txn(req)
-        return await self.submit(TXN, req)
+        return await self.submit(TXN, req, caller)
 
     async def counters(self) -> Counters:
         return await self.kv.counters()
