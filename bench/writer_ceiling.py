@@ -178,4 +178,11 @@ if __name__ == "__main__":
     parser.add_argument("--frontends", type=int, default=2)
     parser.add_argument("--depth", type=int, default=256, help="commands in flight per front-end")
     parser.add_argument("--pg", action="store_true", help="PostgreSQL instead of SQLite")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--uvloop", action="store_true", help="the writer on uvloop's loop")
+    options = parser.parse_args()
+    if options.uvloop:
+        import uvloop
+
+        uvloop.run(main(options))
+    else:
+        asyncio.run(main(options))

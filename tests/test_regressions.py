@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kine_server.drivers.base import OPEN_END
 from kine_server.drivers.sqlite import SQLiteDriver
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
@@ -24,8 +25,12 @@ async def test_a_cancelled_read_does_not_leave_its_connection_in_a_transaction(
     try:
 
         async def read() -> int:
+            # A point read runs inline on the loop (nothing to cancel in it); a range goes to
+            # the reader's thread, mid-transaction: the cancellation lands there.
             async with driver.read() as tx:
-                return (await tx.counters()).revision
+                revision = (await tx.counters()).revision
+                await tx.range(b"\x00", OPEN_END, None, 0)
+                return revision
 
         task = asyncio.create_task(read())
         for _ in range(cancel_after):
