@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -142,6 +143,25 @@ async def test_a_lagging_instance_cancels_compacted_watches_and_keeps_delivering
 # -- PostgreSQL: write Txns and periodic compaction -------------------------------------------
 
 
+async def compaction_blocked_or_done(dsn: str, tick: asyncio.Task[bool]) -> None:
+    """Return once `tick` is done or a session of the database waits for a lock (the compaction
+    waiting for the write batch's): observed in pg_stat_activity, not guessed with a sleep."""
+    watcher = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while not tick.done():
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                return
+            assert time.monotonic() < deadline, "the compaction neither ran nor waited"
+            await asyncio.sleep(0.01)
+    finally:
+        await watcher.close()
+
+
 async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_history(
     shared_dsn: str,
 ) -> None:
@@ -164,7 +184,8 @@ async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_histo
         async def read_while_compacting(applier: Applier) -> pb.TxnResponse:
             nonlocal tick
             tick = asyncio.create_task(compactor.tick(advance=True))
-            await asyncio.sleep(1.0)  # time enough for the compaction to commit, were it free
+            # Until the compaction has committed (were it free to) or waits on this batch's lock.
+            await compaction_blocked_or_done(shared_dsn, tick)
             response: pb.TxnResponse = await applier.txn(txn(pb.RequestOp(request_range=old)))
             return response
 
