@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import signal
 import socket
@@ -310,26 +311,51 @@ async def ttl_of(client: Client, lease: int) -> int:
     return int(status.TTL)
 
 
+def ttl_bounds(ttl: int, since: float) -> tuple[int, int]:
+    """What LeaseTimeToLive may answer for a lease granted (or renewed) with `ttl` at `since`
+    (time.monotonic()): its whole seconds left, rounded down, by any honest clock."""
+    elapsed = math.ceil(time.monotonic() - since)
+    return ttl - elapsed - 1, ttl
+
+
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime (make deps)")
 async def test_an_instance_whose_clock_is_a_day_ahead_expires_and_extends_nothing(
     shared_dsn: str, tmp_path: Path
 ) -> None:
+    """B's clock is a day ahead; A's lease expiry is stopped, so only B expires leases. The lease
+    is granted once B serves (B's start-up takes what it takes), then: B reports its TTL by the
+    database's clock, renews it to 60 s and not a day more, and expires a 2 s lease of its own
+    (so its expiry passes ran) while the 60 s lease and its key stay."""
     a = SingleProcess(test_config(shared_dsn))
     await a.start()
+    await a.write_side.lessor.stop()
     client = connect(f"127.0.0.1:{a.port}")
     try:
-        await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=77, TTL=60))
-        await client.kv.Put(put(b"held", lease=77))
         with KineProcess(shared_dsn, tmp_path, prefix=["faketime", "-f", "+1d"]) as b:
             b_client = connect(b.address)
             try:
-                assert 55 <= await ttl_of(b_client, 77) <= 60
-                await asyncio.sleep(2.0)  # several of B's expiry passes
+                granted = time.monotonic()
+                await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=77, TTL=60))
+                await client.kv.Put(put(b"held", lease=77))
+                low, high = ttl_bounds(60, granted)
+                assert low <= await ttl_of(b_client, 77) <= high
+                renewed = time.monotonic()
+                keep_alive = b_client.lease.LeaseKeepAlive()
+                await keep_alive.write(pb.LeaseKeepAliveRequest(ID=77))
+                assert (await keep_alive.read()).TTL == 60
+                await keep_alive.done_writing()
+                await b_client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=78, TTL=2))
+                await b_client.kv.Put(put(b"short", lease=78))
+                deadline = time.monotonic() + 30
+                while (await b_client.kv.Range(pb.RangeRequest(key=b"short"))).count:
+                    assert time.monotonic() < deadline, "B expired nothing"
+                    await asyncio.sleep(0.1)
             finally:
                 await b_client.close()
             b.stop()
         assert (await client.kv.Range(pb.RangeRequest(key=b"held"))).count == 1
-        assert 50 <= await ttl_of(client, 77) <= 60
+        low, high = ttl_bounds(60, renewed)
+        assert low <= await ttl_of(client, 77) <= high
     finally:
         await client.close()
         await a.stop()
