@@ -29,7 +29,8 @@ are etcd's "duplicate key" error; a few shapes etcd lets through write a key twi
 revision (a put and a delete with "\\0" as range end; a nested Txn's put, then a later nested
 Txn's delete), and `TWICE_CHANCE` makes those now and then on purpose. Sort options are always
 valid ones: the oracle is Debian's etcd 3.4, which accepts invalid ones that kine-server,
-emulating 3.5, refuses (see test_kv_differential).
+emulating 3.5, refuses (see test_kv_differential); for the same reason no HashKV asks for exactly
+the compact revision (3.5 answers its hash, 3.4 "compacted"; see test_maintenance).
 
 Every answer is a Recorder line (cluster and member id and raft term blanked), compared at once;
 the first difference fails the round with the seed, the op's index, the request and both lines,
@@ -458,7 +459,12 @@ class Sequence:
             return Call("lease.LeaseKeepAlive", pb.LeaseKeepAliveRequest(ID=self.lease()))
         if kind == "compact":
             return Call("kv.Compact", self.compact_request(state))
-        return Call("maintenance.HashKV", pb.HashKVRequest(revision=self.revision(state)))
+        revision = self.revision(state)
+        if state.compacted and revision == state.compacted:
+            # etcd 3.5 answers the compact revision's hash, 3.4 (the oracle) "compacted": the
+            # one HashKV revision where they differ is checked in test_maintenance.py instead.
+            revision -= 1
+        return Call("maintenance.HashKV", pb.HashKVRequest(revision=revision))
 
     def calls(self, state: State, length: int) -> Iterator[Call]:
         """`length` random calls, then a LeaseRevoke of every lease asked for, so none outlives

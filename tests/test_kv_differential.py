@@ -430,7 +430,9 @@ async def hash_kv_revisions(call: Recorder) -> None:
     for i in range(6):
         await call("kv.Put", put(b"a", b"%d" % i))
     await call("kv.Compact", pb.CompactionRequest(revision=4))
-    for revision in (3, 4, 5, 7, 8, -1, 0):
+    # Not 4 itself: etcd 3.5 answers the compact revision's hash where 3.4, the oracle here,
+    # answers "compacted" (test_maintenance.py checks it as etcd 3.5's source has it).
+    for revision in (3, 5, 7, 8, -1, 0):
         await hash_kv(call, revision)
 
 
