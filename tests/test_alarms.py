@@ -152,14 +152,6 @@ async def test_alarms_same_as_etcd(kine: Client, etcd: Client) -> None:
     await check_header(kine)
 
 
-async def test_alarms_same_as_etcd_with_workers(kine_workers: Client, etcd: Client) -> None:
-    """Alarm requests cross from a front-end to the writer process and their answers back."""
-    theirs = await transcript(etcd)
-    ours = await transcript(kine_workers)
-    assert ours == theirs
-    await check_header(kine_workers)
-
-
 async def test_activating_alarm_none_changes_nothing(kine: Client) -> None:
     """etcd 3.5 ignores ACTIVATE of alarm NONE (3.4, the oracle, crashes on it)."""
     for member in (0, 99):

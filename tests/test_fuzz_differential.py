@@ -53,6 +53,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -61,8 +62,9 @@ from google.protobuf import text_format
 
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
-from tests.conftest import test_config
+from tests.conftest import WORKERS, test_config
 from tests.support.client import Client, Recorder, connect, normalized
+from tests.support.process import KineProcess
 from tests.test_kv_differential import op
 
 C = pb.Compare
@@ -539,9 +541,16 @@ class FuzzRecorder(Recorder):
 
 
 @pytest.fixture
-async def fuzz_kine(dsn: str) -> AsyncIterator[Client]:
+async def fuzz_kine(dsn: str, process_model: str, tmp_path: Path) -> AsyncIterator[Client]:
     """kine-server without periodic compaction: etcd has none by default, and a tick in the middle
-    of a round would compact one store and not the other."""
+    of a round would compact one store and not the other. In this process, or `--workers 2`."""
+    if process_model == WORKERS:
+        flags = ["--workers", "2", "--compact-interval", "0", "--shutdown-grace", "2s"]
+        with KineProcess(dsn, tmp_path, *flags) as process:
+            client = connect(process.address)
+            yield client
+            await client.close()
+        return
     server = SingleProcess(test_config(dsn, compact_interval=0.0))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")

@@ -498,10 +498,14 @@ def test_every_failed_start_prints_one_line_that_says_why(
 
 
 async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_silence(
-    kine: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: SingleProcess,
+    kine: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A bug while a stream takes a committed revision: the stream ends with INTERNAL, so the
-    client watches again, instead of staying open and deaf; other streams are unaffected."""
+    client watches again, instead of staying open and deaf; other streams are unaffected. (The
+    bug is injected into this process's code: one process.)"""
     from kine_server.mvcc.watcher import Watcher
 
     healthy = WatchStream(kine)

@@ -471,11 +471,7 @@ async def test_same_as_etcd(name: str, kine: Client, etcd: Client) -> None:
     assert ours.transcript == theirs.transcript
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_same_as_etcd_with_workers(name: str, kine_workers: Client, etcd: Client) -> None:
-    await test_same_as_etcd(name, kine_workers, etcd)
-
-
+@pytest.mark.one_process  # validation in api/, the same code in a front-end
 async def test_invalid_sort_option_is_refused_as_etcd_35(kine: Client) -> None:
     """etcd 3.5 validates sort options (3.4, the Debian oracle, silently accepts them)."""
     recorder = Recorder(kine)

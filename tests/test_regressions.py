@@ -58,6 +58,7 @@ async def test_compact_revision_never_moves_backwards(server: SingleProcess, kin
     assert (await server.store.counters()).compact_revision == 51
 
 
+@pytest.mark.one_process  # the stream protocol; a front-end's watches: test_watch_differential
 async def test_a_reused_watch_id_gets_its_events(kine: Client) -> None:
     for i in range(30):
         await kine.kv.Put(pb.PutRequest(key=b"w", value=b"%d" % i))
@@ -74,6 +75,7 @@ async def test_a_reused_watch_id_gets_its_events(kine: Client) -> None:
     await stream.close()
 
 
+@pytest.mark.one_process  # the stream protocol; a front-end's watches: test_watch_differential
 async def test_a_half_closed_watch_stream_keeps_sending(kine: Client) -> None:
     await kine.kv.Put(pb.PutRequest(key=b"h", value=b"1"))
     call = kine.watch.Watch()
@@ -89,6 +91,7 @@ async def test_a_half_closed_watch_stream_keeps_sending(kine: Client) -> None:
     call.cancel()
 
 
+@pytest.mark.one_process  # validation in api/, the same code in a front-end
 async def test_nested_txn_ops_count_against_the_outer_limit(kine: Client) -> None:
     nested = pb.TxnRequest(
         success=[pb.RequestOp(request_put=pb.PutRequest(key=b"n%d" % i)) for i in range(50)]
@@ -178,6 +181,7 @@ async def test_keep_alive_does_not_revive_an_expired_lease(server: SingleProcess
     await call.done_writing()
 
 
+@pytest.mark.one_process  # api/ and the reader, the same code in a front-end
 async def test_read_only_txn_is_not_size_checked_and_unknown_targets_compare_as_equal(
     kine: Client,
 ) -> None:
