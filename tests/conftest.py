@@ -110,17 +110,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def kine(
+def kine_address(
     process_model: str, dsn: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[Client]:
+) -> Iterator[str]:
+    """Where `kine` connects. A plain fixture: it may ask for the (asynchronous) `server` while
+    no event loop runs."""
     if process_model == WORKERS:
         with KineProcess(dsn, tmp_path, "--workers", "2", "--shutdown-grace", "2s") as process:
-            client = connect(process.address)
-            yield client
-            await client.close()
+            yield process.address
         return
     server: SingleProcess = request.getfixturevalue("server")
-    client = connect(f"127.0.0.1:{server.port}")
+    yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def kine(kine_address: str) -> AsyncIterator[Client]:
+    client = connect(kine_address)
     yield client
     await client.close()
 
