@@ -21,6 +21,11 @@ DATABASES = ["sqlite", "postgres"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_process: served in this process only, though it uses only a client (what it checks "
+        "is the same code in every process, and a --workers start costs seconds)",
+    )
     def write(text: str) -> None:
         terminal = config.pluginmanager.get_plugin("terminalreporter")
         capture = config.pluginmanager.get_plugin("capturemanager")
@@ -81,9 +86,46 @@ async def server(dsn: str) -> AsyncIterator[SingleProcess]:
     await srv.stop()
 
 
+#: How `kine` is served: in this process, as `--workers 1` serves it, or as operators run it by
+#: default on a machine with more than one core, `--workers 2` (a writer process and two
+#: front-ends: a client's requests reach one of them, its writes and its watches' events cross
+#: to the writer process and back).
+ONE_PROCESS, WORKERS = "workers1", "workers2"
+
+
 @pytest.fixture
-async def kine(server: SingleProcess) -> AsyncIterator[Client]:
-    client = connect(f"127.0.0.1:{server.port}")
+def process_model() -> str:
+    """Tests that also use `server` (this process's store, its internals) have one process."""
+    return ONE_PROCESS
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that reaches kine-server only through a client (`kine`, or a fixture of its
+    own that asks for `process_model`) runs on both process models, unless marked
+    `one_process`."""
+    if "process_model" not in metafunc.fixturenames or "server" in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("one_process") is None:
+        metafunc.parametrize("process_model", [ONE_PROCESS, WORKERS])
+
+
+@pytest.fixture
+def kine_address(
+    process_model: str, dsn: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """Where `kine` connects. A plain fixture: it may ask for the (asynchronous) `server` while
+    no event loop runs."""
+    if process_model == WORKERS:
+        with KineProcess(dsn, tmp_path, "--workers", "2", "--shutdown-grace", "2s") as process:
+            yield process.address
+        return
+    server: SingleProcess = request.getfixturevalue("server")
+    yield f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def kine(kine_address: str) -> AsyncIterator[Client]:
+    client = connect(kine_address)
     yield client
     await client.close()
 

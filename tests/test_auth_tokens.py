@@ -1,11 +1,21 @@
 """Simple tokens (auth/tokens.py): signed, alive for the TTL after their last use in the
-process that sees them used, void after a password change, the user's deletion or a new key."""
+process that sees them used (and for the TTL from their issue in one that never did, checked
+with two real processes), void after a password change, the user's deletion or a new key."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
 from kine_server.auth.permissions import AuthState, Identity
 from kine_server.auth.tokens import SimpleTokens
-from kine_server.pb import auth_pb2
+from kine_server.pb import auth_pb2, rpc_pb2
+from tests.support.client import connect
+from tests.support.process import KineProcess
 
 
 class Clock:
@@ -61,3 +71,40 @@ def test_a_forged_or_garbled_token_is_refused() -> None:
     assert tokens.identify(current, f"{nonce}.{name}.{issued}.{other}") is None
     for garbage in ["", "a.b", "a.b.c.d", "a.%%%.1.x", "made-up-token"]:
         assert tokens.identify(current, garbage) is None
+
+
+async def test_a_process_that_never_saw_a_token_counts_its_ttl_from_its_issue(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two real processes on one PostgreSQL, `--auth-token-ttl 4`: a token used every half
+    second in the process that issued it stays alive there past its TTL, while the other process,
+    which never saw it used, refuses it once the TTL from its issue has passed (counting from the
+    first time it sees it would let every old token live for ever). A token issued since is
+    honoured there: the refusal is the TTL's, not the other process's."""
+    from tests.conftest import fresh_dsn
+    from tests.test_auth import as_user, refused, setup_users, token
+
+    ttl = 4
+    dsn = fresh_dsn("postgres", tmp_path, request)
+    (tmp_path / "b").mkdir()
+    flags = ["--auth-token-ttl", str(ttl)]
+    with KineProcess(dsn, tmp_path, *flags) as a, KineProcess(dsn, tmp_path / "b", *flags) as b:
+        issuer, other = connect(a.address), connect(b.address)
+        try:
+            old, _ = await setup_users(issuer)
+            issued_by = time.time()  # the token carries its issue time, at or before this
+            get = rpc_pb2.RangeRequest(key=b"a")
+            while time.time() <= issued_by + ttl + 0.5:
+                await issuer.kv.Range(get, metadata=as_user(old))  # used: alive in the issuer
+                await asyncio.sleep(0.5)
+            fresh = await token(issuer, "root", "rootpw")
+            await other.kv.Range(get, metadata=as_user(fresh))
+            await refused(
+                other.kv.Range(get, metadata=as_user(old)),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "etcdserver: invalid auth token",
+            )
+            await issuer.kv.Range(get, metadata=as_user(old))
+        finally:
+            await issuer.close()
+            await other.close()

@@ -29,7 +29,8 @@ are etcd's "duplicate key" error; a few shapes etcd lets through write a key twi
 revision (a put and a delete with "\\0" as range end; a nested Txn's put, then a later nested
 Txn's delete), and `TWICE_CHANCE` makes those now and then on purpose. Sort options are always
 valid ones: the oracle is Debian's etcd 3.4, which accepts invalid ones that kine-server,
-emulating 3.5, refuses (see test_kv_differential).
+emulating 3.5, refuses (see test_kv_differential); for the same reason no HashKV asks for exactly
+the compact revision (3.5 answers its hash, 3.4 "compacted"; see test_maintenance).
 
 Every answer is a Recorder line (cluster and member id and raft term blanked), compared at once;
 the first difference fails the round with the seed, the op's index, the request and both lines,
@@ -52,6 +53,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -60,8 +62,9 @@ from google.protobuf import text_format
 
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
-from tests.conftest import test_config
+from tests.conftest import WORKERS, test_config
 from tests.support.client import Client, Recorder, connect, normalized
+from tests.support.process import KineProcess
 from tests.test_kv_differential import op
 
 C = pb.Compare
@@ -458,7 +461,12 @@ class Sequence:
             return Call("lease.LeaseKeepAlive", pb.LeaseKeepAliveRequest(ID=self.lease()))
         if kind == "compact":
             return Call("kv.Compact", self.compact_request(state))
-        return Call("maintenance.HashKV", pb.HashKVRequest(revision=self.revision(state)))
+        revision = self.revision(state)
+        if state.compacted and revision == state.compacted:
+            # etcd 3.5 answers the compact revision's hash, 3.4 (the oracle) "compacted": the
+            # one HashKV revision where they differ is checked in test_maintenance.py instead.
+            revision -= 1
+        return Call("maintenance.HashKV", pb.HashKVRequest(revision=revision))
 
     def calls(self, state: State, length: int) -> Iterator[Call]:
         """`length` random calls, then a LeaseRevoke of every lease asked for, so none outlives
@@ -533,9 +541,16 @@ class FuzzRecorder(Recorder):
 
 
 @pytest.fixture
-async def fuzz_kine(dsn: str) -> AsyncIterator[Client]:
+async def fuzz_kine(dsn: str, process_model: str, tmp_path: Path) -> AsyncIterator[Client]:
     """kine-server without periodic compaction: etcd has none by default, and a tick in the middle
-    of a round would compact one store and not the other."""
+    of a round would compact one store and not the other. In this process, or `--workers 2`."""
+    if process_model == WORKERS:
+        flags = ["--workers", "2", "--compact-interval", "0", "--shutdown-grace", "2s"]
+        with KineProcess(dsn, tmp_path, *flags) as process:
+            client = connect(process.address)
+            yield client
+            await client.close()
+        return
     server = SingleProcess(test_config(dsn, compact_interval=0.0))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -144,6 +146,25 @@ async def test_a_lagging_instance_cancels_compacted_watches_and_keeps_delivering
 # -- PostgreSQL: write Txns and periodic compaction -------------------------------------------
 
 
+async def compaction_blocked_or_done(dsn: str, tick: asyncio.Task[bool]) -> None:
+    """Return once `tick` is done or a session of the database waits for a lock (the compaction
+    waiting for the write batch's): observed in pg_stat_activity, not guessed with a sleep."""
+    watcher = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while not tick.done():
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                return
+            assert time.monotonic() < deadline, "the compaction neither ran nor waited"
+            await asyncio.sleep(0.01)
+    finally:
+        await watcher.close()
+
+
 async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_history(
     shared_dsn: str,
 ) -> None:
@@ -166,7 +187,8 @@ async def test_a_write_txn_reading_old_revisions_never_sees_half_compacted_histo
         async def read_while_compacting(applier: Applier) -> pb.TxnResponse:
             nonlocal tick
             tick = asyncio.create_task(compactor.tick(advance=True))
-            await asyncio.sleep(1.0)  # time enough for the compaction to commit, were it free
+            # Until the compaction has committed (were it free to) or waits on this batch's lock.
+            await compaction_blocked_or_done(shared_dsn, tick)
             response: pb.TxnResponse = await applier.txn(txn(pb.RequestOp(request_range=old)))
             return response
 
@@ -291,26 +313,51 @@ async def ttl_of(client: Client, lease: int) -> int:
     return int(status.TTL)
 
 
+def ttl_bounds(ttl: int, since: float) -> tuple[int, int]:
+    """What LeaseTimeToLive may answer for a lease granted (or renewed) with `ttl` at `since`
+    (time.monotonic()): its whole seconds left, rounded down, by any honest clock."""
+    elapsed = math.ceil(time.monotonic() - since)
+    return ttl - elapsed - 1, ttl
+
+
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime (make deps)")
 async def test_an_instance_whose_clock_is_a_day_ahead_expires_and_extends_nothing(
     shared_dsn: str, tmp_path: Path
 ) -> None:
+    """B's clock is a day ahead; A's lease expiry is stopped, so only B expires leases. The lease
+    is granted once B serves (B's start-up takes what it takes), then: B reports its TTL by the
+    database's clock, renews it to 60 s and not a day more, and expires a 2 s lease of its own
+    (so its expiry passes ran) while the 60 s lease and its key stay."""
     a = SingleProcess(test_config(shared_dsn))
     await a.start()
+    await a.write_side.lessor.stop()
     client = connect(f"127.0.0.1:{a.port}")
     try:
-        await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=77, TTL=60))
-        await client.kv.Put(put(b"held", lease=77))
         with KineProcess(shared_dsn, tmp_path, prefix=["faketime", "-f", "+1d"]) as b:
             b_client = connect(b.address)
             try:
-                assert 55 <= await ttl_of(b_client, 77) <= 60
-                await asyncio.sleep(2.0)  # several of B's expiry passes
+                granted = time.monotonic()
+                await client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=77, TTL=60))
+                await client.kv.Put(put(b"held", lease=77))
+                low, high = ttl_bounds(60, granted)
+                assert low <= await ttl_of(b_client, 77) <= high
+                renewed = time.monotonic()
+                keep_alive = b_client.lease.LeaseKeepAlive()
+                await keep_alive.write(pb.LeaseKeepAliveRequest(ID=77))
+                assert (await keep_alive.read()).TTL == 60
+                await keep_alive.done_writing()
+                await b_client.lease.LeaseGrant(pb.LeaseGrantRequest(ID=78, TTL=2))
+                await b_client.kv.Put(put(b"short", lease=78))
+                deadline = time.monotonic() + 30
+                while (await b_client.kv.Range(pb.RangeRequest(key=b"short"))).count:
+                    assert time.monotonic() < deadline, "B expired nothing"
+                    await asyncio.sleep(0.1)
             finally:
                 await b_client.close()
             b.stop()
         assert (await client.kv.Range(pb.RangeRequest(key=b"held"))).count == 1
-        assert 50 <= await ttl_of(client, 77) <= 60
+        low, high = ttl_bounds(60, renewed)
+        assert low <= await ttl_of(client, 77) <= high
     finally:
         await client.close()
         await a.stop()
@@ -453,10 +500,14 @@ def test_every_failed_start_prints_one_line_that_says_why(
 
 
 async def test_a_watch_stream_that_fails_on_a_revision_ends_with_internal_not_silence(
-    kine: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    server: SingleProcess,
+    kine: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A bug while a stream takes a committed revision: the stream ends with INTERNAL, so the
-    client watches again, instead of staying open and deaf; other streams are unaffected."""
+    client watches again, instead of staying open and deaf; other streams are unaffected. (The
+    bug is injected into this process's code: one process.)"""
     from kine_server.mvcc.watcher import Watcher
 
     healthy = WatchStream(kine)

@@ -33,7 +33,7 @@ from tests.support.client import Client, connect
 from tests.support.etcd import RealEtcd, etcdctl_binary
 from tests.support.ports import free_port
 from tests.support.postgres import ThrowawayPostgres
-from tests.support.process import KineProcess
+from tests.support.process import KineProcess, ignoring, with_default_signals
 from tests.test_metrics import get
 
 #: A guard against hanging, never a measure of speed: every wait ends on a condition first.
@@ -198,7 +198,7 @@ def _etcdctl(address: str, *args: str, **options: Any) -> subprocess.Popen[str]:
     ctl = etcdctl_binary()
     assert ctl is not None
     return subprocess.Popen(
-        [ctl, "--endpoints", f"http://{address}", *args],
+        with_default_signals([ctl, "--endpoints", f"http://{address}", *args]),
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -261,10 +261,11 @@ def test_clients_that_go_away_log_no_error(dsn: str, tmp_path: Path) -> None:
         assert grant.stdout is not None
         lease = grant.stdout.read().split()[1]
         assert grant.wait(30) == 0
-        keep_alive = _etcdctl(kine.address, "lease", "keep-alive", lease)
+        with ignoring(signal.SIGINT):  # as `make test &` starts everything: SIGINT ignored
+            keep_alive = _etcdctl(kine.address, "lease", "keep-alive", lease)
         _until_line(keep_alive, "keepalived")
         keep_alive.send_signal(signal.SIGINT)
-        keep_alive.wait(30)
+        assert keep_alive.wait(30) == -signal.SIGINT
         once = _etcdctl(kine.address, "lease", "keep-alive", "--once", lease)
         assert once.wait(30) == 0
         assert kine.stop() == 0

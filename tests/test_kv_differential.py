@@ -430,7 +430,9 @@ async def hash_kv_revisions(call: Recorder) -> None:
     for i in range(6):
         await call("kv.Put", put(b"a", b"%d" % i))
     await call("kv.Compact", pb.CompactionRequest(revision=4))
-    for revision in (3, 4, 5, 7, 8, -1, 0):
+    # Not 4 itself: etcd 3.5 answers the compact revision's hash where 3.4, the oracle here,
+    # answers "compacted" (test_maintenance.py checks it as etcd 3.5's source has it).
+    for revision in (3, 5, 7, 8, -1, 0):
         await hash_kv(call, revision)
 
 
@@ -469,11 +471,7 @@ async def test_same_as_etcd(name: str, kine: Client, etcd: Client) -> None:
     assert ours.transcript == theirs.transcript
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_same_as_etcd_with_workers(name: str, kine_workers: Client, etcd: Client) -> None:
-    await test_same_as_etcd(name, kine_workers, etcd)
-
-
+@pytest.mark.one_process  # validation in api/, the same code in a front-end
 async def test_invalid_sort_option_is_refused_as_etcd_35(kine: Client) -> None:
     """etcd 3.5 validates sort options (3.4, the Debian oracle, silently accepts them)."""
     recorder = Recorder(kine)

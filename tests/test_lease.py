@@ -228,6 +228,7 @@ async def test_keep_alive_stream_with_many_leases(kine: Client) -> None:
     assert sorted(s.ID for s in listed.leases) == ids
 
 
+@pytest.mark.one_process  # the lessor's rule; a front-end's grant: test_lease_api_same_as_etcd
 @pytest.mark.parametrize("ttl", [0, 1, 2])
 async def test_short_ttls_are_raised_to_etcds_minimum(kine: Client, ttl: int) -> None:
     grant = await kine.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=ttl))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kine_server.pb import rpc_pb2 as pb
@@ -73,3 +74,37 @@ async def test_hashkv_agrees_between_instances(
         await b.close()
         for server in servers:
             await server.stop()
+
+
+async def test_hashkv_at_the_compact_revision_answers_its_hash_as_etcd_35(dsn: str) -> None:
+    """etcd 3.5 keeps the hash it computes while compacting (server/mvcc/kvstore_compaction.go
+    scheduleCompaction) and answers HashKV at exactly the compact revision with it
+    (server/mvcc/hash.go hashStorage.HashByRev looks among the kept hashes first); etcd 3.4, the
+    oracle of the differential tests, answered "compacted" there. Here: the hash answered at
+    that revision before the compaction, after it, after a restart too; one below is compacted."""
+    server = SingleProcess(test_config(dsn))
+    await server.start()
+    client = connect(f"127.0.0.1:{server.port}")
+    try:
+        for i in range(6):  # revisions 2..7
+            await client.kv.Put(pb.PutRequest(key=b"h%d" % (i % 3), value=b"v%d" % i))
+        before = await client.maintenance.HashKV(pb.HashKVRequest(revision=5))
+        await client.kv.Compact(pb.CompactionRequest(revision=5, physical=True))
+        at = await client.maintenance.HashKV(pb.HashKVRequest(revision=5))
+        assert (at.hash, at.header.revision, at.compact_revision) == (before.hash, 7, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as below:
+            await client.maintenance.HashKV(pb.HashKVRequest(revision=4))
+        assert below.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert below.value.details() == "etcdserver: mvcc: required revision has been compacted"
+    finally:
+        await client.close()
+        await server.stop()
+    server = SingleProcess(test_config(dsn))
+    await server.start()
+    client = connect(f"127.0.0.1:{server.port}")
+    try:
+        again = await client.maintenance.HashKV(pb.HashKVRequest(revision=5))
+        assert again.hash == before.hash
+    finally:
+        await client.close()
+        await server.stop()

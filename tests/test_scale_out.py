@@ -6,6 +6,7 @@ import asyncio
 import random
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -165,34 +166,77 @@ async def test_lease_expires_exactly_once_with_three_instances(
     assert sum(s.write_side.lessor.expired_total for s in servers) == 1
 
 
+@dataclass
+class Victim:
+    """Writes to the instance that is killed, as its clients saw them."""
+
+    acked: int = 0
+    in_flight: int = 0
+    #: Requests issued before the kill that never got an answer.
+    cut_off: int = 0
+    killed: bool = False
+
+
 async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
     shared_dsn: str, tmp_path: Path
 ) -> None:
+    """16 writers spread Puts over three instances; one is killed with SIGKILL once it has
+    acknowledged 20 writes, at a moment writes to it are in flight (checked: some issued before
+    the kill were never answered), and the writers fail over. Every acknowledged write is
+    there, on the survivors and on the killed instance restarted."""
     procs = [KineProcess(shared_dsn, tmp_path) for _ in range(3)]
     for proc in procs:
         proc.start()
     clients = [connect(p.address) for p in procs]
     acked: list[bytes] = []
+    victim = Victim()
     try:
+
+        async def put_to_victim(key: bytes) -> None:
+            victim.in_flight += 1
+            sent_before_kill = not victim.killed
+            try:
+                await clients[0].kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
+            except Exception:
+                if sent_before_kill:
+                    victim.cut_off += 1
+                raise
+            finally:
+                victim.in_flight -= 1
+            victim.acked += 1
 
         async def writer(n: int) -> None:
             for i in range(40):
                 target = clients[(n + i) % 3]
                 key = b"/k9/%d/%d" % (n, i)
                 try:
-                    await target.kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
+                    if target is clients[0]:
+                        await put_to_victim(key)
+                    else:
+                        await target.kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
                 except Exception:  # the killed instance's clients fail over
                     target = clients[(n + i + 1) % 3] if target is clients[0] else target
                     await target.kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
                 acked.append(key)
 
         async def killer() -> None:
-            await asyncio.sleep(0.5)
-            assert procs[0].proc is not None
-            procs[0].proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(procs[0].proc.wait)
+            # Mid-write: after 20 acknowledged writes, at a moment some are in flight, the
+            # process is frozen (SIGSTOP: it answers nothing more), and killed while a write to
+            # it is still waiting (the same as a SIGKILL at the moment it was frozen).
+            while not (victim.acked >= 20 and victim.in_flight > 0):
+                await asyncio.sleep(0.001)
+            process = procs[0].proc
+            assert process is not None
+            process.send_signal(signal.SIGSTOP)
+            while victim.in_flight == 0:
+                await asyncio.sleep(0.001)
+            process.send_signal(signal.SIGKILL)
+            victim.killed = True
+            await asyncio.to_thread(process.wait)
 
         await asyncio.gather(*(writer(n) for n in range(16)), killer())
+        # The kill landed mid-write: requests issued before it were never answered.
+        assert victim.cut_off > 0, victim
         listing = await clients[1].kv.Range(
             pb.RangeRequest(key=b"/k9/", range_end=b"/k90", keys_only=True)
         )

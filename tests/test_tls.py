@@ -75,3 +75,22 @@ def test_server_tls_without_client_certificates(tmp_path: Path, pki: dict[str, P
         assert ok(etcdctl(url, f"--cacert={pki['ca'].cert} put /a 1"))
         assert refused(url, f"--cacert={pki['other'].cert} put /a 1")
         assert refused(f"http://{kine.address}", "put /a 1")
+
+
+def test_the_first_log_line_says_tls_is_on_with_workers(
+    tmp_path: Path, pki: dict[str, Pair]
+) -> None:
+    """With --workers the writer process, which serves no gRPC itself, writes the first line: it
+    said "TLS off" while the front-ends served https. The line names what is served: https, TLS
+    on with client certificates, the advertised https URL; and the server does serve https."""
+    flags = [*tls_flags(pki, mutual=True), "--workers", "2"]
+    with KineProcess(f"sqlite://{tmp_path}/s.db", tmp_path, *flags) as kine:
+        url = f"https://{kine.address}"
+        good = f"--cacert={pki['ca'].cert} --cert={pki['client'].cert} --key={pki['client'].key}"
+        assert ok(etcdctl(url, f"{good} put /secure yes"))
+        assert kine.stop() == 0
+    first = kine.log().splitlines()[0]
+    assert f"serving etcd v3 on {url};" in first, first
+    assert "2 workers" in first, first
+    assert "TLS on (client certificates required)" in first, first
+    assert first.endswith(f"advertising {url}"), first

@@ -227,9 +227,3 @@ async def test_watch_same_as_etcd(name: str, kine: Client, etcd: Client) -> None
         await theirs.stream.close()
     assert ours.transcript == theirs.transcript
 
-
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_watch_same_as_etcd_with_workers(
-    name: str, kine_workers: Client, etcd: Client
-) -> None:
-    await test_watch_same_as_etcd(name, kine_workers, etcd)

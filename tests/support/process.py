@@ -9,11 +9,31 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from tests.support.ports import free_port
+
+
+def with_default_signals(command: list[str]) -> list[str]:
+    """`command`, started with every signal's default disposition. A non-interactive shell's `&`
+    (so `make test &`, and `nohup`) starts its children with SIGINT ignored, exec keeps what is
+    ignored, and a Go program such as etcdctl then never stops on SIGINT: a test that signals a
+    child must not depend on how the test run itself was started."""
+    return ["env", "--default-signal", *command]
+
+
+@contextlib.contextmanager
+def ignoring(sig: signal.Signals) -> Iterator[None]:
+    """This process ignores `sig` inside the block (the main thread only), as when the test run
+    was started in the background: children started in it inherit that."""
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
 
 
 class KineProcess:

@@ -77,8 +77,13 @@ class WatchRecorder:
             self.transcript.append("watch <- (nothing)")
         return responses
 
-    async def expect_silence(self, timeout: float = 0.5) -> None:
-        response = await self.stream.read(timeout)
+    async def expect_silence(self) -> None:
+        """Nothing is due: the answer to a progress request is the next response. etcd sends it
+        after every event already due on the stream, and kine-server's progress never gets ahead
+        of its events, so an event that should not be there shows up before it, however late
+        (a fixed wait for "nothing" missed any event slower than the wait)."""
+        await self.stream.progress()
+        response = await self.stream.read()
         self.transcript.append(
             "watch <- (nothing)" if response is None else f"watch <- {normalized(response)}"
         )

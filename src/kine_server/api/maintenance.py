@@ -1,4 +1,5 @@
-"""etcdserverpb.Maintenance: Status and Alarm; the rest answers UNIMPLEMENTED by name."""
+"""etcdserverpb.Maintenance: Status (with the raised alarms in its errors, as etcd), Alarm,
+Defragment, HashKV, Hash and Snapshot; the rest answers UNIMPLEMENTED by name."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 from kine_server import errors
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, answer_unsupported, etcd_errors
+from kine_server.maintenance.alarms import raised, status_error
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc, workers_pb2
 from kine_server.store.commands import ALARM, DEFRAGMENT, WRITE_STATUS
 from kine_server.store.store import Store
@@ -44,6 +46,8 @@ class MaintenanceService(rpc_pb2_grpc.MaintenanceServicer):
                 f"compaction failing: {status.compaction_failures} batches in a row, "
                 f"last error: {status.compaction_last_error}"
             )
+        # Then every raised alarm, as etcd lists them after its own errors.
+        problems += [status_error(alarm) for alarm in await raised(self._store.driver)]
         response = rpc_pb2.StatusResponse(
             errors=problems,
             version=self._version,

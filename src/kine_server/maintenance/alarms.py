@@ -39,6 +39,24 @@ def answer(alarms: list[Alarm]) -> list[rpc_pb2.AlarmMember]:
     return [rpc_pb2.AlarmMember(memberID=member, alarm=kind) for member, kind in alarms]  # type: ignore[arg-type]
 
 
+async def raised(driver: Driver) -> list[Alarm]:
+    """The alarms raised now, read from the database: any process can list them (a `--workers`
+    front-end serving Maintenance.Status too, which has no copy of its own)."""
+    with errors.database_errors():
+        async with driver.read() as tx:
+            return sorted(await tx.alarms())
+
+
+def status_error(alarm: Alarm) -> str:
+    """An alarm as etcd's Maintenance.Status lists it in `errors`: the AlarmMember's String(),
+    Go's compact text form, each field that is not zero as `name:value ` (etcd 3.5's
+    server/etcdserver/api/v3rpc/maintenance.go Status appends one per raised alarm, as 3.4's
+    does): `memberID:5 alarm:CORRUPT `, `alarm:NOSPACE ` for member 0."""
+    member, kind = alarm
+    text = f"memberID:{member} " if member else ""
+    return text + (f"alarm:{_name(kind)} " if kind else "")
+
+
 class Alarms:
     """The alarms of the store, and this process's copy of them for the write checks."""
 

@@ -103,12 +103,19 @@ class KVReader:
 
         Every key's create/mod revision, version, lease and value, in key order: the same on
         every instance and across restarts, since it is computed from the table alone.
+
+        As etcd 3.5's HashByRev: 0 is the current revision, one below the compact revision is
+        compacted, a negative one hashes nothing (it is not an error), and the compact revision
+        itself answers the hash it had before the compaction. etcd 3.5 keeps the hash it computes
+        while compacting (server/mvcc/kvstore_compaction.go scheduleCompaction) and answers a
+        HashKV at that revision with it (server/mvcc/hash.go hashStorage.HashByRev); 3.4 answered
+        "compacted". Here nothing needs keeping: the key space at the compact revision is still
+        readable, so its hash is the one answered before. (etcd's kept hash reports the compact
+        revision before that compaction as its compact_revision; this answers the current one.)
         """
         async with self.reading("HashKV") as tx:
             counters = await tx.counters()
-            # As etcd's HashByRev: 0 is the current revision, the compact revision itself
-            # is compacted, and a negative one hashes nothing (it is not an error).
-            if revision > 0 and revision <= counters.compact_revision:
+            if revision > 0 and revision < counters.compact_revision:
                 raise errors.Compacted()
             if revision > counters.revision:
                 raise errors.FutureRevision()
