@@ -13,9 +13,10 @@ Modes, for connections open at the switch and for new ones alike:
 - FORWARD: bytes are copied both ways as they come.
 - BLACKHOLE: nothing is read from either side any more, so nothing is forwarded, yet every socket
   stays open: to a client this looks like a partition or a stalled server (the kernel still
-  acknowledges what was sent; only the application never answers). New connections are accepted
-  and held the same way. Switching back to FORWARD delivers the held bytes, as TCP would once a
-  partition heals.
+  acknowledges what was sent; only the application never answers). One side closing or
+  resetting its connection is not passed on either: a machine that vanishes says nothing. New
+  connections are accepted and held the same way. Switching back to FORWARD delivers the held
+  bytes (and closes), as TCP would once a partition heals.
 - RESET: every connection is closed with a TCP RST on both sides, and new ones are reset as soon
   as they are accepted.
 - SLOW: every chunk is forwarded only after `latency` seconds (per direction, in order).
@@ -198,12 +199,17 @@ class FaultProxy:
         try:
             while True:
                 await self._flowing.wait()
-                data = await source.read(CHUNK)
-                if not data:
-                    break
+                try:
+                    data = await source.read(CHUNK)
+                except (OSError, asyncio.IncompleteReadError):
+                    await self._flowing.wait()  # a partition hides a reset too
+                    raise
                 if self.mode is Mode.SLOW:
                     await asyncio.sleep(self.latency)
-                await self._flowing.wait()  # read just before a blackhole: hold it too
+                # Read just before a blackhole: hold it too, data or the other side's FIN.
+                await self._flowing.wait()
+                if not data:
+                    break
                 sink.write(data)
                 await sink.drain()
             # One side closed: pass the close on, as a FIN.
