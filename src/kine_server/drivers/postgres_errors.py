@@ -14,6 +14,7 @@ import ssl as ssl_module
 import asyncpg
 
 from kine_server.drivers.base import DatabaseUnreachable, DriverError, StatementError
+from kine_server.drivers.postgres_hosts import NoUsableHost
 
 #: What asyncpg and the network raise when the database is unreachable or a statement fails.
 DATABASE_ERRORS = (
@@ -60,7 +61,10 @@ def unreachable(exc: BaseException) -> bool:
 
 def describe_connect_error(exc: BaseException) -> str:
     """A connect error in a few words: asyncpg joins one per address it tried ("Multiple
-    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ...")."""
+    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ..."); several servers'
+    failures say each server's."""
+    if isinstance(exc, NoUsableHost):
+        return str(exc)
     if isinstance(exc, ConnectionRefusedError) or "Errno 111" in str(exc):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
