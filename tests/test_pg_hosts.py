@@ -13,11 +13,14 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import asyncpg
 import grpc
 import pytest
 
 from kine_server.drivers import EndpointError, make_driver
+from kine_server.drivers.base import DatabaseUnreachable
 from kine_server.drivers.postgres import PostgresDriver, with_database
+from kine_server.drivers.postgres_errors import driver_error
 from kine_server.drivers.postgres_hosts import (
     BadEndpoint,
     Host,
@@ -31,7 +34,7 @@ from tests.conftest import test_config
 from tests.support.client import connect
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.postgres import ThrowawayPostgres
-from tests.test_pg_faults import proxy_for
+from tests.test_pg_faults import eventually, proxy_for
 
 
 def test_a_dsn_names_its_servers_as_libpq_reads_them() -> None:
@@ -165,3 +168,48 @@ async def test_a_write_waiting_on_a_lost_server_fails_over_long_before_its_timeo
         await client.close()
         proxy.set_mode(Mode.FORWARD)
         await asyncio.wait_for(server.stop(), 30)
+
+
+async def test_a_write_refused_as_read_only_is_unavailable_then_recovers(
+    postgres: ThrowawayPostgres,
+) -> None:
+    """A standby not yet promoted refuses every write (SQLSTATE 25006): a retry may find the
+    primary, so clients hear UNAVAILABLE, not INTERNAL, and the connection is not kept."""
+    name = f"kine_{uuid.uuid4().hex[:12]}"
+    server = SingleProcess(test_config(with_database(postgres.dsn, name)))
+    await server.start()
+    client = connect(f"127.0.0.1:{server.port}")
+    admin = await asyncpg.connect(postgres.dsn, timeout=10)
+    try:
+        await client.kv.Put(pb.PutRequest(key=b"/ro/before", value=b"v"), timeout=30)
+        # Every new session of that database is read-only, as on a hot standby.
+        await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        failures = []
+        for _ in range(3):  # the first may meet a terminated connection; then the refusals
+            try:
+                await client.kv.Put(pb.PutRequest(key=b"/ro/during", value=b"v"), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                failures.append((exc.code(), exc.details() or ""))
+        assert {code for code, _ in failures} == {grpc.StatusCode.UNAVAILABLE}, failures
+        assert any("read-only transaction" in details for _, details in failures), failures
+        await admin.execute(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+        # Each refused connection is dropped (some made meanwhile are still read-only), so
+        # clients retrying UNAVAILABLE, as etcd's do, get through on a new one.
+        await eventually(
+            lambda: client.kv.Put(pb.PutRequest(key=b"/ro/after", value=b"v"), timeout=30)
+        )
+    finally:
+        await admin.close()
+        await client.close()
+        await server.stop()
+
+
+def test_read_only_refusal_is_retryable() -> None:
+    refusal = asyncpg.ReadOnlySQLTransactionError(
+        "cannot execute INSERT in a read-only transaction"
+    )
+    error = driver_error(refusal)
+    assert error.retryable and not isinstance(error, DatabaseUnreachable)

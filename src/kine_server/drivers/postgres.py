@@ -42,6 +42,7 @@ from kine_server.drivers.postgres_errors import (
     describe,
     describe_connect_error,
     driver_error,
+    read_only_refusal,
     unanswered,
     unreachable,
 )
@@ -406,6 +407,11 @@ class PostgresDriver(Driver):
             if unanswered(exc) or isinstance(exc, asyncio.CancelledError):
                 # Its transaction ends with the connection, on the server's side; on ours the
                 # pool opens a new one when next needed.
+                _drop(conn)
+            elif read_only_refusal(exc):
+                # A standby (or a primary being demoted): every write here would fail the same
+                # way, so the next connection tries the DSN's other servers first.
+                self.hosts.avoid(conn)
                 _drop(conn)
             if isinstance(exc, DATABASE_ERRORS):
                 raise driver_error(exc) from exc

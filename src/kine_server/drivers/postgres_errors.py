@@ -38,9 +38,11 @@ UNANSWERED = (
 
 #: SQLSTATE classes a retry may cure: connection exceptions, transaction rollbacks (serialization,
 #: deadlock), insufficient resources, operator intervention (shutdown, statement timeout), system
-#: errors; and lock_not_available. Every other class (data, integrity, syntax) is the statement's.
+#: errors; and lock_not_available, and read_only_sql_transaction (a write that reached a standby
+#: not yet promoted, or a primary being demoted: another server of the DSN takes it). Every other
+#: class (data, integrity, syntax) is the statement's.
 _RETRYABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
-_RETRYABLE_STATES = ("55P03",)
+_RETRYABLE_STATES = ("55P03", "25006")
 
 
 def describe(exc: BaseException) -> str:
@@ -79,6 +81,12 @@ def unanswered(exc: BaseException) -> bool:
     although it is an InterfaceError: a value asyncpg cannot encode (e.g. past int64) is refused
     before anything is sent, and the connection is as good as before."""
     return isinstance(exc, UNANSWERED) and not isinstance(exc, asyncpg.DataError)
+
+
+def read_only_refusal(exc: BaseException) -> bool:
+    """The server refused a write because it is read-only: a standby (hot standby answers reads
+    and refuses every write), or default_transaction_read_only."""
+    return isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
 
 
 def driver_error(exc: BaseException) -> DriverError:

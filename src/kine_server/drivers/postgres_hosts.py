@@ -226,6 +226,8 @@ class HostConnector:
         )
         #: The server the newest connection went to; tried first.
         self.current = 0
+        #: A server that refused a write as read-only: tried last, until one answers again.
+        self._avoid: int | None = None
         #: Open connections by the index of their host, to close them at a failover.
         self._open: dict[int, weakref.WeakSet[asyncpg.Connection]] = {}
         self._probe: asyncio.Task[None] | None = None
@@ -247,6 +249,9 @@ class HostConnector:
         if not self.endpoint.hosts:
             return await asyncpg.connect(target, timeout=self.per_host, **options)
         order = [self.current] + [i for i in range(len(self.endpoint.hosts)) if i != self.current]
+        if self._avoid is not None:
+            order.remove(self._avoid)
+            order.append(self._avoid)
         return await self._first_usable(target, order, options)
 
     async def _first_usable(
@@ -326,6 +331,7 @@ class HostConnector:
         if isinstance(conn, HostConnection):
             conn.host_index = index
         self._open.setdefault(index, weakref.WeakSet()).add(conn)
+        self._avoid = None
         if index == self.current:
             return
         log.warning(
@@ -373,6 +379,13 @@ class HostConnector:
         if not self.probing:
             return None
         return Overdue(self)
+
+    def avoid(self, conn: asyncpg.Connection) -> None:
+        """`conn`'s server refused a write as read-only (a standby, or a primary being
+        demoted): new connections try the other servers first, until one connects."""
+        index = getattr(conn, "host_index", None)
+        if isinstance(index, int) and len(self.endpoint.hosts) > 1:
+            self._avoid = index
 
     async def close(self) -> None:
         if self._probe is not None:
