@@ -89,6 +89,15 @@ def test_a_malformed_host_list_is_an_endpoint_error() -> None:
             make_driver(dsn)
 
 
+def test_the_location_names_every_server() -> None:
+    """The start-up line said `postgres 127.0.0.1:5432/kine` for any multi-host DSN."""
+    driver = make_driver("postgres://kine:secret@10.0.0.1:5433,[::1]:5434/kine?sslmode=disable")
+    assert driver.location == "postgres 10.0.0.1:5433,[::1]:5434/kine"
+    query = make_driver("postgres://kine@/kine?host=a,b&port=1,2")
+    assert query.location == "postgres a:1,b:2/kine"
+    assert make_driver("postgres://kine@db/kine").location == "postgres db:5432/kine"
+
+
 @pytest.fixture
 def silent_first(postgres: ThrowawayPostgres) -> Iterator[tuple[FaultProxy, str]]:
     """A DSN of two servers, the first a proxy that has gone silent, the second the database."""

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import secrets
 import ssl as ssl_module
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -243,15 +242,8 @@ class PostgresDriver(Driver):
 
     @property
     def server(self) -> str:
-        """HOST:PORT of the DSN (the first of several; the socket directory of a unix one)."""
-        parts = urllib.parse.urlsplit(self.dsn)
-        query = urllib.parse.parse_qs(parts.query)
-        host = (parts.hostname or query.get("host", ["localhost"])[0]).split(",")[0]
-        try:
-            port = parts.port or int(query.get("port", ["5432"])[0])
-        except ValueError:  # several ports, as several hosts: asyncpg tries them in turn
-            port = 5432
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """HOST:PORT of every server the DSN names (a unix socket's directory as its host)."""
+        return self.hosts.description
 
     @property
     def location(self) -> str:

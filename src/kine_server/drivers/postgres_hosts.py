@@ -239,6 +239,11 @@ class HostConnector:
         #: Options every connection gets (TLS, command_timeout), given by the driver.
         self.options: dict[str, Any] = {}
 
+    @property
+    def description(self) -> str:
+        """Every server, for the log: `h1:5432,h2:5432` (asyncpg's default when none is named)."""
+        return ",".join(map(str, self.endpoint.hosts)) or "localhost:5432"
+
     async def connect(self, dsn: str | None = None, **options: Any) -> asyncpg.Connection:
         """A connection to the first server, the current one first, that answers within its
         time and meets the target attributes. The signature is asyncpg's pool `connect`
