@@ -98,6 +98,19 @@ def test_the_location_names_every_server() -> None:
     assert make_driver("postgres://kine@db/kine").location == "postgres db:5432/kine"
 
 
+async def test_a_dsn_with_connect_timeout_opens(postgres: ThrowawayPostgres) -> None:
+    """asyncpg passed libpq's connect_timeout on to the server as a setting, and the server
+    refused the connection: "unrecognized configuration parameter"."""
+    dsn = with_database(postgres.dsn, f"kine_{uuid.uuid4().hex[:12]}") + "?connect_timeout=5"
+    driver = make_driver(dsn)
+    await driver.open()
+    try:
+        async with driver.read() as tx:
+            assert (await tx.counters()).revision == 1
+    finally:
+        await driver.close()
+
+
 @pytest.fixture
 def silent_first(postgres: ThrowawayPostgres) -> Iterator[tuple[FaultProxy, str]]:
     """A DSN of two servers, the first a proxy that has gone silent, the second the database."""
