@@ -52,7 +52,7 @@ class ReplicatedPostgres:
         self.servers = [ThrowawayPostgres(), ThrowawayPostgres()]
         self.primary_slot = 0
         #: The first standby streams through a proxy that delays every chunk by this much each
-        #: way (a standby a network away, not on loopback); 0: straight.
+        #: way (a standby a network away, not on loopback; bandwidth to spare); 0: straight.
         self.replication_latency = replication_latency
         self._replication: FaultProxy | None = None
 
@@ -77,7 +77,7 @@ class ReplicatedPostgres:
             self.servers[1] = ThrowawayPostgres(clone_of=self.primary, clone_via=via)
             self.standby.start()
             if self._replication is not None:
-                self._replication.set_mode(Mode.SLOW, self.replication_latency)
+                self._replication.set_mode(Mode.DELAY, self.replication_latency)
         except BaseException:
             self.stop()
             raise
