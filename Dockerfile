@@ -1,18 +1,34 @@
 # kine-server serving etcd v3 on 0.0.0.0:2379 and /metrics, /health, /readyz on 0.0.0.0:8080,
 # its SQLite database on the /db volume, as uid:gid 10001:10001 (chown a bind mount to that).
 #
-# The base is pinned to an exact Python release and Debian release, so a rebuild gets the same
-# ones. (No digest: none could be checked against the registry from where this was written, and
-# a wrong one fails every build; add the one `docker pull` prints when you can.)
-FROM python:3.11.14-slim-bookworm
+# Debian 12 with Debian's own Python 3.11 (security fixes through Debian's archive: a rebuild
+# picks them up). Not python:3.11-slim: that base is Debian 12 plus a second, hand-built Python,
+# and no registry is reachable from the CI that builds and runs this image
+# (tests/test_image.py), so a stand-in for it would test some other Python; this base's
+# stand-in (debootstrap --variant=minbase bookworm) is the same release, the same packages.
+FROM debian:bookworm-slim
 
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 kine \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin kine \
+    && mkdir /db && chown 10001:10001 /db && chmod 0700 /db
+
+# A virtualenv: Debian's Python refuses pip installs into itself (PEP 668), rightly. Behind a
+# TLS-intercepting proxy, give pip that proxy's CA bundle as a build secret, which is mounted for
+# this step only and never stored in the image:
+#   podman build --secret id=pip-cert,src=/etc/ssl/certs/ca-certificates.crt ...
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir . \
-    && groupadd --system --gid 10001 kine \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home kine \
-    && mkdir /db && chown 10001:10001 /db && chmod 0700 /db
+RUN --mount=type=secret,id=pip-cert \
+    if [ -s /run/secrets/pip-cert ]; then export PIP_CERT=/run/secrets/pip-cert; fi \
+    && python3 -m venv /opt/kine-server \
+    && /opt/kine-server/bin/pip install --no-cache-dir --disable-pip-version-check . \
+    && rm -rf /app/build
+ENV PATH=/opt/kine-server/bin:$PATH
 
 # Numeric, so that Kubernetes' runAsNonRoot can check it without a passwd file.
 USER 10001:10001

@@ -7,7 +7,7 @@ RUNTIME := $(VENV)/.installed-runtime
 INSTALLED := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: run test lint check-protos proto deps e2e bench soak clean
+.PHONY: run test lint check-protos proto deps e2e image-test bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ test: $(INSTALLED) deps check-protos lint
 e2e: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	$(PY) e2e/run.py --db both
+
+## The container image, built from the Dockerfile and run with podman as the README runs it, K3s's
+## move onto it with a real kube-apiserver, the systemd unit under a real systemd. As root: the
+## first run installs podman and makes a local debian:bookworm-slim (scripts/podman-setup.sh).
+image-test: $(INSTALLED) deps
+	scripts/kube-apiserver.sh >/dev/null
+	scripts/podman-setup.sh >/dev/null
+	$(PY) -m pytest -m image tests/test_image.py
 
 ## Side-by-side benchmark against a real etcd and the no-storage floor (ARGS=--pg adds
 ## PostgreSQL). Workload 9 runs a kube-apiserver: built once as for `make e2e`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kine_server.drivers.sqlite import permission_hint
 from kine_server.durations import format_duration, parse_duration
 from kine_server.flags import FLAGS, load_config
 from tests.support.ports import free_port
@@ -147,6 +149,24 @@ def test_busy_port_ends_with_one_line(tmp_path: Path) -> None:
 def test_bad_listen_address_ends_with_one_line(tmp_path: Path) -> None:
     result = run_cli("--endpoint", f"sqlite://{tmp_path}/s.db", "--listen-address", "localhost")
     assert_one_line_error(result, "invalid --listen-address")
+
+
+def test_permission_denied_names_the_owner_and_the_servers_user(tmp_path: Path) -> None:
+    """The one line for a database directory the server's user cannot write (a container's
+    root-owned bind mount: tests/test_image.py starts that for real; as root, here, the kernel
+    refuses nothing, so the error is made)."""
+    directory = tmp_path / "db"
+    directory.mkdir()
+    directory.chmod(0o755)
+    denied = PermissionError(13, "Permission denied", str(directory / "state.db"))
+    uid, gid = os.getuid(), os.getgid()
+    assert permission_hint(denied) == (
+        f"permission denied on {directory}/state.db: {directory} belongs to uid {uid}:{gid} "
+        f"(mode 0755) and kine-server runs as uid {uid}:{gid}; make it that user's "
+        f"(chown {uid}:{gid} {directory})"
+    )
+    gone = PermissionError(13, "Permission denied", str(tmp_path / "gone" / "state.db"))
+    assert permission_hint(gone) == str(gone)  # nothing to say about a directory not there
 
 
 def test_sigterm_stops_cleanly_and_releases_the_database(tmp_path: Path) -> None:

@@ -100,12 +100,14 @@ HISTORY: list[tuple[str, str, bytes, int]] = [
 ]
 
 
-def kine_rows() -> Iterator[tuple[str, tuple[Any, ...]]]:
-    """The statements (with `?` placeholders) kine's writes make, for HISTORY."""
+def kine_rows(
+    history: list[tuple[str, str, bytes, int]] = HISTORY,
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """The statements (with `?` placeholders) kine's writes make, for `history`."""
     yield f"INSERT INTO kine ({COLUMNS}) VALUES ('compact_rev_key', 0, 0, 0, 0, 0, '', '')", ()
     newest: dict[str, tuple[int, int, bytes]] = {}  # key: (row id, create revision, value)
     revision = 1
-    for op, key, value, ttl in HISTORY:
+    for op, key, value, ttl in history:
         if op == "compact":
             yield COMPACT.format(p=ttl), ()
             yield f"UPDATE kine SET prev_revision = {ttl} WHERE name = 'compact_rev_key'", ()
@@ -126,12 +128,12 @@ def kine_rows() -> Iterator[tuple[str, tuple[Any, ...]]]:
         yield f"INSERT INTO kine ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
 
 
-def make_sqlite_kine(path: Path) -> str:
+def make_sqlite_kine(path: Path, history: list[tuple[str, str, bytes, int]] = HISTORY) -> str:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     for statement in KINE_SQLITE_DDL:
         conn.execute(statement)
-    for statement, params in kine_rows():
+    for statement, params in kine_rows(history):
         conn.execute(statement, params)
     conn.close()
     return f"sqlite://{path}?_journal=WAL&cache=shared"  # kine's own endpoint syntax

@@ -83,7 +83,7 @@ async def test_a_unix_socket_is_never_open_to_others(
             seen.append(stat.S_IMODE(os.stat(path).st_mode))  # as gRPC created it
         real_chmod(path, mode_)
 
-    monkeypatch.setattr(os, "chmod", chmod)  # the os module kine_server.server uses
+    monkeypatch.setattr(os, "chmod", chmod)  # the os module process/serving.py uses
     previous = os.umask(0)
     try:
         server = SingleProcess(

@@ -26,6 +26,7 @@ from kine_server.pb import rpc_pb2 as pb
 from kine_server.pb import rpc_pb2_grpc
 from tests.support.ports import free_port
 from tests.support.process import KineProcess
+from tests.support.procs import children
 
 #: P(every connection on the same one of two front-ends) = 2 * 2**-CONNECTIONS.
 CONNECTIONS = 24
@@ -66,20 +67,6 @@ def frontends_serving(port: int) -> float:
         return metric(metrics(port), "kine_frontend_processes") or 0.0
     except OSError:
         return 0.0
-
-
-def children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:

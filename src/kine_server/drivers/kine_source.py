@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
@@ -108,6 +109,22 @@ class _SQLiteSnapshot(KineSnapshot):
         return int(self._conn.execute(_LIVE).fetchone()[0])
 
 
+def read_only_uri(path: str) -> str:
+    """How to open kine's file for reading only. SQLite reads a WAL-mode file (kine's) read-only
+    only if it may create the -shm file beside it, or the -wal and -shm files exist: not on a
+    read-only mount of a stopped K3s's db directory. There, with no -wal file or an empty one
+    (K3s stopped cleanly), the database file is the whole state and nothing can write it, so it
+    is opened immutable; with a -wal file to read, as usual (SQLite then says it cannot open)."""
+    wal = path + "-wal"
+    if (
+        not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+        and not os.path.exists(path + "-shm")
+        and (not os.path.exists(wal) or os.path.getsize(wal) == 0)
+    ):
+        return f"file:{path}?immutable=1"
+    return f"file:{path}?mode=ro"
+
+
 class SQLiteKine(KineSource):
     """A kine SQLite file, opened read-only (kine may still be running on it)."""
 
@@ -117,7 +134,7 @@ class SQLiteKine(KineSource):
     @contextlib.asynccontextmanager
     async def snapshot(self) -> AsyncIterator[KineSnapshot]:
         try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(read_only_uri(self.path), uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise DriverError(f"cannot open kine database {self.path}: {exc}") from exc
         try:

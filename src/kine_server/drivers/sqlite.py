@@ -165,6 +165,23 @@ def create_private(path: str) -> None:
     os.close(descriptor)
 
 
+def permission_hint(exc: PermissionError) -> str:
+    """What an operator needs after "permission denied": who owns what and who asked. The
+    usual case is a container's volume or a unit's directory that belongs to root while the
+    server runs as its own user."""
+    denied = exc.filename or ""
+    directory = os.path.dirname(denied) or "."
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return str(exc)
+    return (
+        f"permission denied on {denied}: {directory} belongs to uid {info.st_uid}:{info.st_gid} "
+        f"(mode {info.st_mode & 0o7777:04o}) and kine-server runs as uid {os.getuid()}:"
+        f"{os.getgid()}; make it that user's (chown {os.getuid()}:{os.getgid()} {directory})"
+    )
+
+
 class SQLiteDriver(Driver):
     """A store in one SQLite file, written by exactly one kine-server process.
 
@@ -222,7 +239,8 @@ class SQLiteDriver(Driver):
                 self._readers.put_nowait(await self._connect(f"reader-{n}", query_only=True))
         except (OSError, SchemaTooNew, *ERRORS) as exc:
             await self.close()
-            raise DriverError(f"cannot open SQLite database {self.path}: {exc}") from exc
+            reason = permission_hint(exc) if isinstance(exc, PermissionError) else str(exc)
+            raise DriverError(f"cannot open SQLite database {self.path}: {reason}") from exc
 
     def _prepare_files(self) -> None:
         """Create the directory and the files private to this user; refuse a second server on

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Sequence
 
+from kine_server import sd_notify
 from kine_server.config import Config
 from kine_server.process.frontend import FrontendProcess
 from kine_server.process.single import SingleProcess
@@ -55,14 +57,14 @@ async def serve(config: Config, argv: Sequence[str] = ()) -> None:
         writer = WriterProcess(config, list(argv))
         if await _started_unless_stopped(writer.start(), stop, config.shutdown_grace):
             settle_garbage_collector()
-            await stop.wait()
+            await sd_notify.serving_until(stop, os.environ)
             log.info("kine-server shutting down")
             await writer.stop()
         return
     server = SingleProcess(config)
     await server.start()
     settle_garbage_collector()
-    await stop.wait()
+    await sd_notify.serving_until(stop, os.environ)
     log.info("kine-server shutting down")
     await server.stop()
 
