@@ -9,11 +9,15 @@ primary is lost, one of two ways:
 - silent: its machine vanishes: its proxy goes silent (no FIN, no RST, nothing answered, new
   connections held unanswered) and it is killed behind it;
 
-and the standby is promoted. With a synchronous standby, whatever the way: no acknowledged write
-is lost, the watch delivers every stored write exactly once and in order, the lease is kept,
-every failed request failed with UNAVAILABLE (which clients retry), and writes are back within
-10 s of the promotion. `make test` runs one failover of each kind; `make soak` runs failover after
-failover (a new standby rebuilt each time) and measures what an asynchronous standby loses.
+and the standby is promoted. Meanwhile a second kine-server, on another database of the same
+servers, serves the linearizability recorder's clients (random Get, Put, Delete and
+compare-and-set Txns) and its two watches. With a synchronous
+standby, whatever the way: no acknowledged write is lost, the watch delivers every stored write
+exactly once and in order, the lease is kept, every failed request failed with UNAVAILABLE
+(which clients retry), writes are back within 10 s of the promotion, and the recorded history is
+linearizable as etcd's KV, its watches complete. `make test` runs one failover of each kind;
+`make soak` runs failover after failover (a new standby rebuilt each time) and measures what an
+asynchronous standby loses.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import pytest
 from tests.support.client import connect
 from tests.support.failover import ReplicatedPostgres, Verdict, Workload
 from tests.support.faultproxy import FaultProxy, Mode
+from tests.support.linearizability.faults import Fault
+from tests.support.linearizability.run import record
+from tests.support.linearizability.verify import Verification, verify
 from tests.support.process import KineProcess
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,8 @@ RESUME_WITHIN = 10.0
 #: How long writes run before the first fault, and after writes came back from each.
 BEFORE = 2.0
 AFTER = 2.0
+#: The linearizability search's cap: past it the verdict is UNKNOWN, and the test fails.
+CHECK_TIMEOUT = 60.0
 #: Failovers in a row of the soak (KINE_SOAK_FAILOVERS), alternating killed and silent.
 FAILOVERS = int(os.environ.get("KINE_SOAK_FAILOVERS", "6"))
 
@@ -53,23 +62,54 @@ def replicated(
         yield pair, [proxies.enter_context(FaultProxy(port)) for port in pair.ports]
 
 
-async def fail_over(
-    pair: ReplicatedPostgres, proxies: list[FaultProxy], load: Workload, silent: bool
-) -> tuple[float, float]:
-    """Lose the primary, promote the standby, and wait until writes are back (or long past the
-    goal); returns the times of the fault and of the promotion."""
-    if silent:
-        proxies[pair.primary_slot].set_mode(Mode.BLACKHOLE)
-    await asyncio.to_thread(pair.kill_primary)
-    fault = time.monotonic()  # no request sent after this can reach the primary
-    await asyncio.to_thread(pair.promote_standby)
-    promoted = time.monotonic()
-    while time.monotonic() < promoted + 6 * RESUME_WITHIN:
-        if any(sent >= fault for sent, _, _ in load.answered):
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(AFTER)
-    return fault, promoted
+class Failovers:
+    """The failovers of one run, as the linearizability recording's faults: each loses the
+    primary (silenced first, or not) and promotes the standby, in a thread while the clients go
+    on; before the next, it waits until writes came back, and rebuilds a standby if asked."""
+
+    def __init__(
+        self,
+        pair: ReplicatedPostgres,
+        proxies: list[FaultProxy],
+        load: Workload,
+        rebuild: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.pair = pair
+        self.proxies = proxies
+        self.load = load
+        self.rebuild = rebuild
+        self.loop = loop
+        #: (fault, promoted) of each failover, by time.monotonic().
+        self.times: list[tuple[float, float]] = []
+
+    def fault(self, kind: str) -> Fault:
+        return Fault(BEFORE, f"failover ({kind})", lambda: self._inject(kind == "silent"))
+
+    def _inject(self, silent: bool) -> None:
+        if self.times:
+            self.wait_until_back()
+            if self.rebuild:
+                self.pair.rebuild_standby()
+                asyncio.run_coroutine_threadsafe(self.pair.settle(), self.loop).result()
+                for proxy in self.proxies:
+                    proxy.set_mode(Mode.FORWARD)
+        if silent:
+            self.proxies[self.pair.primary_slot].set_mode(Mode.BLACKHOLE)
+        self.pair.kill_primary()
+        fault = time.monotonic()  # no request sent after this can reach the primary
+        self.pair.promote_standby()
+        self.times.append((fault, time.monotonic()))
+
+    def wait_until_back(self) -> None:
+        """Until a Put sent after the last fault was acknowledged (or long past the goal),
+        then AFTER more seconds of writes."""
+        fault, promoted = self.times[-1]
+        while time.monotonic() < promoted + 6 * RESUME_WITHIN:
+            if any(sent >= fault for sent, _, _ in list(self.load.answered)):
+                break
+            time.sleep(0.1)
+        time.sleep(AFTER)
 
 
 async def failovers(
@@ -78,40 +118,50 @@ async def failovers(
     synchronous: bool = True,
     rebuild: bool = False,
     latency: float = 0.0,
-) -> Verdict:
-    """Failovers of `kinds` ("killed", "silent") in a row under one load on one kine-server;
-    with `rebuild`, a new standby after each (the last one's is not needed); `latency`: the
-    first standby streams through a proxy that delays each chunk by this much."""
+) -> tuple[Verdict, Verification]:
+    """Failovers of `kinds` ("killed", "silent") in a row under two kine-servers, one serving
+    the writers, watch and lease of tests.support.failover, the other the linearizability
+    recorder's clients and watches, each in a database of its own (the recorder's checks want
+    nothing but its own writes in the store); with `rebuild`, a new standby before each failover after
+    the first; `latency`: the first standby streams through a proxy that delays each chunk by
+    this much. Returns what both saw."""
     with replicated(synchronous, latency) as (pair, proxies):
         await pair.settle()
-        dsn = pair.dsn("kine", [proxy.port for proxy in proxies], attrs="read-write")
-        with KineProcess(dsn, tmp_path) as kine:
+        ports = [proxy.port for proxy in proxies]
+        with (
+            KineProcess(pair.dsn("kine", ports, attrs="read-write"), tmp_path) as kine,
+            KineProcess(pair.dsn("lin", ports, attrs="read-write"), tmp_path) as lin,
+        ):
             client = connect(kine.address)
             load = Workload(client, b"/failover/")
-            times = []
+            runs = Failovers(pair, proxies, load, rebuild, asyncio.get_running_loop())
             try:
                 await load.start()
-                await asyncio.sleep(BEFORE)
-                for n, kind in enumerate(kinds):
-                    times.append(await fail_over(pair, proxies, load, kind == "silent"))
-                    if rebuild and n < len(kinds) - 1:
-                        await asyncio.to_thread(pair.rebuild_standby)
-                        await pair.settle()
-                        for proxy in proxies:
-                            proxy.set_mode(Mode.FORWARD)
+                recording = await record(
+                    lin.address, BEFORE, [runs.fault(kind) for kind in kinds], seed=len(kinds)
+                )
+                await asyncio.to_thread(runs.wait_until_back)
                 await load.stop()
-                verdict = await load.verdict(times)
+                verdict = await load.verdict(runs.times)
             finally:
                 await load.close()
                 await client.close()
                 for proxy in proxies:
                     proxy.set_mode(Mode.FORWARD)
+    verification = verify(recording.history, timeout=CHECK_TIMEOUT)
     log.warning("failovers %s: %s", kinds, verdict.line())
-    return verdict
+    log.warning("linearizability: %s\n%s", recording.summary(), verification.report())
+    if not verification.ok:
+        saved = recording.history.save(tmp_path / "history.json")
+        log.warning("history saved in %s", saved)
+    assert not recording.undrained, recording.summary()
+    assert not recording.unanswered_after(), recording.summary()
+    return verdict, verification
 
 
-def check(verdict: Verdict) -> None:
+def check(verdict: Verdict, verification: Verification) -> None:
     """What a failover to a synchronous standby must show."""
+    assert verification.ok, verification.report()
     assert verdict.acknowledged > 100, verdict.line()
     assert verdict.lost == 0, verdict.line()
     assert verdict.watch_missing == 0 and verdict.watch_repeated == 0, verdict.line()
@@ -125,7 +175,7 @@ def check(verdict: Verdict) -> None:
 
 @pytest.mark.parametrize("kind", ["killed", "silent"])
 async def test_failover_to_a_synchronous_standby_loses_nothing(tmp_path: Path, kind: str) -> None:
-    check(await failovers(tmp_path, [kind]))
+    check(*await failovers(tmp_path, [kind]))
 
 
 @pytest.mark.slow
@@ -133,8 +183,8 @@ async def test_failover_after_failover_loses_nothing(tmp_path: Path) -> None:
     """FAILOVERS failovers in a row, killed and silent in turn, a new synchronous standby rebuilt
     (pg_basebackup under load) after each, one kine-server, one watch and one lease throughout."""
     kinds = ["silent" if n % 2 else "killed" for n in range(FAILOVERS)]
-    verdict = await failovers(tmp_path, kinds, rebuild=True)
-    check(verdict)
+    verdict, verification = await failovers(tmp_path, kinds, rebuild=True)
+    check(verdict, verification)
     assert len(verdict.resumed) == FAILOVERS
 
 
@@ -148,7 +198,7 @@ async def test_what_an_asynchronous_standby_loses(
     with the standby 50 ms away each way, and checked to be the newest ones only (a lost suffix
     of the history, never a write between two kept ones). Writes come back, and every failure
     was UNAVAILABLE, as with a synchronous one."""
-    verdict = await failovers(tmp_path, [kind], synchronous=False, latency=latency)
+    verdict, _ = await failovers(tmp_path, [kind], synchronous=False, latency=latency)
     assert verdict.acknowledged > 100, verdict.line()
     if verdict.lost:
         assert verdict.lowest_lost > verdict.highest_kept, verdict.line()
