@@ -16,10 +16,9 @@ import collections
 import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self
 
 import asyncpg
 import grpc
@@ -29,8 +28,7 @@ from tests.support.client import Client
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.postgres import DB_USER, ThrowawayPostgres
 from tests.support.watching import WatchStream
-
-T = TypeVar("T")
+from tests.test_pg_faults import eventually
 
 #: Far longer than any request should take: a failure with DEADLINE_EXCEEDED is a hang.
 DEADLINE = 30.0
@@ -286,7 +284,7 @@ class Workload:
         """What the run showed, given each failover's (fault, promotion) times: acknowledged
         writes not stored at their revision, the watch's events against the stored writes
         (each exactly once, in revision order), the lease, and how soon writes came back."""
-        listing = await self._retry(
+        listing = await eventually(
             lambda: self.client.kv.Range(
                 pb.RangeRequest(key=self.prefix, range_end=end_of(self.prefix), keys_only=True),
                 timeout=DEADLINE,
@@ -300,7 +298,7 @@ class Workload:
         await self._drain_watch(listing.header.revision)
         seen = collections.Counter(self.watch_events)
         revisions = [r for r, _ in self.watch_events]
-        alive = await self._retry(
+        alive = await eventually(
             lambda: self.client.lease.LeaseTimeToLive(
                 pb.LeaseTimeToLiveRequest(ID=self.lease_id, keys=True), timeout=DEADLINE
             )
@@ -341,14 +339,3 @@ class Workload:
                 await self._watch.progress()
                 continue
             self.watch_events += [(e.kv.mod_revision, e.kv.key) for e in response.events]
-
-    @staticmethod
-    async def _retry(call: Callable[[], Awaitable[T]], within: float = 60.0) -> T:
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                return await call()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)

@@ -10,8 +10,8 @@ over asyncpg (`PgConnection`: prepared statements reused by asyncpg's per-connec
 results converted a chunk at a time, a compaction batch's own timeout), the pools and their
 timeouts, the cancellation-safe `_connection`, the database's creation and LISTEN/NOTIFY. Which
 of the DSN's servers to connect to is postgres_hosts.py's; what its errors mean is
-postgres_errors.py's; the statements and the transactions' logic are
-the generic layer's (sql.py, transactions.py).
+postgres_errors.py's; the statements and the transactions' logic are the generic layer's (sql.py,
+transactions.py).
 """
 
 from __future__ import annotations
