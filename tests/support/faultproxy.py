@@ -13,12 +13,16 @@ Modes, for connections open at the switch and for new ones alike:
 - FORWARD: bytes are copied both ways as they come.
 - BLACKHOLE: nothing is read from either side any more, so nothing is forwarded, yet every socket
   stays open: to a client this looks like a partition or a stalled server (the kernel still
-  acknowledges what was sent; only the application never answers). New connections are accepted
-  and held the same way. Switching back to FORWARD delivers the held bytes, as TCP would once a
-  partition heals.
+  acknowledges what was sent; only the application never answers). One side closing or
+  resetting its connection is not passed on either: a machine that vanishes says nothing. New
+  connections are accepted and held the same way. Switching back to FORWARD delivers the held
+  bytes (and closes), as TCP would once a partition heals.
 - RESET: every connection is closed with a TCP RST on both sides, and new ones are reset as soon
   as they are accepted.
-- SLOW: every chunk is forwarded only after `latency` seconds (per direction, in order).
+- SLOW: every chunk is forwarded only after `latency` seconds (per direction, in order), the next
+  read only then: a slow link, its throughput one chunk per `latency`.
+- DELAY: every chunk is forwarded `latency` seconds after it came, reading going on meanwhile: a
+  link that far away, with bandwidth to spare (a standby in another data centre).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Mode(enum.Enum):
     BLACKHOLE = "blackhole"
     RESET = "reset"
     SLOW = "slow"
+    DELAY = "delay"
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -51,6 +56,18 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def _deliver(sink: asyncio.StreamWriter, data: bytes) -> None:
+    """DELAY's delivery of one chunk (b"": the close) once its time has come, unless the link
+    was reset meanwhile: what was on its way is lost with it."""
+    if sink.is_closing():
+        return
+    with contextlib.suppress(OSError):
+        if data:
+            sink.write(data)
+        elif sink.can_write_eof():
+            sink.write_eof()
 
 
 class _Link:
@@ -198,12 +215,24 @@ class FaultProxy:
         try:
             while True:
                 await self._flowing.wait()
-                data = await source.read(CHUNK)
-                if not data:
-                    break
+                try:
+                    data = await source.read(CHUNK)
+                except (OSError, asyncio.IncompleteReadError):
+                    await self._flowing.wait()  # a partition hides a reset too
+                    raise
                 if self.mode is Mode.SLOW:
                     await asyncio.sleep(self.latency)
-                await self._flowing.wait()  # read just before a blackhole: hold it too
+                # Read just before a blackhole: hold it too, data or the other side's FIN.
+                await self._flowing.wait()
+                if self.mode is Mode.DELAY:
+                    # In order: call_at runs callbacks of equal delay in the order they came.
+                    self._loop.call_at(self._loop.time() + self.latency, _deliver, sink, data)
+                    if not data:
+                        await asyncio.sleep(self.latency)  # what is on its way first
+                        break
+                    continue
+                if not data:
+                    break
                 sink.write(data)
                 await sink.drain()
             # One side closed: pass the close on, as a FIN.

@@ -8,6 +8,7 @@ instead (for example in CI where a service container is provided).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shlex
@@ -53,6 +54,22 @@ def _find_pg_binary(name: str) -> str:
     return found
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Field 4 of /proc/PID/stat, after the command in parentheses, is the parent's pid.
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     """Return the last lines of a log file, or a note if it cannot be read."""
     try:
@@ -70,7 +87,14 @@ class ThrowawayPostgres:
     on the same port and data directory so tests can simulate a database outage.
     """
 
-    def __init__(self, startup_timeout: float = 30.0, port: int = 0) -> None:
+    def __init__(
+        self,
+        startup_timeout: float = 30.0,
+        port: int = 0,
+        settings: dict[str, str] | None = None,
+        clone_of: ThrowawayPostgres | None = None,
+        clone_via: int = 0,
+    ) -> None:
         external = os.environ.get(DSN_ENV_VAR)
         self.external: bool = bool(external)
         """True when the DSN came from KINE_TEST_PG_DSN and nothing is started."""
@@ -80,6 +104,13 @@ class ThrowawayPostgres:
         #: The port to start on; 0: a free one (and another if a race took it).
         self._wanted_port = port
         self.startup_timeout = startup_timeout
+        #: Extra server settings (`-c NAME=VALUE` at every start).
+        self.settings = dict(settings or {})
+        #: A running server this one starts as a streaming standby of (pg_basebackup -R), in
+        #: place of a fresh initdb; through this port if given (a proxy in front of it), which
+        #: it then streams through too.
+        self.clone_of = clone_of
+        self.clone_via = clone_via
         self._base_dir: Path | None = None
         self._running = False
         self._run_as: list[str] = []
@@ -121,7 +152,10 @@ class ThrowawayPostgres:
             return
         self._base_dir = self._make_base_dir()
         try:
-            self._initdb()
+            if self.clone_of is None:
+                self._initdb()
+            else:
+                self._base_backup(self.clone_of)
             for attempt in range(_PORT_ATTEMPTS):
                 self.port = self._wanted_port or free_port()
                 try:
@@ -162,6 +196,27 @@ class ThrowawayPostgres:
             raise RuntimeError("ThrowawayPostgres has not been started")
         self._stop_server()
         self._start_server()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process it started, as a crash of the machine's
+        PostgreSQL would end them: no shutdown checkpoint, no goodbye to any client."""
+        if self.external:
+            raise RuntimeError(f"cannot kill an external server ({DSN_ENV_VAR})")
+        pid = self._postmaster_pid()
+        if pid is None:
+            raise RuntimeError("no postmaster to kill")
+        children = _children(pid)
+        for victim in [pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        self._running = False
+
+    def promote(self) -> None:
+        """End recovery: a standby becomes a primary that accepts writes (pg_ctl promote -w)."""
+        self._run(
+            [_find_pg_binary("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "30", "promote"],
+            "pg_ctl promote",
+        )
 
     def __enter__(self) -> Self:
         self.start()
@@ -222,7 +277,32 @@ class ThrowawayPostgres:
             "initdb",
         )
 
+    def _base_backup(self, primary: ThrowawayPostgres) -> None:
+        """The data directory as a copy of `primary`'s, set up to stream from it (-R writes
+        primary_conninfo and standby.signal)."""
+        self._run(
+            [
+                _find_pg_binary("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.clone_via or primary.port),
+                "-U",
+                DB_USER,
+                "-D",
+                str(self.data_dir),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            f"pg_basebackup from port {primary.port}",
+        )
+
     def _start_server(self) -> None:
+        settings = [f"{name}={value}" for name, value in self.settings.items()]
         options = " ".join(
             [
                 "-k",
@@ -235,6 +315,7 @@ class ThrowawayPostgres:
                 "fsync=off",
                 "-c",
                 "max_connections=200",
+                *(part for setting in settings for part in ("-c", shlex.quote(setting))),
             ]
         )
         self._run(
@@ -278,7 +359,8 @@ class ThrowawayPostgres:
             pid = self._postmaster_pid()
             if pid is None:
                 raise
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # killed already (kill())
+                os.kill(pid, signal.SIGKILL)
         finally:
             self._running = False
 

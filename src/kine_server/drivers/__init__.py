@@ -67,13 +67,16 @@ def make_driver(
 
         if not rest.split("/", 1)[0]:
             raise EndpointError(f"invalid --endpoint {endpoint!r}: no PostgreSQL host")
-        return PostgresDriver(
-            endpoint,
-            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-            ssl=tls.context() if tls else None,
-            read_only=read_only,
-            pool_size=readers,
-        )
+        try:
+            return PostgresDriver(
+                endpoint,
+                timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+                ssl=tls.context() if tls else None,
+                read_only=read_only,
+                pool_size=readers,
+            )
+        except ValueError as exc:  # the servers it names, target_session_attrs, connect_timeout
+            raise EndpointError(str(exc)) from exc
     raise EndpointError(
         f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"
     )

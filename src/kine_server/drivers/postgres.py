@@ -8,9 +8,10 @@ the rows they read come from one snapshot.
 This module owns what is PostgreSQL's alone: its dialect (DIALECT), the connection primitives
 over asyncpg (`PgConnection`: prepared statements reused by asyncpg's per-connection cache, big
 results converted a chunk at a time, a compaction batch's own timeout), the pools and their
-timeouts, the cancellation-safe `_connection`, the database's creation, LISTEN/NOTIFY, and the
-DSN. What its errors mean is postgres_errors.py's; the statements and the transactions' logic are
-the generic layer's (sql.py, transactions.py).
+timeouts, the cancellation-safe `_connection`, the database's creation and LISTEN/NOTIFY. Which
+of the DSN's servers to connect to is postgres_hosts.py's; what its errors mean is
+postgres_errors.py's; the statements and the transactions' logic are the generic layer's (sql.py,
+transactions.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import logging
 import secrets
 import ssl as ssl_module
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -41,9 +41,17 @@ from kine_server.drivers.postgres_errors import (
     describe,
     describe_connect_error,
     driver_error,
+    read_only_refusal,
     unanswered,
     unreachable,
 )
+from kine_server.drivers.postgres_hosts import (
+    HostConnection,
+    HostConnector,
+    parse_endpoint,
+)
+from kine_server.drivers.postgres_hosts import database_name as database_name  # re-exported
+from kine_server.drivers.postgres_hosts import with_database as with_database  # re-exported
 from kine_server.drivers.transactions import (
     SchemaTooNew,
     SQLCompact,
@@ -155,17 +163,6 @@ def _drop(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-def database_name(dsn: str) -> str:
-    """The database a DSN names; kine's default is `kubernetes`."""
-    path = urllib.parse.urlsplit(dsn).path.lstrip("/")
-    return urllib.parse.unquote(path) or "kubernetes"
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(name)))
-
-
 class PostgresDriver(Driver):
     """A store in one PostgreSQL database, shareable by several kine-server instances.
 
@@ -175,6 +172,10 @@ class PostgresDriver(Driver):
     wait as long again. So a request to a database that no longer answers (a partition, a stalled
     server or proxy: the sockets stay open, nothing comes back) fails with UNAVAILABLE after about
     `timeout`, and close() never waits for more than CLOSE_TIMEOUT.
+
+    A DSN may name a primary and its standbys: every connection is made through the driver's
+    HostConnector (postgres_hosts.py), which tries them one by one, each within its own time,
+    and moves every connection to a promoted standby once the primary is lost.
     """
 
     name = "postgres"
@@ -187,11 +188,16 @@ class PostgresDriver(Driver):
         ssl: ssl_module.SSLContext | None = None,
         read_only: bool = False,
     ) -> None:
-        self.dsn = with_database(dsn, database_name(dsn))
+        endpoint = parse_endpoint(with_database(dsn, database_name(dsn)))
+        #: Without libpq's connect_timeout, which the connector applies per host.
+        self.dsn = endpoint.dsn
         #: A --workers front-end: a reader pool only (its writes go to the writer process).
         self.read_only = read_only
+        #: Every connection is made through it: the DSN's servers one by one, each within
+        #: its time, and a failover closes the connections to the lost server.
+        self.hosts = HostConnector(endpoint, timeout)
         #: Passed to every connection; None leaves TLS to the DSN's sslmode.
-        self._connect_options: dict[str, Any] = {"ssl": ssl} if ssl is not None else {}
+        self.hosts.options = {"ssl": ssl} if ssl is not None else {}
         self._pool_size = pool_size or 8
         self._timeout = timeout
         self._readers: asyncpg.Pool | None = None
@@ -237,15 +243,8 @@ class PostgresDriver(Driver):
 
     @property
     def server(self) -> str:
-        """HOST:PORT of the DSN (the first of several; the socket directory of a unix one)."""
-        parts = urllib.parse.urlsplit(self.dsn)
-        query = urllib.parse.parse_qs(parts.query)
-        host = (parts.hostname or query.get("host", ["localhost"])[0]).split(",")[0]
-        try:
-            port = parts.port or int(query.get("port", ["5432"])[0])
-        except ValueError:  # several ports, as several hosts: asyncpg tries them in turn
-            port = 5432
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """HOST:PORT of every server the DSN names (a unix socket's directory as its host)."""
+        return self.hosts.description
 
     @property
     def location(self) -> str:
@@ -254,20 +253,19 @@ class PostgresDriver(Driver):
     async def _pool(self, size: int, settings: dict[str, str] | None = None) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
             self.dsn,
+            connect=self.hosts.connect,
+            connection_class=HostConnection,
             min_size=1,
             max_size=size,
             timeout=self._timeout,
             command_timeout=self._timeout,
             server_settings=settings,
-            **self._connect_options,
         )
         assert pool is not None
         return pool
 
     async def _connect(self, dsn: str) -> asyncpg.Connection:
-        return await asyncpg.connect(
-            dsn, timeout=self._timeout, command_timeout=self._timeout, **self._connect_options
-        )
+        return await self.hosts.connect(dsn, command_timeout=self._timeout)
 
     async def _create_database(self) -> None:
         """kine creates the database when it is missing; so do we."""
@@ -360,6 +358,7 @@ class PostgresDriver(Driver):
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
             self._listening = None
+        await self.hosts.close()
         listener, self._listener = self._listener, None
         pools = [pool for pool in (self._readers, self._writers) if pool is not None]
         self._readers = self._writers = None
@@ -393,6 +392,8 @@ class PostgresDriver(Driver):
             raise
         except DATABASE_ERRORS as exc:
             raise DatabaseUnreachable(describe(exc)) from exc
+        # A wait long enough to suggest a lost server makes the driver look for a promoted one.
+        overdue = self.hosts.watch()
         try:
             yield conn
         except BaseException as exc:
@@ -400,10 +401,17 @@ class PostgresDriver(Driver):
                 # Its transaction ends with the connection, on the server's side; on ours the
                 # pool opens a new one when next needed.
                 _drop(conn)
+            elif read_only_refusal(exc):
+                # A standby (or a primary being demoted): every write here would fail the same
+                # way, so the next connection tries the DSN's other servers first.
+                self.hosts.avoid(conn)
+                _drop(conn)
             if isinstance(exc, DATABASE_ERRORS):
                 raise driver_error(exc) from exc
             raise
         finally:
+            if overdue is not None:
+                overdue.cancel()
             # A failed reset drops the connection; a request that got its answer keeps it.
             with contextlib.suppress(*DATABASE_ERRORS):
                 await pool.release(conn)

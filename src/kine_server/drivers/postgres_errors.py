@@ -14,6 +14,7 @@ import ssl as ssl_module
 import asyncpg
 
 from kine_server.drivers.base import DatabaseUnreachable, DriverError, StatementError
+from kine_server.drivers.postgres_hosts import NoUsableHost
 
 #: What asyncpg and the network raise when the database is unreachable or a statement fails.
 DATABASE_ERRORS = (
@@ -37,9 +38,11 @@ UNANSWERED = (
 
 #: SQLSTATE classes a retry may cure: connection exceptions, transaction rollbacks (serialization,
 #: deadlock), insufficient resources, operator intervention (shutdown, statement timeout), system
-#: errors; and lock_not_available. Every other class (data, integrity, syntax) is the statement's.
+#: errors; and lock_not_available, and read_only_sql_transaction (a write that reached a standby
+#: not yet promoted, or a primary being demoted: another server of the DSN takes it). Every other
+#: class (data, integrity, syntax) is the statement's.
 _RETRYABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
-_RETRYABLE_STATES = ("55P03",)
+_RETRYABLE_STATES = ("55P03", "25006")
 
 
 def describe(exc: BaseException) -> str:
@@ -60,7 +63,10 @@ def unreachable(exc: BaseException) -> bool:
 
 def describe_connect_error(exc: BaseException) -> str:
     """A connect error in a few words: asyncpg joins one per address it tried ("Multiple
-    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ...")."""
+    exceptions: [Errno 111] Connect call failed ('127.0.0.1', 5432), ..."); several servers'
+    failures say each server's."""
+    if isinstance(exc, NoUsableHost):
+        return str(exc)
     if isinstance(exc, ConnectionRefusedError) or "Errno 111" in str(exc):
         return "connection refused"
     if isinstance(exc, socket.gaierror):
@@ -75,6 +81,12 @@ def unanswered(exc: BaseException) -> bool:
     although it is an InterfaceError: a value asyncpg cannot encode (e.g. past int64) is refused
     before anything is sent, and the connection is as good as before."""
     return isinstance(exc, UNANSWERED) and not isinstance(exc, asyncpg.DataError)
+
+
+def read_only_refusal(exc: BaseException) -> bool:
+    """The server refused a write because it is read-only: a standby (hot standby answers reads
+    and refuses every write), or default_transaction_read_only."""
+    return isinstance(exc, asyncpg.ReadOnlySQLTransactionError)
 
 
 def driver_error(exc: BaseException) -> DriverError:
