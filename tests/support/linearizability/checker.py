@@ -57,7 +57,7 @@ class PartitionResult(Generic[Op, State]):
     key: bytes
     verdict: Verdict
     operations: int
-    #: The longest linearization found, in order, and the state after it.
+    #: ILLEGAL: the longest linearization found, in order, and the state after it.
     state: State
     longest: list[Op] = field(default_factory=list)
     #: Operations tried against the model (the search's work).
@@ -192,16 +192,15 @@ def search(
                     calls.append((entry, state))
                     state, linearized = after, bits
                     _lift(entry)
-                    if len(calls) > len(result.longest):
-                        result.longest = [c.op for c, _ in calls if c.op is not None]
-                        result.state = state
-                        result.blocked = None
                     entry = head.next
                     continue
             entry = entry.next
             continue
-        # A return whose call is not linearized yet: back up.
-        if len(calls) == len(result.longest) and result.blocked is None:
+        # A return whose call is not linearized yet: back up. The deepest such point is what
+        # a report shows (kept only here: copying the stack whenever it grew is quadratic).
+        if result.blocked is None or len(calls) > len(result.longest):
+            result.longest = [c.op for c, _ in calls if c.op is not None]
+            result.state = state
             result.blocked = entry.op
             result.candidates = _calls_before(head, entry)
         if not calls:

@@ -94,6 +94,8 @@ class Clients:
         self.workload = workload
         self.seed = seed
         self.operations: list[Operation] = []
+        #: Operations answered so far.
+        self.answered = 0
         self._ids = itertools.count()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -170,6 +172,7 @@ class Clients:
             return None
         op = Operation(op_id, client, kind, key, value, compare, call, time.monotonic_ns(), outcome)
         self.operations.append(op)
+        self.answered += 1
         return op
 
     async def _call(

@@ -56,11 +56,14 @@ async def record(
     faults: Sequence[Fault] = (),
     workload: Workload | None = None,
     seed: int = 0,
+    min_answered: int = 0,
     recover_within: float = 60.0,
 ) -> Recording:
     """Record for `seconds` (faults at their times, the mid-way watch opened halfway) and on
-    until a write called after the last fault ended is answered (`recover_within` at most),
-    then read every key once more and drain both watches through the final revision.
+    until a write called after the last fault ended is answered and `min_answered` operations
+    were (so a loaded machine makes a longer run, not a thinner one; `recover_within` seconds
+    more at most), then read every key once more and drain both watches through the final
+    revision.
 
     With several addresses (servers on one database) the clients take turns, the watch from
     the start is on the first, the mid-way one on the last."""
@@ -89,11 +92,13 @@ async def record(
     async def until_stop() -> None:
         await asyncio.sleep(seconds)
         await injecting
-        if recording.faults:  # until the clients see the server serve again
-            ended = recording.faults[-1][2]
-            deadline = time.monotonic() + recover_within
-            while time.monotonic() < deadline and not clients.answered_write_after(ended):
-                await asyncio.sleep(0.1)
+        ended = recording.faults[-1][2] if recording.faults else 0
+        deadline = time.monotonic() + recover_within
+        while time.monotonic() < deadline and not (
+            clients.answered >= min_answered
+            and (not recording.faults or clients.answered_write_after(ended))
+        ):
+            await asyncio.sleep(0.1)
         stop.set()
 
     injecting = asyncio.create_task(inject())
