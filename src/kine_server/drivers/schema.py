@@ -114,6 +114,8 @@ INDEXES = (
 
 
 def create_table(dialect: Dialect, table: Table) -> str:
+    """The table's DDL; with its indexes where the dialect declares them there
+    (Dialect.inline_indexes), in INDEXES' order, so a first unique one comes first."""
     single = table.primary_key[0] if len(table.primary_key) == 1 else None
     lines = []
     for column in table.columns:
@@ -127,13 +129,24 @@ def create_table(dialect: Dialect, table: Table) -> str:
         lines.append(line)
     if len(table.primary_key) > 1:
         lines.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
+    if dialect.inline_indexes:
+        for index in INDEXES:
+            if index.table == table.name and _made(dialect, index):
+                unique = "UNIQUE " if index.unique else ""
+                lines.append(f"{unique}INDEX {index.name} ({', '.join(index.columns)})")
     body = ",\n    ".join(lines)
     return dialect.render(f"CREATE TABLE IF NOT EXISTS {table.name} (\n    {body}\n)")
 
 
+def _made(dialect: Dialect, index: Index) -> bool:
+    """Whether this dialect makes the index (see Index.covers)."""
+    return not (index.covers and dialect.include_columns)
+
+
 def create_index(dialect: Dialect, index: Index) -> str | None:
-    """The index's DDL, or None where this dialect does not make it (see Index.covers)."""
-    if index.covers and dialect.include_columns:
+    """The index's DDL, or None where this dialect does not make it (see Index.covers) or
+    declares it in its table's CREATE TABLE (Dialect.inline_indexes)."""
+    if not _made(dialect, index) or dialect.inline_indexes:
         return None
     unique = "UNIQUE " if index.unique else ""
     text = (
