@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,8 @@ from tests.support.client import Client, connect
 from tests.support.watching import WatchStream
 from tests.test_store import all_rows
 from tests.test_watch import collect, key_range
+
+pytestmark = pytest.mark.mysql
 
 KEYS = 5
 
@@ -68,6 +71,25 @@ async def compacting(dsn: str) -> AsyncIterator[tuple[SingleProcess, Client, Fau
     yield server, client, faults
     await client.close()
     await server.stop()
+
+
+async def hold_row_locks(driver: object, where: str) -> Any:
+    """Another MySQL session's transaction holding row locks on the kine_kv rows `where`."""
+    import asyncmy
+
+    from kine_server.drivers.mysql import MySQLDriver
+
+    assert isinstance(driver, MySQLDriver)
+    at = driver.endpoint
+    conn = await asyncmy.connect(
+        host=at.host, port=at.port, user=at.user, password=at.password, database=at.database
+    )
+    async with conn.cursor() as cursor:
+        await cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        await cursor.execute("START TRANSACTION")
+        await cursor.execute(f"SELECT 1 FROM kine_kv WHERE {where} FOR UPDATE")
+        await cursor.fetchall()
+    return conn
 
 
 async def write_history(client: Client, count: int = 200) -> list[tuple[bytes, int]]:
@@ -182,6 +204,15 @@ async def test_compaction_waits_out_a_held_lock_then_succeeds(dsn: str) -> None:
                 other.close()
 
             expected_error = "locked"
+        elif dsn.startswith("mysql"):
+            other_my = await hold_row_locks(server.driver, "next_revision <= 41")
+
+            async def release_my() -> None:
+                await other_my.rollback()
+                other_my.close()
+
+            # InnoDB's lock wait timeout or MariaDB's max_statement_time, both "... exceeded"
+            expected_error = "exceeded"
         else:
             import asyncpg
 
@@ -203,6 +234,8 @@ async def test_compaction_waits_out_a_held_lock_then_succeeds(dsn: str) -> None:
         assert await counters(server) == (51, -1, 0)  # -1: never compacted
         if dsn.startswith("sqlite"):
             release()
+        elif dsn.startswith("mysql"):
+            await release_my()
         else:
             await release_pg()
         assert await compactor.tick() is True
@@ -214,11 +247,12 @@ async def test_compaction_waits_out_a_held_lock_then_succeeds(dsn: str) -> None:
         await server.stop()
 
 
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
 async def test_concurrent_compactors_share_the_work_without_errors(
-    tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Two instances' compactors on one PostgreSQL (one SQLite file has only one server)."""
-    dsn = fresh_dsn("postgres", tmp_path, request)
+    """Two instances' compactors on one database (one SQLite file has only one server)."""
+    dsn = fresh_dsn(kind, tmp_path, request)
     server, client, faults = await start(dsn, interval=0, min_retain=10, batch_size=10, timeout=5)
     other_driver = make_driver(dsn)
     await other_driver.open()

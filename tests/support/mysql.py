@@ -49,7 +49,10 @@ def _tail(path: Path, lines: int = 40) -> str:
 class ThrowawayMariaDB:
     """A private MariaDB server for the duration of a test session."""
 
-    def __init__(self, startup_timeout: float = 60.0) -> None:
+    def __init__(self, startup_timeout: float = 60.0, durable: bool = False) -> None:
+        #: Sync every commit's log to disk (a benchmark's fair comparison with etcd and SQLite,
+        #: which do); the tests' server does not, as their PostgreSQL runs with fsync off.
+        self.durable = durable
         external = os.environ.get(DSN_ENV_VAR)
         self.external = bool(external)
         #: mysql://root@127.0.0.1:PORT/ (no database: each test names its own).
@@ -134,10 +137,7 @@ class ThrowawayMariaDB:
                 f"--port={self.port}",
                 "--bind-address=127.0.0.1",
                 "--skip-name-resolve",
-                # A test database: durability of the server's own files is not under test
-                # (as PostgreSQL's fsync=off), and a small buffer pool for many databases.
-                "--innodb-flush-log-at-trx-commit=2",
-                "--innodb-doublewrite=0",
+                *self._durability(),
                 "--innodb-buffer-pool-size=256M",
                 "--innodb-log-file-size=256M",
                 "--max-connections=500",
@@ -150,6 +150,19 @@ class ThrowawayMariaDB:
         )
         self.dsn = f"mysql://root@127.0.0.1:{self.port}/"
         self._wait_ready()
+
+    def _durability(self) -> list[str]:
+        if self.durable:
+            return ["--innodb-flush-log-at-trx-commit=1", "--sync-binlog=1"]
+        # A test database: the durability of the server's own files is not under test.
+        return ["--innodb-flush-log-at-trx-commit=2", "--innodb-doublewrite=0"]
+
+    def server_pid(self) -> int | None:
+        """mariadbd's pid (the started process is `runuser` when the tests run as root)."""
+        try:
+            return int((self.base_dir / "mysqld.pid").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

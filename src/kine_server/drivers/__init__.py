@@ -47,8 +47,9 @@ def make_driver(
     readers: int | None = None,
 ) -> Driver:
     """A driver for `sqlite://PATH`, `postgres://user:pass@host:port/db?...` or
-    `mysql://user:pass@host:port/db` (kine's `mysql://user:pass@tcp(host:port)/db` too), not yet
-    opened; `timeout` bounds every PostgreSQL and MySQL wait (--datastore-timeout; None: the driver's default);
+    `mysql://user:pass@host:port/db` (kine's `mysql://user:pass@tcp(host:port)/db` too), not
+    yet opened; `timeout` bounds every PostgreSQL and MySQL wait (--datastore-timeout; None:
+    the driver's default);
     `read_only` is a `--workers` front-end's: reads only, beside the writer process; `readers`
     the most reader connections (None: the driver's default)."""
     scheme, sep, rest = endpoint.partition("://")
