@@ -154,6 +154,15 @@ async def connect(
     return conn
 
 
+def alive(conn: AsyncmyConnection) -> bool:
+    """Whether an idle connection's socket is still open: one the server or the network closed
+    while it sat in the pool (a restart, a reset) would fail the request that took it. (asyncmy
+    has no public test of its transport; without the attribute every connection counts as
+    alive, and a dead one costs one failed request.)"""
+    transport = getattr(conn, "_transport", False)
+    return transport is False or (transport is not None and not transport.is_closing())
+
+
 def is_mariadb(conn: AsyncmyConnection) -> bool:
     return "mariadb" in conn.get_server_info().lower()
 
@@ -186,7 +195,7 @@ class Pool:
             now = time.monotonic()
             while self._idle:
                 since, conn = self._idle.pop()
-                if now - since < self._max_idle:
+                if now - since < self._max_idle and alive(conn):
                     return conn
                 drop(conn)
             return await self._open()
