@@ -70,7 +70,10 @@ def fresh_dsn(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`dsn` (and every fixture built on it) runs on each of DATABASES, and on MariaDB too for
     tests marked `mysql`."""
-    if "dsn" in metafunc.fixturenames:
+    direct = any(
+        "dsn" in str(marker.args[0]) for marker in metafunc.definition.iter_markers("parametrize")
+    )
+    if "dsn" in metafunc.fixturenames and not direct:
         kinds = list(DATABASES)
         if metafunc.definition.get_closest_marker(MYSQL) is not None:
             kinds.append(MYSQL)

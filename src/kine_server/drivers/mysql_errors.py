@@ -28,13 +28,13 @@ DATABASE_ERRORS = (
 #: The client library's own numbers (2000-2999: CR_*): the server is gone or never answered.
 _CLIENT_ERRORS = range(2000, 3000)
 
-#: Errors numbers a retry may cure. Both databases: deadlock (1213), lock wait timeout (1205),
-#: query interrupted by KILL QUERY (1317), server shutdown (1053), too many connections
-#: (1040, 1203), out of memory (1037, 1041), read-only server (1290, 1836: a replica during a
-#: failover), lock table full (1206), got an error from the storage engine's commit (1180,
-#: 1181), a Galera node not ready (1047: "WSREP has not yet prepared node"). MariaDB: statement
-#: time exceeded (1969), connection killed (1927), too many connections... MySQL 8: statement
-#: execution time exceeded (3024), a connection closed for inactivity (4031).
+#: Error numbers a retry may cure. Both databases: deadlock (1213, also a Galera certification
+#: failure), lock wait timeout (1205), query interrupted by KILL QUERY (1317), server shutdown
+#: (1053), too many connections (1040, 1203), out of memory (1037, 1041), read-only server
+#: (1290, 1836: a replica during a failover), lock table full (1206), an error of the storage
+#: engine's commit or rollback (1180, 1181), a Galera node not ready (1047). MariaDB: statement
+#: time exceeded (1969), connection killed (1927). MySQL 8: statement execution time exceeded
+#: (3024), a connection closed for inactivity (4031).
 RETRYABLE = frozenset(
     {1037, 1040, 1041, 1047, 1053, 1180, 1181, 1203, 1205, 1206, 1213, 1290, 1317, 1836}
     | {1927, 1969}

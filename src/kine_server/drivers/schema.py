@@ -115,7 +115,8 @@ INDEXES = (
 
 def create_table(dialect: Dialect, table: Table) -> str:
     """The table's DDL; with its indexes where the dialect declares them there
-    (Dialect.inline_indexes), in INDEXES' order, so a first unique one comes first."""
+    (Dialect.inline_indexes), the unique ones first, each kind in INDEXES' order: InnoDB
+    clusters a table without a primary key by its first unique index over NOT NULL columns."""
     single = table.primary_key[0] if len(table.primary_key) == 1 else None
     lines = []
     for column in table.columns:
@@ -130,7 +131,7 @@ def create_table(dialect: Dialect, table: Table) -> str:
     if len(table.primary_key) > 1:
         lines.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
     if dialect.inline_indexes:
-        for index in INDEXES:
+        for index in sorted(INDEXES, key=lambda index: not index.unique):
             if index.table == table.name and _made(dialect, index):
                 unique = "UNIQUE " if index.unique else ""
                 lines.append(f"{unique}INDEX {index.name} ({', '.join(index.columns)})")
