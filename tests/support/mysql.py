@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -49,7 +50,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 class ThrowawayMariaDB:
     """A private MariaDB server for the duration of a test session."""
 
-    def __init__(self, startup_timeout: float = 60.0, durable: bool = False) -> None:
+    def __init__(
+        self, startup_timeout: float = 60.0, durable: bool = False, options: Sequence[str] = ()
+    ) -> None:
+        #: More mariadbd options (TLS certificates and the like).
+        self.options = list(options)
         #: Sync every commit's log to disk (a benchmark's fair comparison with etcd and SQLite,
         #: which do); the tests' server does not, as their PostgreSQL runs with fsync off.
         self.durable = durable
@@ -142,6 +147,7 @@ class ThrowawayMariaDB:
                 "--innodb-log-file-size=256M",
                 "--max-connections=500",
                 "--skip-log-bin",
+                *self.options,
             ],
             cwd=base,
             stdin=subprocess.DEVNULL,

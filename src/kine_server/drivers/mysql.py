@@ -188,9 +188,11 @@ class MySQLDriver(Driver):
         return f"mysql {self.server}/{self.endpoint.database}"
 
     def _session(self, isolation: str) -> Session:
-        # The server ends a session whose client went silent (a partition) after twice the
-        # timeout: a writer cut off while it holds the revision lock frees it then.
-        return Session(isolation, lock_wait=self._timeout, idle=2 * self._timeout)
+        # The server ends a writer's session whose client went silent (a partition) after
+        # twice the timeout: a writer cut off while it holds the revision lock frees it then.
+        # Readers hold no locks: the server's default.
+        idle = 2 * self._timeout if isolation == "READ COMMITTED" else 0.0
+        return Session(isolation, lock_wait=self._timeout, idle=idle)
 
     def _pool(self, size: int, session: Session) -> Pool:
         async def open_connection() -> AsyncmyConnection:

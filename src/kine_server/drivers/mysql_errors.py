@@ -75,7 +75,8 @@ def unreachable(exc: BaseException) -> bool:
     """Connecting failed in a way waiting may cure: nobody listens yet, no route or no name yet
     (a pod that starts beside its database), no answer in time, a server still starting or
     shutting down, or out of connections for now. Not a refused password or certificate."""
-    if isinstance(exc, ssl_module.SSLError):
+    # asyncmy reports a failed TLS handshake as "can't connect" (2003), the SSLError its cause.
+    if isinstance(exc, ssl_module.SSLError) or isinstance(exc.__cause__, ssl_module.SSLError):
         return False
     if isinstance(exc, OSError | asyncio.IncompleteReadError):
         return True
