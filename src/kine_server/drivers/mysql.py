@@ -53,7 +53,6 @@ from kine_server.drivers.mysql_errors import (
 )
 from kine_server.drivers.mysql_link import MyConnection, Pool, Session, connect, drop, is_mariadb
 from kine_server.drivers.transactions import (
-    SchemaTooNew,
     SQLCompact,
     SQLRead,
     SQLWrite,
@@ -218,7 +217,12 @@ class MySQLDriver(Driver):
                     f"{describe_connect_error(exc)}"
                 ) from exc
             raise DriverError(f"cannot open MySQL database: {describe(exc)}") from exc
-        except SchemaTooNew as exc:
+        except DatabaseUnreachable as exc:  # from a pooled connection: as unreachable above
+            await self.close()
+            raise DatabaseUnreachable(
+                f"cannot open MySQL database: cannot reach {self.server}: {exc}"
+            ) from exc
+        except DriverError as exc:  # SchemaTooNew, or a statement the server refused
             await self.close()
             raise DriverError(f"cannot open MySQL database: {exc}") from exc
 

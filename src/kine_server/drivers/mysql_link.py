@@ -159,8 +159,10 @@ def alive(conn: AsyncmyConnection) -> bool:
     while it sat in the pool (a restart, a reset) would fail the request that took it. (asyncmy
     has no public test of its transport; without the attribute every connection counts as
     alive, and a dead one costs one failed request.)"""
-    transport = getattr(conn, "_transport", False)
-    return transport is False or (transport is not None and not transport.is_closing())
+    if not hasattr(conn, "_transport"):
+        return True
+    transport: asyncio.BaseTransport | None = conn._transport
+    return transport is not None and not transport.is_closing()
 
 
 def is_mariadb(conn: AsyncmyConnection) -> bool:
