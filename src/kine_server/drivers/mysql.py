@@ -337,7 +337,7 @@ class MySQLDriver(Driver):
         self, pool: Pool, start: str, timeout: float | None = None
     ) -> AsyncIterator[MyConnection]:
         async with self._connection(pool, timeout) as conn:
-            await conn.execute(start, ())
+            conn.begin(start)
             try:
                 yield conn
             except BaseException as exc:
@@ -376,7 +376,7 @@ class MySQLDriver(Driver):
             await conn.execute("SET SESSION " + ", ".join(limits), ())
             answered = True
             try:
-                await conn.execute("START TRANSACTION", ())
+                conn.begin("START TRANSACTION")
                 yield SQLCompact(conn, self._statements)
                 await conn.execute("COMMIT", ())
             except BaseException as exc:
