@@ -129,6 +129,9 @@ class Dialect:
     #: lacks). Also where the database clusters a table without a primary key by its first
     #: unique index (InnoDB): then it exists before the first row, instead of a hidden row id.
     inline_indexes: bool = False
+    #: Indexes of schema.INDEXES this database is better without (MySQL: those its clustered
+    #: index already serves; each index costs every write and every plan).
+    skip_indexes: Collection[str] = ()
     #: What a literal `%` becomes: "%%" where the driver formats parameters into the text
     #: (pyformat: MySQL's drivers), so that a `%` of the SQL itself is not read as one.
     percent: str = "%"

@@ -117,6 +117,10 @@ DIALECT = Dialect(
     # a table without a primary key by its first unique index over NOT NULL columns:
     # kine_kv_key_rev_sub, so a LIST reads its rows in key order from the clustered index.
     inline_indexes=True,
+    # That clustered index holds every column in (key, revision) order: an index on the key
+    # alone (the live rows', partial elsewhere) or on the key and the row's state would only
+    # repeat it, and cost every write two more index updates and every plan two more choices.
+    skip_indexes=("kine_kv_live", "kine_kv_key_state"),
     # InnoDB's index key limit is 3072 bytes: the key and the three revision columns of
     # kine_kv_key_state (3000 + 24), as kine_auth's (kind, name) key (64 + 3000).
     max_key_bytes=3000,

@@ -140,8 +140,8 @@ def create_table(dialect: Dialect, table: Table) -> str:
 
 
 def _made(dialect: Dialect, index: Index) -> bool:
-    """Whether this dialect makes the index (see Index.covers)."""
-    return not (index.covers and dialect.include_columns)
+    """Whether this dialect makes the index (see Index.covers, Dialect.skip_indexes)."""
+    return not (index.covers and dialect.include_columns) and index.name not in dialect.skip_indexes
 
 
 def create_index(dialect: Dialect, index: Index) -> str | None:
