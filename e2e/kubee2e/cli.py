@@ -27,7 +27,6 @@ from .apiserver import ApiserverUnavailable, binary_version, kube_apiserver_bina
 from .outcome import Results
 from .suite import Suite
 
-
 DATABASES = ["sqlite", "postgres", "mysql"]
 
 

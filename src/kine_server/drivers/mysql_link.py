@@ -81,7 +81,9 @@ class MyConnection:
         begin, self._begin = self._begin, ""
         await self._cursor.execute(f"{begin}; {query}", tuple(params))
         await self._cursor.nextset()
-        return int(self._cursor.rowcount)
+        count = self._cursor.rowcount  # asyncmy's stub says object; it is an int
+        assert isinstance(count, int)
+        return count
 
     async def fetch(self, query: str, params: Sequence[Any]) -> list[Record]:
         async with asyncio.timeout(self.timeout):
