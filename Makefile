@@ -32,7 +32,8 @@ check-protos: $(INSTALLED)
 run: $(RUNTIME)
 	$(VENV)/bin/kine-server $(ARGS)
 
-## Install the real etcd and PostgreSQL the tests start (as root; otherwise says what is missing).
+## Install the real etcd, PostgreSQL and MariaDB the tests start (as root; otherwise says what
+## is missing).
 deps:
 	scripts/test-deps.sh
 
@@ -40,15 +41,16 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check src tests bench e2e
 	$(VENV)/bin/mypy
 
-## The whole suite: stubs up to date, lint and types, then every test on SQLite and PostgreSQL.
+## The whole suite: stubs up to date, lint and types, then every test on SQLite and PostgreSQL
+## (and the differential, watch, lease, compaction and multi-instance tests on MariaDB).
 test: $(INSTALLED) deps check-protos lint
 	$(PY) -m pytest
 
-## End to end: a real kube-apiserver 1.20 on kine-server, SQLite and PostgreSQL. The apiserver is
-## built once from Debian's source package (about 10 minutes) and cached in ~/.cache/kine-server.
+## End to end: a real kube-apiserver 1.20 on kine-server, SQLite, PostgreSQL and MariaDB. The
+## apiserver is built once from Debian's source package (about 10 minutes) and cached in ~/.cache/kine-server.
 e2e: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
-	$(PY) e2e/run.py --db both
+	$(PY) e2e/run.py --db all
 
 ## The container image, built from the Dockerfile and run with podman as the README runs it, K3s's
 ## move onto it with a real kube-apiserver, the systemd unit under a real systemd. As root: the
@@ -59,7 +61,8 @@ image-test: $(INSTALLED) deps
 	$(PY) -m pytest -m image tests/test_image.py
 
 ## Side-by-side benchmark against a real etcd and the no-storage floor (ARGS=--pg adds
-## PostgreSQL). Workload 9 runs a kube-apiserver: built once as for `make e2e`.
+## PostgreSQL, ARGS=--mysql MariaDB). Workload 9 runs a kube-apiserver: built once as for
+## `make e2e`.
 bench: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	$(PY) bench/run.py $(ARGS)

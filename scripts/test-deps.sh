@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the external servers the test suite starts are installed: a real etcd and etcdctl
-# (the oracle of the differential tests), PostgreSQL's initdb/pg_ctl, faketime (an instance
-# whose clock is off) and systemd's offline tools. As root, installs what is missing from
-# Debian's packages; otherwise says what to install.
+# (the oracle of the differential tests), PostgreSQL's initdb/pg_ctl, MariaDB's mariadbd and
+# mariadb-install-db, faketime (an instance whose clock is off) and systemd's offline tools. As
+# root, installs what is missing from Debian's packages; otherwise says what to install.
 set -euo pipefail
 
 missing=()
@@ -13,6 +13,9 @@ command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
+fi
+if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
+  missing+=(mariadb-server)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -111,7 +111,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], text: str) -
 @pytest.mark.parametrize(
     ("endpoint", "text"),
     [
-        ("mysql://root@localhost/db", "unsupported scheme 'mysql'"),
+        ("oracle://root@localhost/db", "unsupported scheme 'oracle'"),
+        ("mysql://root@tcp(localhost:99999)/db", "invalid port 99999"),
         ("state.db", "expected sqlite://PATH"),
         ("sqlite://", "no SQLite file path"),
         ("postgres:///db", "no PostgreSQL host"),
@@ -121,17 +122,18 @@ def test_malformed_dsn_ends_with_one_line(endpoint: str, text: str) -> None:
     assert_one_line_error(run_cli("--endpoint", endpoint, "--listen-address", "127.0.0.1:0"), text)
 
 
-def test_unreachable_database_ends_with_one_line() -> None:
+@pytest.mark.parametrize(("scheme", "name"), [("postgres", "PostgreSQL"), ("mysql", "MySQL")])
+def test_unreachable_database_ends_with_one_line(scheme: str, name: str) -> None:
     port = free_port()  # nothing listens there
     result = run_cli(
         "--endpoint",
-        f"postgres://kine@127.0.0.1:{port}/db",
+        f"{scheme}://kine@127.0.0.1:{port}/db",
         "--listen-address",
         "127.0.0.1:0",
         "--datastore-connect-timeout",  # start-up retries this long (30s by default)
         "1s",
     )
-    assert_one_line_error(result, "cannot open PostgreSQL database")
+    assert_one_line_error(result, f"cannot open {name} database")
     assert_one_line_error(result, f"cannot reach 127.0.0.1:{port}: connection refused")
 
 

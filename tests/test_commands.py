@@ -11,6 +11,7 @@ import collections.abc
 import inspect
 import typing
 
+from kine_server.auth.permissions import Caller
 from kine_server.pb import workers_pb2
 from kine_server.store.commands import COMMAND_FIELDS, COMMANDS, RESULT_FIELDS
 from kine_server.store.local import WriteSide
@@ -36,8 +37,9 @@ def test_each_method_takes_the_request_and_answers_the_response_of_its_fields() 
         method = command.apply
         assert getattr(WriteSide, method.__name__) is method, name
         hints = typing.get_type_hints(method)
-        (request,) = [p for p in inspect.signature(method).parameters if p != "self"]
+        request, caller = [p for p in inspect.signature(method).parameters if p != "self"]
         assert hints[request] is requests[name], name
+        assert hints[caller] == Caller | None, name
         answer = hints["return"]  # an async method's response, or a method's Awaitable of it
         if typing.get_origin(answer) is collections.abc.Awaitable:
             (answer,) = typing.get_args(answer)

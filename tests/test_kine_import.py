@@ -1,6 +1,6 @@
 """`kine-server import`: a kine database, made with kine's own DDL and rows shaped as kine writes
 them (creates, updates, deletes, a re-create, TTLs, a gap row, a compaction), into kine-server on
-both databases, revisions kept; from kine on SQLite and on PostgreSQL."""
+both databases, revisions kept; from kine on SQLite, on PostgreSQL and on MySQL (MariaDB)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncmy
 import asyncpg
 import grpc
 import pytest
 
 from kine_server.drivers import make_driver
 from kine_server.drivers.kine_source import open_kine
+from kine_server.drivers.mysql_dsn import parse
 from kine_server.drivers.postgres import with_database
 from kine_server.maintenance import kine_import
 from kine_server.maintenance.kine_import import LEASE_BASE, import_kine
@@ -28,6 +30,7 @@ from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import connect
+from tests.support.mysql import ThrowawayMariaDB
 from tests.support.postgres import ThrowawayPostgres
 from tests.support.process import KineProcess
 from tests.test_etcdctl import etcdctl
@@ -69,6 +72,23 @@ KINE_POSTGRES_DDL = [
             lease INTEGER,
             value bytea,
             old_value bytea
+        )""",
+    *KINE_INDEXES,
+]
+#: kine's MySQL schema (pkg/drivers/mysql); its names are ASCII text, as on PostgreSQL.
+KINE_MYSQL_DDL = [
+    """CREATE TABLE IF NOT EXISTS kine
+        (
+            id BIGINT UNSIGNED AUTO_INCREMENT,
+            name VARCHAR(630) CHARACTER SET ascii,
+            created INTEGER,
+            deleted INTEGER,
+            create_revision BIGINT UNSIGNED,
+            prev_revision BIGINT UNSIGNED,
+            lease INTEGER,
+            value MEDIUMBLOB,
+            old_value MEDIUMBLOB,
+            PRIMARY KEY (id)
         )""",
     *KINE_INDEXES,
 ]
@@ -157,6 +177,33 @@ async def make_postgres_kine(pg: ThrowawayPostgres) -> str:
     return dsn
 
 
+async def make_mysql_kine(mariadb: ThrowawayMariaDB) -> str:
+    """kine's MySQL database, written with kine's DSN form (`tcp(host:port)`) in mind."""
+    name = f"kine_src_{uuid.uuid4().hex[:10]}"
+    conn = await asyncmy.connect(
+        host="127.0.0.1", port=mariadb_port(mariadb), user="root", autocommit=True
+    )
+    async with conn.cursor() as cursor:
+        await cursor.execute(f"CREATE DATABASE {name}")
+        await cursor.execute(f"USE {name}")
+        for statement in KINE_MYSQL_DDL:
+            await cursor.execute(statement)
+        for statement, params in kine_rows():
+            if statement.startswith("DELETE"):
+                # MySQL reads no table a DELETE writes in a subquery: through a derived table,
+                # as kine's MySQL driver does.
+                statement = statement.replace(
+                    "WHERE id IN (", "WHERE id IN (SELECT * FROM ("
+                ).removesuffix(")") + ") AS compacted)"
+            await cursor.execute(statement.replace("?", "%s"), params)
+    conn.close()
+    return f"mysql://root:@tcp(127.0.0.1:{mariadb_port(mariadb)})/{name}"
+
+
+def mariadb_port(mariadb: ThrowawayMariaDB) -> int:
+    return parse(mariadb.dsn).port
+
+
 async def check_imported(address: str) -> None:
     """What a client of the imported store sees: kine's revisions, history from the compact
     revision on, and leases for the TTLs."""
@@ -229,6 +276,7 @@ async def imported_into(dsn: str, kine_dsn: str) -> None:
         await server.stop()
 
 
+@pytest.mark.mysql
 async def test_a_kine_sqlite_database_imports_with_its_revisions(dsn: str, tmp_path: Path) -> None:
     await imported_into(dsn, make_sqlite_kine(tmp_path / "kine.db"))
 
@@ -237,6 +285,13 @@ async def test_a_kine_postgres_database_imports_with_its_revisions(
     postgres: ThrowawayPostgres, tmp_path: Path
 ) -> None:
     kine_dsn = await make_postgres_kine(postgres)
+    await imported_into(f"sqlite://{tmp_path}/db/state.db", kine_dsn)
+
+
+async def test_a_kine_mysql_database_imports_with_its_revisions(
+    mariadb: ThrowawayMariaDB, tmp_path: Path
+) -> None:
+    kine_dsn = await make_mysql_kine(mariadb)
     await imported_into(f"sqlite://{tmp_path}/db/state.db", kine_dsn)
 
 

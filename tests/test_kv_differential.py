@@ -463,6 +463,7 @@ async def deeply_nested_txn(call: Recorder) -> None:
     await call("kv.Range", get(b"deep", b"deeq", keys_only=True))
 
 
+@pytest.mark.mysql
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 async def test_same_as_etcd(name: str, kine: Client, etcd: Client) -> None:
     ours, theirs = Recorder(kine), Recorder(etcd)

@@ -26,6 +26,8 @@ from tests.support.process import KineProcess
 from tests.support.watching import WatchStream
 from tests.test_etcdctl import etcdctl
 
+pytestmark = pytest.mark.mysql
+
 
 async def keep_alive(client: Client, ids: list[int]) -> list[tuple[int, int]]:
     """One keep-alive stream: a request per id, the (ID, TTL) of each response."""

@@ -1,5 +1,5 @@
-"""PostgreSQL restarted under load: requests fail fast with UNAVAILABLE, the server reconnects by
-itself, watchers lose nothing, and no acknowledged write is lost."""
+"""PostgreSQL, or MariaDB, restarted under load: requests fail fast with UNAVAILABLE, the server
+reconnects by itself, watchers lose nothing, and no acknowledged write is lost."""
 
 from __future__ import annotations
 
@@ -14,17 +14,22 @@ from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import connect
+from tests.support.mysql import ThrowawayMariaDB
 from tests.support.postgres import ThrowawayPostgres
 from tests.support.watching import WatchStream
 from tests.test_watch import collect
 
 
-async def test_postgres_restart_under_load(
-    postgres: ThrowawayPostgres, tmp_path: Path, request: pytest.FixtureRequest
+@pytest.mark.parametrize("kind", ["postgres", "mysql"])
+async def test_database_restart_under_load(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if postgres.external:
-        pytest.skip("needs the throwaway PostgreSQL this suite starts (it restarts it)")
-    server = SingleProcess(test_config(fresh_dsn("postgres", tmp_path, request)))
+    database: ThrowawayPostgres | ThrowawayMariaDB = request.getfixturevalue(
+        "postgres" if kind == "postgres" else "mariadb"
+    )
+    if database.external:
+        pytest.skip("needs the throwaway database server this suite starts (it restarts it)")
+    server = SingleProcess(test_config(fresh_dsn(kind, tmp_path, request)))
     await server.start()
     client = connect(f"127.0.0.1:{server.port}")
     stream = WatchStream(client)
@@ -48,7 +53,7 @@ async def test_postgres_restart_under_load(
 
     async def restart() -> None:
         await asyncio.sleep(1.5)
-        await asyncio.to_thread(postgres.restart)
+        await asyncio.to_thread(database.restart)
 
     try:
         await asyncio.gather(*(writer(n) for n in range(16)), restart())

@@ -15,7 +15,7 @@ from tests.test_etcdctl import etcdctl
 SPACE_ERROR = "Error: etcdserver: mvcc: database space exceeded"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "mysql"])
 def test_nospace_alarm_refuses_puts_until_disarmed(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

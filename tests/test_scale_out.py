@@ -1,4 +1,4 @@
-"""Several kine-server instances on one PostgreSQL behave as one etcd."""
+"""Several kine-server instances on one PostgreSQL, or one MariaDB, behave as one etcd."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from tests.test_watch import collect, key_range
 C = pb.Compare
 
 
-@pytest.fixture
+@pytest.fixture(params=["postgres", "mysql"])
 def shared_dsn(tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    return fresh_dsn("postgres", tmp_path, request)
+    return fresh_dsn(request.param, tmp_path, request)
 
 
 async def cluster(dsn: str, count: int = 3, **overrides: object) -> list[SingleProcess]:

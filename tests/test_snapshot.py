@@ -32,7 +32,9 @@ def restore(snapshot: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize(("source", "target"), [("sqlite", "postgres"), ("postgres", "sqlite")])
+@pytest.mark.parametrize(
+    ("source", "target"), [("sqlite", "postgres"), ("postgres", "sqlite"), ("mysql", "mysql")]
+)
 def test_snapshot_save_and_restore(
     source: str, target: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

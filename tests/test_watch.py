@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from kine_server.api.watch import WatchSettings
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.conftest import test_config
 from tests.support.client import Client, connect
 from tests.support.watching import WatchStream
+
+pytestmark = pytest.mark.mysql
 
 
 def key_range(low: int, high: int) -> tuple[bytes, bytes]:

@@ -216,6 +216,7 @@ async def fragments(w: WatchRecorder) -> None:
     await w.expect_silence()
 
 
+@pytest.mark.mysql
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 async def test_watch_same_as_etcd(name: str, kine: Client, etcd: Client) -> None:
     ours, theirs = WatchRecorder(kine), WatchRecorder(etcd)

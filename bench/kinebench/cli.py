@@ -1,9 +1,10 @@
 """kine-server against a real etcd and the floor: the same workloads on each, one table.
 
 Starts every server itself on loopback with fresh data directories (the floors of
-`--floor-procs`, etcd, kine-server on SQLite and with --pg on PostgreSQL), runs each workload on
-each server in turn (the order rotates from one workload to the next), stops everything it
-started (also on an error or Ctrl-C), prints the table and saves it as JSON in bench/results/.
+`--floor-procs`, etcd, kine-server on SQLite, with --pg on PostgreSQL and with --mysql on
+MariaDB), runs each workload on each server in turn (the order rotates from one workload to
+the next), stops everything it started (also on an error or Ctrl-C), prints the table and
+saves it as JSON in bench/results/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.mysql import ThrowawayMariaDB
+
 from .clients import Worker
 from .floors import Floor
 from .options import parse_args
@@ -31,7 +34,15 @@ from .paths import BENCH, RESULTS, ROOT
 from .procs import tree_status_kib
 from .profiling import PySpy
 from .report import Results, floor_ratios, machine_info, print_run, render_compare
-from .servers import AUTH_USER, BenchPostgres, Etcd, KineFlags, KineServer, Server, enable_auth
+from .servers import (
+    AUTH_USER,
+    BenchPostgres,
+    Etcd,
+    KineFlags,
+    KineServer,
+    Server,
+    enable_auth,
+)
 from .workloads import LATE, WORKLOADS, Bench
 
 
@@ -50,8 +61,9 @@ class Started:
     servers: list[Server] = field(default_factory=list)
     kines: list[KineServer] = field(default_factory=list)
     floors: list[Floor] = field(default_factory=list)
-    pg_base: str | None = None
-    """The bench's PostgreSQL without a database name (workload 9 makes fresh databases)."""
+    db_bases: dict[str, str] = field(default_factory=dict)
+    """By kine-server column, its PostgreSQL or MariaDB without a database name (workload 9
+    makes fresh databases)."""
 
 
 def start_servers(
@@ -81,13 +93,26 @@ def start_servers(
         pg = BenchPostgres(fsync=args.pg_fsync == "on")
         stack.callback(quietly, pg.stop)
         pg.start()
-        started.pg_base = pg.dsn.rsplit("/", 1)[0]
-        dsn = started.pg_base + "/kinebench"
-        kine = KineServer(dsn, workdir, "kine-pg", ["-m", "kine_server"], {}, kine_flags)
+        started.db_bases["kine-pg"] = base = pg.dsn.rsplit("/", 1)[0]
+        kine = KineServer(
+            base + "/kinebench", workdir, "kine-pg", ["-m", "kine_server"], {}, kine_flags
+        )
         started.kines.append(kine)
         stack.callback(quietly, kine.stop)
         kine.start()
         kines.append(kine.server(pg.postmaster()))
+    if args.mysql:
+        mariadb = ThrowawayMariaDB(durable=True)
+        stack.callback(quietly, mariadb.stop)
+        mariadb.start()
+        started.db_bases["kine-mysql"] = base = mariadb.dsn.rstrip("/")
+        kine = KineServer(
+            base + "/kinebench", workdir, "kine-mysql", ["-m", "kine_server"], {}, kine_flags
+        )
+        started.kines.append(kine)
+        stack.callback(quietly, kine.stop)
+        kine.start()
+        kines.append(kine.server(mariadb.server_pid()))
     if args.auth:
         for s in kines:
             enable_auth(s.endpoint)
@@ -188,7 +213,7 @@ def main(argv: list[str]) -> int:
                 stack.callback(quietly, worker.close)
 
             bench = Bench(args, servers, workers, results, pyspy.hook(servers), workdir, kine_flags)
-            bench.pg_base = started.pg_base
+            bench.db_bases = started.db_bases
             run_workloads(bench, results)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping everything", file=sys.stderr)

@@ -11,6 +11,7 @@ table (see bench/README.md).
 
     .venv/bin/python bench/run.py              # kine-server on SQLite vs etcd
     .venv/bin/python bench/run.py --pg         # and kine-server on PostgreSQL
+    .venv/bin/python bench/run.py --mysql      # and kine-server on MariaDB
     .venv/bin/python bench/run.py --compare bench/results/OLD.json
 """
 
@@ -20,6 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--pg", action="store_true", help="also benchmark kine-server on PostgreSQL")
+    p.add_argument("--mysql", action="store_true", help="also benchmark kine-server on MariaDB")
     p.add_argument("--no-sqlite", action="store_true", help="skip kine-server on SQLite")
     p.add_argument("--no-etcd", action="store_true", help="skip etcd (e.g. when profiling)")
     p.add_argument(

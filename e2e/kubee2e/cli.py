@@ -1,9 +1,9 @@
-"""End to end: Kubernetes' kube-apiserver running on kine-server, on SQLite and PostgreSQL.
+"""End to end: Kubernetes' kube-apiserver running on kine-server, on SQLite, PostgreSQL and MariaDB.
 
-    .venv/bin/python e2e/run.py [--db sqlite|postgres|both] [--kube-apiserver PATH] [--keep]
-                                [--no-watch-cache]
+    .venv/bin/python e2e/run.py [--db sqlite|postgres|mysql|both|all] [--kube-apiserver PATH]
+                                [--keep] [--no-watch-cache]
 
-For each database this starts kine-server (and, for PostgreSQL, a throwaway PostgreSQL server),
+For each database this starts kine-server (and, for PostgreSQL and MariaDB, a throwaway server),
 then a kube-apiserver 1.20 on loopback pointed at it (the binary comes from
 scripts/kube-apiserver.sh, which builds it once from Debian's source package), and drives the
 apiserver's REST API over HTTPS with a static bearer token: namespaces, 1000 configmaps, CRUD with
@@ -27,10 +27,17 @@ from .apiserver import ApiserverUnavailable, binary_version, kube_apiserver_bina
 from .outcome import Results
 from .suite import Suite
 
+DATABASES = ["sqlite", "postgres", "mysql"]
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument(
+        "--db",
+        choices=[*DATABASES, "both", "all"],
+        default="all",
+        help="one database; both: sqlite and postgres; all: every one (default)",
+    )
     parser.add_argument(
         "--kube-apiserver", help="binary to use (default: scripts/kube-apiserver.sh)"
     )
@@ -62,7 +69,8 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(str(exc))
             raise SystemExit("e2e: scripts/kube-apiserver.sh failed") from None
         print(f"-- {binary_version(binary)} ({binary}); work dir {base}", flush=True)
-        for db in ["sqlite", "postgres"] if args.db == "both" else [args.db]:
+        chosen = {"both": ["sqlite", "postgres"], "all": DATABASES}.get(args.db, [args.db])
+        for db in chosen:
             extra = ["--watch-cache=false"] if args.no_watch_cache else []
             Suite(db, binary, base, extra, results).run()
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
-"""One database from start to end: its server (PostgreSQL's is a throwaway one), kine-server,
-kube-apiserver, every check in order, then the shutdown and log checks. Everything started is
+"""One database from start to end: its server (PostgreSQL's and MariaDB's are throwaway ones),
+kine-server, kube-apiserver, every check in order, then the shutdown and log checks. Everything started is
 stopped on the way out, also when a check or the start fails."""
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ class Suite:
     def start_database(self, stack: ExitStack) -> str | None:
         if self.db == "sqlite":
             return f"sqlite://{self.work / 'db' / 'state.db'}"
+        if self.db == "mysql":
+            from tests.support.mysql import ThrowawayMariaDB
+
+            with check(self.results, f"{self.db}/mariadb-start"):
+                mariadb = ThrowawayMariaDB()
+                mariadb.start()
+                stack.callback(mariadb.stop)
+                return f"{mariadb.dsn.rstrip('/')}/kine_e2e"  # created by kine-server
+            return None
         from tests.support.postgres import ThrowawayPostgres
 
         with check(self.results, f"{self.db}/postgres-start"):

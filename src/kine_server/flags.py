@@ -115,8 +115,9 @@ FLAGS = [
     Flag(
         "endpoint",
         "endpoint",
-        "Storage DSN: sqlite://PATH or postgres://user:pass@host:port/db?sslmode=..."
-        " (the database is created if missing)",
+        "Storage DSN: sqlite://PATH, postgres://user:pass@host:port/db?sslmode=... or "
+        "mysql://user:pass@host:port/db (kine's mysql://user:pass@tcp(host:port)/db too; "
+        "the database is created if missing)",
     ),
     Flag(
         "listen-address",
@@ -168,10 +169,10 @@ FLAGS = [
         "Cost of the bcrypt hashes of users' passwords (4 to 31, as etcd)",
         _bcrypt_cost,
     ),
-    Flag("ca-file", "ca_file", "PostgreSQL: verify the server's certificate against this CA"),
-    Flag("cert-file", "cert_file", "PostgreSQL: client certificate (PEM)"),
-    Flag("key-file", "key_file", "PostgreSQL: private key of --cert-file (PEM)"),
-    Flag("skip-verify", "skip_verify", "PostgreSQL: use TLS without verifying the server", _bool),
+    Flag("ca-file", "ca_file", "PostgreSQL/MySQL: verify the server's certificate against this CA"),
+    Flag("cert-file", "cert_file", "PostgreSQL/MySQL: client certificate (PEM)"),
+    Flag("key-file", "key_file", "PostgreSQL/MySQL: private key of --cert-file (PEM)"),
+    Flag("skip-verify", "skip_verify", "PostgreSQL/MySQL: use TLS without verifying the server", _bool),
     Flag(
         "max-request-bytes",
         "max_request_bytes",
@@ -271,7 +272,8 @@ FLAGS = [
     Flag(
         "datastore-timeout",
         "datastore_timeout",
-        "PostgreSQL: time limit of connecting, of waiting for a pooled connection and of each "
+        "PostgreSQL/MySQL: time limit of connecting, of waiting for a pooled connection and of "
+        "each "
         "statement; a request to a database that stops answering fails with UNAVAILABLE after "
         "about this long (Go duration)",
         _positive_duration,
@@ -280,7 +282,8 @@ FLAGS = [
     Flag(
         "datastore-connect-timeout",
         "datastore_connect_timeout",
-        "PostgreSQL: how long start-up keeps retrying a database it cannot reach, with backoff, "
+        "PostgreSQL/MySQL: how long start-up keeps retrying a database it cannot reach, with "
+        "backoff, "
         "before giving up (Go duration)",
         _positive_duration,
         format_duration,
@@ -315,7 +318,7 @@ FLAGS = [
 def build_parser(defaults: Config) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kine-server",
-        description="An etcd v3 API server that keeps its data in SQLite or PostgreSQL.",
+        description="An etcd v3 API server that keeps its data in SQLite, PostgreSQL or MySQL/MariaDB.",
         epilog="Every flag can also be set as KINE_<FLAG>, e.g. KINE_ENDPOINT or KINE_LISTEN_ADDRESS; "
         "a flag on the command line wins over the environment.",
     )

@@ -146,7 +146,8 @@ def import_command(argv: Sequence[str], environ: dict[str, str]) -> int:
     prog = "kine-server import"
     parser = _parser(
         prog,
-        "Copy a K3s kine database (SQLite or PostgreSQL) into an empty kine-server store, with "
+        "Copy a K3s kine database (SQLite, PostgreSQL or MySQL) into an empty kine-server store, "
+        "with "
         "its revisions, so kube-apiserver's resourceVersions and watches carry on.",
         environ,
     )
@@ -154,7 +155,8 @@ def import_command(argv: Sequence[str], environ: dict[str, str]) -> int:
         "--from",
         dest="source",
         required=True,
-        help="the kine database, as kine's --endpoint: sqlite://PATH or postgres://user@host/db",
+        help="the kine database, as kine's --endpoint: sqlite://PATH, postgres://user@host/db or "
+        "mysql://user:pass@tcp(host:3306)/db",
     )
     args = parser.parse_args(argv)
 

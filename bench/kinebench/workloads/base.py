@@ -35,8 +35,9 @@ class Bench:
     extra_trees: list[int] = field(default_factory=list)
     """Processes a workload started besides the servers and workers (etcdctl, pinned servers,
     kube-apiservers): their CPU, with their children's, is ours, not other programs'."""
-    pg_base: str | None = None
-    """With --pg: the bench's PostgreSQL as a DSN without a database (fresh ones for 9)."""
+    db_bases: dict[str, str] = field(default_factory=dict)
+    """With --pg or --mysql: by kine-server column, its database server as a DSN without a
+    database (fresh ones for 9)."""
 
     def order(self, floors: bool = True) -> list[Server]:
         """Servers in turn, starting one further along each time (no server always goes first);

@@ -67,12 +67,13 @@ def run(b: Bench) -> None:
 
 
 def fresh_like(b: Bench, stack: ExitStack, s: Server) -> Server:
-    """A fresh server of the same kind as `s` (a new SQLite file, a new PostgreSQL database)."""
+    """A fresh server of the same kind as `s` (a new SQLite file, a new PostgreSQL or MariaDB
+    database)."""
     tag = f"kube-{s.name}-r{b.rep}"
     if s.kind == "etcd":
         server = start_etcd(b, stack, tag)
-    elif s.db_root is not None and b.pg_base is not None:
-        dsn = f"{b.pg_base}/kinebench_kube_r{b.rep}"
+    elif s.db_root is not None and s.name in b.db_bases:
+        dsn = f"{b.db_bases[s.name]}/kinebench_kube_r{b.rep}"
         server = start_kine(b, stack, tag, name=s.name, dsn=dsn, db_root=s.db_root)
     else:
         server = start_kine(b, stack, tag, name=s.name)

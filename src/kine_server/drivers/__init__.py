@@ -16,7 +16,7 @@ class EndpointError(ValueError):
 
 @dataclass(frozen=True)
 class DatabaseTLS:
-    """TLS to PostgreSQL from --ca-file/--cert-file/--key-file/--skip-verify (kine's flags)."""
+    """TLS to PostgreSQL or MySQL from --ca-file/--cert-file/--key-file/--skip-verify (kine's flags)."""
 
     ca_file: str = ""
     cert_file: str = ""
@@ -46,14 +46,17 @@ def make_driver(
     read_only: bool = False,
     readers: int | None = None,
 ) -> Driver:
-    """A driver for `sqlite://PATH` or `postgres://user:pass@host:port/db?...` (not yet opened);
-    `timeout` bounds every PostgreSQL wait (--datastore-timeout; None: the driver's default);
+    """A driver for `sqlite://PATH`, `postgres://user:pass@host:port/db?...` or
+    `mysql://user:pass@host:port/db` (kine's `mysql://user:pass@tcp(host:port)/db` too), not
+    yet opened; `timeout` bounds every PostgreSQL and MySQL wait (--datastore-timeout; None:
+    the driver's default);
     `read_only` is a `--workers` front-end's: reads only, beside the writer process; `readers`
     the most reader connections (None: the driver's default)."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         raise EndpointError(
-            f"invalid --endpoint {endpoint!r}: expected sqlite://PATH or postgres://user@host/db"
+            f"invalid --endpoint {endpoint!r}: expected sqlite://PATH, postgres://user@host/db "
+            "or mysql://user@host/db"
         )
     if scheme == "sqlite":
         from kine_server.drivers.sqlite import SQLiteDriver
@@ -77,8 +80,24 @@ def make_driver(
             )
         except ValueError as exc:  # the servers it names, target_session_attrs, connect_timeout
             raise EndpointError(str(exc)) from exc
+    if scheme == "mysql":
+        from kine_server.drivers.mysql import DEFAULT_TIMEOUT as MYSQL_TIMEOUT
+        from kine_server.drivers.mysql import MySQLDriver
+        from kine_server.drivers.mysql_dsn import DSNError
+
+        try:
+            return MySQLDriver(
+                endpoint,
+                timeout=MYSQL_TIMEOUT if timeout is None else timeout,
+                ssl=tls.context() if tls else None,
+                read_only=read_only,
+                pool_size=readers,
+            )
+        except DSNError as exc:
+            raise EndpointError(f"invalid --endpoint {endpoint!r}: {exc}") from exc
     raise EndpointError(
-        f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} (use sqlite or postgres)"
+        f"invalid --endpoint {endpoint!r}: unsupported scheme {scheme!r} "
+        "(use sqlite, postgres or mysql)"
     )
 
 

@@ -130,6 +130,16 @@ class Dialect:
     #: UPDATE ... RETURNING exists (SQLite 3.35+, PostgreSQL; not MySQL, nor MariaDB 10.x).
     #: Without it a renewal reads the renewable leases FOR UPDATE first, then updates them.
     update_returning: bool = False
+    #: Indexes are declared in CREATE TABLE, not by CREATE INDEX IF NOT EXISTS (which MySQL 8
+    #: lacks). Also where the database clusters a table without a primary key by its first
+    #: unique index (InnoDB): then it exists before the first row, instead of a hidden row id.
+    inline_indexes: bool = False
+    #: Indexes of schema.INDEXES this database is better without (MySQL: those its clustered
+    #: index already serves; each index costs every write and every plan).
+    skip_indexes: Collection[str] = ()
+    #: What a literal `%` becomes: "%%" where the driver formats parameters into the text
+    #: (pyformat: MySQL's drivers), so that a `%` of the SQL itself is not read as one.
+    percent: str = "%"
     #: The longest key the database can index, if it has a limit (see base.ReadTx).
     max_key_bytes: int | None = None
     #: A statement run with the new revision (as text) after each commit's revision is set,
@@ -159,6 +169,8 @@ class Dialect:
             int64_cast=self.int64_cast,
             for_update=self.for_update,
         )
+        if self.percent != "%":
+            text = text.replace("%", self.percent)
         for word in self.reserved:
             text = re.sub(rf"\b{re.escape(word)}\b", f"{self.quote}{word}{self.quote}", text)
         if self.placeholder is question_mark:

@@ -1,4 +1,4 @@
-"""Reading a K3s kine database (its `kine` table, on SQLite or PostgreSQL) for `kine-server import`.
+"""Reading a K3s kine database (its `kine` table, on SQLite, PostgreSQL or MySQL) for `kine-server import`.
 
 kine keeps one row per revision: `id` is the revision; `name` the key; `created`/`deleted` say
 whether the row created or deleted the key; `create_revision`, `prev_revision` (the key's row
@@ -22,6 +22,10 @@ import asyncpg
 
 from kine_server.drivers import EndpointError
 from kine_server.drivers.base import DriverError
+from kine_server.drivers.mysql_dsn import DSNError, MySQLEndpoint, parse
+from kine_server.drivers.mysql_errors import DATABASE_ERRORS as MYSQL_ERRORS
+from kine_server.drivers.mysql_errors import describe as describe_mysql
+from kine_server.drivers.mysql_link import MyConnection, Session, connect, drop
 
 #: kine's own bookkeeping row: never a key.
 COMPACT_ROW = "compact_rev_key"
@@ -182,9 +186,52 @@ class PostgresKine(KineSource):
             await conn.close()
 
 
+#: Reading a large kine table a page at a time: each statement may take a while.
+MYSQL_TIMEOUT = 300.0
+
+
+class _MySQLSnapshot(KineSnapshot):
+    def __init__(self, conn: MyConnection) -> None:
+        self._conn = conn
+
+    async def counters(self) -> tuple[int, int]:
+        newest, compacted = (await self._conn.fetch(_COUNTERS, ()))[0]
+        return int(newest or 0), int(compacted or 0)
+
+    async def rows(self, after: int, limit: int) -> list[KineRow]:
+        query = _ROWS.format(p1="%s", p2="%s")
+        return [_row(r) for r in await self._conn.fetch(query, (after, limit))]
+
+    async def live_keys(self) -> int:
+        return int((await self._conn.fetch(_LIVE, ()))[0][0])
+
+
+class MySQLKine(KineSource):
+    """kine's MySQL database, read in one REPEATABLE READ snapshot (kine may keep writing)."""
+
+    def __init__(self, endpoint: MySQLEndpoint) -> None:
+        self.endpoint = endpoint
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[KineSnapshot]:
+        session = Session("REPEATABLE READ", lock_wait=MYSQL_TIMEOUT)
+        try:
+            raw = await connect(self.endpoint, session, MYSQL_TIMEOUT, self.endpoint.ssl_context())
+        except MYSQL_ERRORS as exc:
+            raise DriverError(f"cannot open kine database: {describe_mysql(exc)}") from exc
+        conn = MyConnection(raw, MYSQL_TIMEOUT)
+        try:
+            await conn.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY", ())
+            yield _MySQLSnapshot(conn)
+        except MYSQL_ERRORS as exc:
+            raise DriverError(f"cannot read kine database: {describe_mysql(exc)}") from exc
+        finally:
+            drop(raw)
+
+
 def open_kine(dsn: str) -> KineSource:
-    """kine's own --endpoint syntax: sqlite://PATH[?options] or postgres://… (its default
-    database is `kubernetes`, as kine's)."""
+    """kine's own --endpoint syntax: sqlite://PATH[?options], postgres://… or
+    mysql://user:pass@tcp(host:port)/db (its default database is `kubernetes`, as kine's)."""
     scheme, sep, rest = dsn.partition("://")
     if scheme == "sqlite" and sep:
         path = rest.split("?", 1)[0]
@@ -195,6 +242,12 @@ def open_kine(dsn: str) -> KineSource:
         if "/" not in base[len(scheme) + 3 :]:
             base += "/kubernetes"
         return PostgresKine(base + mark + query)
+    if scheme == "mysql" and sep:
+        try:
+            return MySQLKine(parse(dsn))
+        except DSNError as exc:
+            raise EndpointError(f"invalid --from {dsn!r}: {exc}") from exc
     raise EndpointError(
-        f"invalid --from {dsn!r}: expected kine's sqlite://PATH or postgres://user@host/db"
+        f"invalid --from {dsn!r}: expected kine's sqlite://PATH, postgres://user@host/db "
+        "or mysql://user:pass@tcp(host:port)/db"
     )

@@ -114,6 +114,9 @@ INDEXES = (
 
 
 def create_table(dialect: Dialect, table: Table) -> str:
+    """The table's DDL; with its indexes where the dialect declares them there
+    (Dialect.inline_indexes), the unique ones first, each kind in INDEXES' order: InnoDB
+    clusters a table without a primary key by its first unique index over NOT NULL columns."""
     single = table.primary_key[0] if len(table.primary_key) == 1 else None
     lines = []
     for column in table.columns:
@@ -127,13 +130,24 @@ def create_table(dialect: Dialect, table: Table) -> str:
         lines.append(line)
     if len(table.primary_key) > 1:
         lines.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")
+    if dialect.inline_indexes:
+        for index in sorted(INDEXES, key=lambda index: not index.unique):
+            if index.table == table.name and _made(dialect, index):
+                unique = "UNIQUE " if index.unique else ""
+                lines.append(f"{unique}INDEX {index.name} ({', '.join(index.columns)})")
     body = ",\n    ".join(lines)
     return dialect.render(f"CREATE TABLE IF NOT EXISTS {table.name} (\n    {body}\n)")
 
 
+def _made(dialect: Dialect, index: Index) -> bool:
+    """Whether this dialect makes the index (see Index.covers, Dialect.skip_indexes)."""
+    return not (index.covers and dialect.include_columns) and index.name not in dialect.skip_indexes
+
+
 def create_index(dialect: Dialect, index: Index) -> str | None:
-    """The index's DDL, or None where this dialect does not make it (see Index.covers)."""
-    if index.covers and dialect.include_columns:
+    """The index's DDL, or None where this dialect does not make it (see Index.covers) or
+    declares it in its table's CREATE TABLE (Dialect.inline_indexes)."""
+    if not _made(dialect, index) or dialect.inline_indexes:
         return None
     unique = "UNIQUE " if index.unique else ""
     text = (
