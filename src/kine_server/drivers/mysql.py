@@ -98,6 +98,10 @@ DIALECT = Dialect(
     # JSON_TABLE: MySQL 8.0.4+ and MariaDB 10.6+.
     id_list="SELECT ids.id FROM JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) AS ids",
     encode_ids=json.dumps,
+    # A batch's keys as one parameter too (JSON holds no bytes: hex, back with UNHEX).
+    key_list="SELECT UNHEX(keys_.k) FROM JSON_TABLE(?, '$[*]' COLUMNS (k VARCHAR(6000) PATH '$'))"
+    " AS keys_",
+    encode_keys=lambda keys: json.dumps([key.hex() for key in keys]),
     types=column_types(
         int32="INT",
         # Meta names and auth kinds: ASCII compared byte by byte, read back as str.
@@ -361,7 +365,9 @@ class MySQLDriver(Driver):
     async def write(self) -> AsyncIterator[WriteTx]:
         assert self._writers is not None, "driver not open"
         async with self._transaction(self._writers, "START TRANSACTION") as conn:
-            yield SQLWrite(conn, self._statements)
+            tx = SQLWrite(conn, self._statements)
+            yield tx
+            await tx.flush()  # the rows the transaction buffered (SQLWrite)
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
