@@ -7,7 +7,7 @@ RUNTIME := $(VENV)/.installed-runtime
 INSTALLED := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: run test lint check-protos proto deps e2e image-test bench soak clean
+.PHONY: run test lint check-protos proto deps e2e image-test bench soak soak-ci clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,13 @@ image-test: $(INSTALLED) deps
 bench: $(INSTALLED) deps
 	scripts/kube-apiserver.sh >/dev/null
 	$(PY) bench/run.py $(ARGS)
+
+## CI's bounded soak (a few minutes): kill -9 rounds and PostgreSQL fault cycles, fuzz seeds,
+## linearizability runs under faults and compaction failing at random, on SQLite and PostgreSQL.
+soak-ci: $(INSTALLED) deps
+	KINE_SOAK_ROUNDS=2 KINE_SOAK_CYCLES=3 KINE_FUZZ_ROUNDS=2 KINE_LIN_SECONDS=10 \
+	KINE_SOAK_SECONDS=30 $(PY) -m pytest -m slow -q tests/test_soak_faults.py \
+	tests/test_fuzz_differential.py tests/test_linearizability.py tests/test_compaction.py
 
 ## Long soak tests, excluded from `make test`.
 soak: $(INSTALLED) deps
