@@ -31,12 +31,11 @@ from asyncmy.connection import Connection as AsyncmyConnection
 
 from kine_server.drivers import sql
 from kine_server.drivers.mysql_dsn import MySQLEndpoint
+from kine_server.drivers.transactions import converted
 
 T = TypeVar("T")
 Record = Sequence[Any]
 
-#: Records converted between two turns of the event loop (asyncmy reads a result at once).
-_CHUNK = 1000
 
 #: Every session's SQL mode, whatever the server's default: strict (a value that does not fit is
 #: an error, not a silent truncation), and without a server's ANSI_QUOTES or
@@ -94,13 +93,7 @@ class MyConnection:
     async def fetch_rows(
         self, query: str, params: Sequence[Any], convert: Callable[[Record], T]
     ) -> list[T]:
-        records = await self.fetch(query, params)
-        rows: list[T] = []
-        for start in range(0, len(records), _CHUNK):
-            if start:
-                await asyncio.sleep(0)
-            rows += [convert(r) for r in records[start : start + _CHUNK]]
-        return rows
+        return await converted(await self.fetch(query, params), convert)
 
     def fetch_soon(self, query: str, params: Sequence[Any]) -> Awaitable[list[Record]]:
         return self.fetch(query, params)  # one connection, one statement at a time
@@ -157,9 +150,7 @@ async def connect(
         )
         try:
             async with conn.cursor() as cursor:
-                await cursor.execute(
-                    f"SET SESSION TRANSACTION ISOLATION LEVEL {session.isolation}"
-                )
+                await cursor.execute(f"SET SESSION TRANSACTION ISOLATION LEVEL {session.isolation}")
                 settings = [
                     f"sql_mode = '{SQL_MODE}'",
                     # NOW(3) in UTC: UNIX_TIMESTAMP() of it is then never ambiguous (no DST).

@@ -57,6 +57,7 @@ from kine_server.drivers.transactions import (
     SQLCompact,
     SQLRead,
     SQLWrite,
+    converted,
     create_schema,
 )
 
@@ -102,11 +103,6 @@ LISTEN_CHECK_INTERVAL = 10.0
 LISTEN_RETRY_MAX = 5.0
 
 
-#: Records converted between two turns of the event loop: asyncpg hands over a 50 000-row result
-#: at once, and converting it in one go held the loop for every other client.
-_CHUNK = 1000
-
-
 def _affected(status: str) -> int:
     """asyncpg returns the command tag, e.g. 'DELETE 12' ('CREATE TABLE' changed no rows)."""
     count = status.rpartition(" ")[2]
@@ -134,13 +130,7 @@ class PgConnection:
     async def fetch_rows(
         self, query: str, params: Sequence[Any], convert: Callable[[Record], T]
     ) -> list[T]:
-        records = await self._conn.fetch(query, *params)
-        rows: list[T] = []
-        for start in range(0, len(records), _CHUNK):
-            if start:
-                await asyncio.sleep(0)
-            rows += [convert(r) for r in records[start : start + _CHUNK]]
-        return rows
+        return await converted(await self._conn.fetch(query, *params), convert)
 
     def fetch_soon(self, query: str, params: Sequence[Any]) -> Awaitable[list[Record]]:
         return self.fetch(query, params)  # one connection, one statement at a time

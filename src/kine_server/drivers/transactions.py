@@ -15,6 +15,7 @@ one hop; a later driver may send it in one round trip).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -64,6 +65,23 @@ class Connection(Protocol):
 
     async def execute_all(self, statements: Batch, bulk: bool) -> None:
         """Run the statements in order; `bulk`: they may touch many rows."""
+
+
+#: Records converted between two turns of the event loop by `converted`: asyncpg and asyncmy
+#: hand over a 50 000-row result at once, and converting it in one go held the loop for every
+#: other client.
+CONVERT_CHUNK = 1000
+
+
+async def converted(records: Sequence[Record], convert: Callable[[Record], T]) -> list[T]:
+    """`convert` of each record, yielding to the event loop between chunks (fetch_rows of a
+    connection whose library reads the whole result on the loop)."""
+    rows: list[T] = []
+    for start in range(0, len(records), CONVERT_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        rows += [convert(r) for r in records[start : start + CONVERT_CHUNK]]
+    return rows
 
 
 def to_row(record: Record) -> Row:
