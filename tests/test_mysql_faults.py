@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from kine_server.drivers.mysql_dsn import parse
@@ -21,16 +20,11 @@ from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.mysql import ThrowawayMariaDB
 from tests.test_pg_faults import (
-    FAIL_WITHIN,
-    LONG_POLL,
-    NOTIFIED_WITHIN,
-    eventually,
-    failure_time,
-    notified_within,
+    blackholed_then_recovered,
     put,
+    reset_then_heard_again,
     started,
     stored,
-    watch_from,
 )
 
 
@@ -59,20 +53,7 @@ async def proxied(proxy: FaultProxy, database: str) -> AsyncIterator[tuple[Singl
 async def test_blackhole_fails_puts_and_ranges_within_the_timeout_then_recovers_losing_nothing(
     proxy: FaultProxy, proxied: tuple[SingleProcess, Client]
 ) -> None:
-    _, client = proxied
-    acked = {b"/f/a/%02d" % i: await put(client, b"/f/a/%02d" % i) for i in range(20)}
-    proxy.set_mode(Mode.BLACKHOLE)
-    calls: list[Awaitable[Any]] = [put(client, b"/f/lost/%d" % i) for i in range(8)]
-    calls += [stored(client, b"/f/"), client.kv.Range(pb.RangeRequest(key=b"/f/a/00"))]
-    outcomes = await asyncio.gather(*(failure_time(c) for c in calls))
-    assert {code for code, _ in outcomes} == {grpc.StatusCode.UNAVAILABLE}
-    slowest = max(took for _, took in outcomes)
-    assert slowest < FAIL_WITHIN, f"a request took {slowest:.1f}s to fail"
-    proxy.set_mode(Mode.FORWARD)
-    acked[b"/f/a/after"] = await eventually(lambda: put(client, b"/f/a/after"))
-    after = await eventually(lambda: stored(client, b"/f/a/"))
-    assert after == acked
-    assert (await client.maintenance.Status(pb.StatusRequest(), timeout=10)).errors == []
+    await blackholed_then_recovered(proxy, proxied[1])
 
 
 async def test_reset_fails_fast_then_recovers_and_watches_again(
@@ -80,32 +61,7 @@ async def test_reset_fails_fast_then_recovers_and_watches_again(
 ) -> None:
     """B reaches MariaDB through the proxy, A directly; B's revision watch brings A's commits
     long before its poll interval would, before the reset and again after it."""
-    a = await started(database, poll_interval=LONG_POLL)
-    b = await started(proxy.dsn(database), poll_interval=LONG_POLL, datastore_timeout=3.0)
-    ca, cb = connect(f"127.0.0.1:{a.port}"), connect(f"127.0.0.1:{b.port}")
-    try:
-        stream = await watch_from(cb, b"/f/r/")
-        first = await put(ca, b"/f/r/first")
-        assert await notified_within(stream, b"/f/r/first", first) < NOTIFIED_WITHIN
-        proxy.set_mode(Mode.RESET)
-        for call in (put(cb, b"/f/r/lost"), stored(cb, b"/f/r/")):
-            code, took = await failure_time(call)
-            assert code == grpc.StatusCode.UNAVAILABLE and took < FAIL_WITHIN
-        proxy.set_mode(Mode.FORWARD)
-        via_b = await eventually(lambda: put(cb, b"/f/r/via-b"))
-        assert await notified_within(stream, b"/f/r/via-b", via_b) < NOTIFIED_WITHIN
-        second = await put(ca, b"/f/r/second")
-        assert await notified_within(stream, b"/f/r/second", second) < NOTIFIED_WITHIN
-        acked = {b"/f/r/first": first, b"/f/r/via-b": via_b, b"/f/r/second": second}
-        listing = await eventually(lambda: stored(cb, b"/f/r/"))
-        assert listing == await stored(ca, b"/f/r/") and acked.items() <= listing.items()
-        await stream.close()
-    finally:
-        proxy.set_mode(Mode.FORWARD)
-        await ca.close()
-        await cb.close()
-        await asyncio.wait_for(b.stop(), 30)
-        await a.stop()
+    await reset_then_heard_again(proxy, database, datastore_timeout=3.0, listing_retried=True)
 
 
 async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(

@@ -9,7 +9,6 @@ instead. :meth:`restart` stops it and starts it again on the same port and data 
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -22,6 +21,7 @@ from types import TracebackType
 from typing import Self
 
 from .ports import free_port
+from .unprivileged import run_as
 
 DSN_ENV_VAR = "KINE_TEST_MYSQL_DSN"
 
@@ -66,12 +66,7 @@ class ThrowawayMariaDB:
         self.startup_timeout = startup_timeout
         self._base: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._run_as: list[str] = []
-        self._owner: tuple[int, int] | None = None
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam(UNPRIVILEGED_OS_USER)
-            self._run_as = ["runuser", "-u", UNPRIVILEGED_OS_USER, "--"]
-            self._owner = (entry.pw_uid, entry.pw_gid)
+        self._run_as, self._owner = run_as(UNPRIVILEGED_OS_USER)
 
     @property
     def base_dir(self) -> Path:

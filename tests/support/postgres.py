@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shlex
 import shutil
 import signal
@@ -23,12 +22,14 @@ from types import TracebackType
 from typing import Self
 
 from .ports import free_port
+from .unprivileged import run_as
 
 DSN_ENV_VAR = "KINE_TEST_PG_DSN"
 """Environment variable naming an existing server to use instead of starting one."""
 
 DB_USER = "kine"
 """Superuser role created by initdb; trust auth means no password is needed."""
+
 
 UNPRIVILEGED_OS_USER = "nobody"
 """PostgreSQL refuses to run as root, so as root we drop to this existing user."""
@@ -113,12 +114,7 @@ class ThrowawayPostgres:
         self.clone_via = clone_via
         self._base_dir: Path | None = None
         self._running = False
-        self._run_as: list[str] = []
-        self._owner: tuple[int, int] | None = None
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam(UNPRIVILEGED_OS_USER)
-            self._run_as = ["runuser", "-u", UNPRIVILEGED_OS_USER, "--"]
-            self._owner = (entry.pw_uid, entry.pw_gid)
+        self._run_as, self._owner = run_as(UNPRIVILEGED_OS_USER)
 
     # -- paths ---------------------------------------------------------------
 
