@@ -48,8 +48,9 @@ def rollback(conn: sqlite3.Connection) -> None:
 #: How long one step of waiting for another process's lock lasts (see Link.wait_for_lock).
 LOCK_STEP_MS = 100
 
-#: What a Worker's queue holds: a function and the future its outcome goes to, or None (stop).
-_Item = tuple[Callable[[], Any], asyncio.Future[Any]] | None
+#: What a Worker's queue holds: a function, the future its outcome goes to and what to call on
+#: the loop once it has run, or None (stop).
+_Item = tuple[Callable[[], Any], asyncio.Future[Any], Callable[[], None] | None] | None
 
 
 class Worker:
@@ -67,9 +68,13 @@ class Worker:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[], T], ran: Callable[[], None] | None = None
+    ) -> asyncio.Future[T]:
+        """Queue `fn`; its outcome goes to the future returned. `ran` is called on the loop once
+        `fn` has run, also when the future was cancelled meanwhile (it still runs)."""
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, future))
+        self._queue.put((fn, future, ran))
         return future
 
     def shutdown(self) -> None:
@@ -78,18 +83,22 @@ class Worker:
 
     def _serve(self) -> None:
         while (item := self._queue.get()) is not None:
-            fn, future = item
+            fn, future, ran = item
             try:
                 outcome, failed = fn(), False
             except BaseException as exc:
                 outcome, failed = exc, True
             try:
-                self._loop.call_soon_threadsafe(_settle, future, outcome, failed)
+                self._loop.call_soon_threadsafe(_settle, future, outcome, failed, ran)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 return
 
 
-def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+def _settle(
+    future: asyncio.Future[Any], outcome: Any, failed: bool, ran: Callable[[], None] | None
+) -> None:
+    if ran is not None:
+        ran()
     if future.cancelled():
         return
     if failed:
@@ -159,14 +168,16 @@ class Link:
         return cls(conn, thread, busy_timeout_ms)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue `fn` on the thread now; its result when awaited."""
+        """Queue `fn` on the thread now; its result when awaited. It counts as queued until
+        the thread has run it, not until its future is done: a caller cancelled while it waits
+        leaves the step queued or running, and a statement run inline meanwhile would overtake
+        it on the same connection (a reader's ROLLBACK before its own queued BEGIN, leaving a
+        transaction open on the link)."""
         conn = self.conn
         self._queued += 1
-        future = self._thread.submit(lambda: fn(conn))
-        future.add_done_callback(self._done)
-        return future
+        return self._thread.submit(lambda: fn(conn), self._ran)
 
-    def _done(self, _: asyncio.Future[Any]) -> None:
+    def _ran(self) -> None:
         self._queued -= 1
 
     @property
