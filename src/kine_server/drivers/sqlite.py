@@ -226,6 +226,13 @@ class SQLiteDriver(Driver):
         #: The compactor's connection does compaction batches, checkpoints and VACUUM, one at a
         #: time: VACUUM cannot run inside a batch's transaction, so Defragment waits for it.
         self._maintenance = asyncio.Lock()
+        #: Turns at SQLite's one write lock for this process's writer, compaction batches and
+        #: VACUUM, first come first served. SQLite keeps no queue: a writer under steady load
+        #: takes the lock again the moment its commit frees it, so a compaction batch waiting
+        #: in SQLite's busy handler starved and failed with "database is locked". Other
+        #: processes (none may write while this server runs: the lock file) still meet the busy
+        #: timeout.
+        self._write_turn = asyncio.Lock()
         self._readers: asyncio.Queue[Link] = asyncio.Queue()
         self._all: list[Link] = []
         #: Every statement, rendered once for SQLite (tests pass a dialect without some of its
@@ -321,13 +328,14 @@ class SQLiteDriver(Driver):
         link = self._writer
         assert link is not None, "driver not open"
         tx = SQLWrite(WriterConnection(link), self._statements)
-        async with _transaction(link, link.begin(), tx.take_buffered):
+        async with self._write_turn, _transaction(link, link.begin(), tx.take_buffered):
             yield tx
 
     @contextlib.asynccontextmanager
     async def compact(self, timeout: float) -> AsyncIterator[CompactTx]:
         """One compaction batch within `timeout` (--compact-timeout) twice over: waiting for
-        SQLite's one write lock gives up after it (the busy timeout), and once the batch holds
+        SQLite's one write lock gives up after it (the busy timeout; this process's writer
+        takes turns with it, see _write_turn), and once the batch holds
         the lock, a progress handler aborts the statement in flight when it runs past it, so
         writers never wait on a batch for much longer. Only the batch's own statements are cut
         short: the handler is set after its BEGIN and removed before its end (sqlite3_interrupt
@@ -343,7 +351,7 @@ class SQLiteDriver(Driver):
             deadline.start()
             conn.set_progress_handler(deadline.passed, DEADLINE_STEPS)
 
-        async with self._maintenance:
+        async with self._maintenance, self._write_turn:
             try:
                 async with _transaction(link, link.call(begin)):
                     yield SQLCompact(ThreadConnection(link), self._statements)
@@ -373,7 +381,7 @@ class SQLiteDriver(Driver):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
         try:
-            async with self._maintenance:
+            async with self._maintenance, self._write_turn:
                 await link.call(vacuum)
         except ERRORS as exc:
             raise driver_error(exc) from exc
