@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from kine_server import migrate
 from kine_server.config import Config
 from kine_server.flags import load_config
-from kine_server.process.run import WriterGone, serve, serve_frontend
+from kine_server.process.run import serve, serve_frontend
 from kine_server.process.startup import StartupError
 
 
@@ -88,7 +88,5 @@ def frontend(argv: Sequence[str], environ: dict[str, str]) -> int:
         asyncio.run(serve_frontend(config, socket_path, worker))
     except StartupError as exc:
         print(f"kine-server: error: {exc}", file=sys.stderr)
-        return 1
-    except WriterGone:
         return 1
     return 0

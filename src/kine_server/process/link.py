@@ -160,5 +160,5 @@ class WriterLink:
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(failure)
         if not self._stopping:
-            log.error("lost the connection to the writer process; stopping")
+            log.error("lost the connection to the writer process; exiting")
             self._on_lost()

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 GC_THRESHOLD = (50_000, 50, 100)
 
 
-class WriterGone(Exception):
-    """A front-end lost its writer process: it stopped, and exits non-zero."""
+#: A front-end's exit status when it lost its writer process.
+WRITER_GONE_EXIT = 1
 
 
 def settle_garbage_collector() -> None:
@@ -94,17 +94,19 @@ async def _started_unless_stopped(
 async def serve_frontend(config: Config, writer_socket: str, worker: int) -> None:
     """A `--workers` front-end process: serve until told to stop, or until the writer is gone."""
     stop = _stop_on_signals()
-    lost = False
 
     def on_lost() -> None:
-        nonlocal lost
-        lost = True
-        stop.set()
+        # The writer process is gone (a crash: an orderly stop stops the front-ends first), so
+        # the server is gone too: exit as it did, at once. Clients' connections then reset
+        # and their calls fail UNAVAILABLE, which they retry. A graceful stop kept the port
+        # for its grace while gRPC core cancelled the calls still arriving on open connections
+        # (CANCELLED, which clients do not retry: seen in the kill -9 soak).
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(WRITER_GONE_EXIT)
 
     frontend = FrontendProcess(config, writer_socket, worker, on_lost)
     await frontend.start()
     settle_garbage_collector()
     await stop.wait()
     await frontend.stop()
-    if lost:
-        raise WriterGone()
