@@ -6,25 +6,21 @@ the others up for longer than MariaDB's wait_timeout (twice its --datastore-time
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 
 from kine_server.drivers.mysql_dsn import parse
-from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
 from tests.support.mysql import ThrowawayMariaDB
 from tests.test_pg_faults import (
     blackholed_then_recovered,
-    put,
+    cut_off_holding_the_lock,
     reset_then_heard_again,
     started,
-    stored,
 )
 
 
@@ -67,28 +63,6 @@ async def test_reset_fails_fast_then_recovers_and_watches_again(
 async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
     proxy: FaultProxy, database: str
 ) -> None:
-    """A is cut off while its writer holds the revision lock every instance needs: MariaDB
-    ends A's silent session after its wait_timeout (twice A's --datastore-timeout), so B's
-    write goes on instead of waiting for TCP keepalive."""
-    a = await started(proxy.dsn(database), datastore_timeout=1.0)
-    b = await started(database)
-    b_client = connect(f"127.0.0.1:{b.port}")
-    try:
-        await put(b_client, b"/f/cut/before")
-
-        async def cut_off_holding_the_lock(applier: Any) -> None:
-            proxy.set_mode(Mode.BLACKHOLE)  # after the lock was taken, before anything else
-            await applier.put(pb.PutRequest(key=b"/f/cut/a"))
-
-        with pytest.raises(Exception):  # noqa: B017 - whatever A's driver makes of the silence
-            await a.write_side.writer.submit(cut_off_holding_the_lock)
-        began = time.monotonic()
-        revision = await b_client.kv.Put(pb.PutRequest(key=b"/f/cut/b"), timeout=8)
-        assert revision.header.revision > 0, time.monotonic() - began
-        keys = set(await stored(b_client, b"/f/cut/"))
-        assert keys == {b"/f/cut/before", b"/f/cut/b"}  # A's write never committed
-    finally:
-        proxy.set_mode(Mode.FORWARD)
-        await b_client.close()
-        await asyncio.wait_for(b.stop(), 30)
-        await asyncio.wait_for(a.stop(), 30)
+    """MariaDB ends A's silent session after its wait_timeout (twice A's --datastore-timeout),
+    so B's write goes on instead of waiting for TCP keepalive."""
+    await cut_off_holding_the_lock(proxy, database)

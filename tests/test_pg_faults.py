@@ -308,24 +308,33 @@ async def test_a_silent_listen_connection_is_found_out_and_replaced(
 async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
     proxy: FaultProxy, database: str
 ) -> None:
-    """A is cut off while its writer holds the revision lock every instance needs. PostgreSQL
-    ends A's idle session after twice A's --datastore-timeout, so B's writes go on; without it
-    they waited for TCP keepalive (about two hours) and failed UNAVAILABLE all along."""
+    """PostgreSQL ends A's idle session after twice A's --datastore-timeout, so B's writes go
+    on; without it they waited for TCP keepalive (about two hours) and failed UNAVAILABLE all
+    along."""
+    await cut_off_holding_the_lock(proxy, database)
+
+
+async def cut_off_holding_the_lock(proxy: FaultProxy, database: str) -> None:
+    """Instance A is cut off (the proxy goes silent) while its writer holds the revision lock
+    every instance needs: the database must end A's session so that B's next write goes on
+    (within 8 s), and A's write never commits. (MySQL's test runs it too.)"""
     a = await started(proxy.dsn(database), datastore_timeout=1.0)
     b = await started(database)
     b_client = connect(f"127.0.0.1:{b.port}")
     try:
         await put(b_client, b"/f/cut/before")
 
-        async def cut_off_holding_the_lock(applier: Any) -> None:
+        async def blackholed_inside(applier: Any) -> None:
             proxy.set_mode(Mode.BLACKHOLE)  # after the lock was taken, before anything else
             await applier.put(pb.PutRequest(key=b"/f/cut/a"))
 
         with pytest.raises(Exception):  # noqa: B017 - whatever A's driver makes of the silence
-            await a.write_side.writer.submit(cut_off_holding_the_lock)
+            await a.write_side.writer.submit(blackholed_inside)
         began = time.monotonic()
         revision = await b_client.kv.Put(pb.PutRequest(key=b"/f/cut/b"), timeout=8)
         assert revision.header.revision > 0, time.monotonic() - began
+        keys = set(await stored(b_client, b"/f/cut/"))
+        assert keys == {b"/f/cut/before", b"/f/cut/b"}  # A's write never committed
     finally:
         proxy.set_mode(Mode.FORWARD)
         await b_client.close()
