@@ -11,7 +11,7 @@ from kine_server.api import validation
 from kine_server.api.auth import Credentials
 from kine_server.api.common import Member, etcd_errors
 from kine_server.auth import permissions as auth
-from kine_server.mvcc.applier import is_read_only
+from kine_server.mvcc.requests import is_read_only
 from kine_server.pb import rpc_pb2, rpc_pb2_grpc
 from kine_server.store.commands import COMPACT, DELETE_RANGE, PUT
 from kine_server.store.store import Store

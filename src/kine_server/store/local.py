@@ -36,10 +36,11 @@ from kine_server.drivers.base import Driver
 from kine_server.lease.lessor import Lessor
 from kine_server.maintenance.alarms import Alarms, member_id
 from kine_server.maintenance.quota import Quota
-from kine_server.mvcc.applier import Applier, has_puts, txn_keys
+from kine_server.mvcc.applier import Applier
 from kine_server.mvcc.compactor import CompactionSettings, CompactionStatus, Compactor
 from kine_server.mvcc.hub import EventHub
 from kine_server.mvcc.poller import Poller
+from kine_server.mvcc.requests import has_puts, txn_keys
 from kine_server.mvcc.writer import Writer
 from kine_server.pb import kv_pb2, rpc_pb2, workers_pb2
 

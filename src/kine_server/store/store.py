@@ -16,9 +16,9 @@ from kine_server.auth.store import AuthStore
 from kine_server.drivers.base import Counters, Driver
 from kine_server.etcd_backend.mvcc import write_etcd_snapshot
 from kine_server.lease.lessor import LeaseStatus, lease_ids, lease_status
-from kine_server.mvcc.applier import is_read_only
 from kine_server.mvcc.hub import EventHub
 from kine_server.mvcc.kvstore import KVReader
+from kine_server.mvcc.requests import is_read_only
 from kine_server.pb import rpc_pb2
 from kine_server.store.commands import TXN, Command, Req, Resp, Writes
 
