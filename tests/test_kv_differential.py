@@ -139,6 +139,35 @@ async def range_options(call: Recorder) -> None:
 
 
 @scenario
+async def paginated_lists(call: Recorder) -> None:
+    """kube-apiserver's LIST: pages pinned to the first page's revision while the keys change
+    under them, each with the whole range's count (which kine-server carries from page to page:
+    mvcc/range_counts.py); a page asked again, or with another limit; pages at the newest
+    revision with a write between them; a pinned page at and past the compacted revision."""
+    await _populate(call)
+    end = prefix_end(b"/reg/")
+    first = await call("kv.Range", get(b"/reg/", end, limit=3))
+    pinned = first.header.revision
+    await call("kv.Put", put(b"/reg/05a", b"created after the first page"))
+    await call("kv.DeleteRange", delete(b"/reg/07"))
+    await call("kv.Put", put(b"/reg/08", b"changed after the first page"))
+    page = first
+    while page.more:
+        start = page.kvs[-1].key + b"\x00"
+        page = await call("kv.Range", get(start, end, limit=3, revision=pinned))
+        await call("kv.Range", get(start, end, limit=3, revision=pinned))
+        await call("kv.Range", get(start, end, limit=2, revision=pinned, keys_only=True))
+    page = await call("kv.Range", get(b"/reg/", end, limit=4))
+    await call("kv.Put", put(b"/reg/09a", b"between two pages at the newest revision"))
+    while page.more:
+        page = await call("kv.Range", get(page.kvs[-1].key + b"\x00", end, limit=4))
+    await call("kv.Compact", pb.CompactionRequest(revision=pinned))
+    await call("kv.Range", get(b"/reg/03\x00", end, limit=3, revision=pinned))
+    await call("kv.Compact", pb.CompactionRequest(revision=pinned + 1))
+    await call("kv.Range", get(b"/reg/03\x00", end, limit=3, revision=pinned))
+
+
+@scenario
 async def range_sorting(call: Recorder) -> None:
     await _populate(call)
     end = prefix_end(b"/reg/")

@@ -17,6 +17,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, ChangeRow, ReadTx, Row, WriteTx
+from kine_server.mvcc.range_counts import Counting
 from kine_server.pb import kv_pb2, rpc_pb2
 
 #: The largest limit SQL can bind with the extra row a Range reads to tell whether there is more.
@@ -111,9 +112,16 @@ class Applier:
     """
 
     def __init__(
-        self, tx: ReadTx, begin: int, compact_revision: int, auth_generation: int = 0
+        self,
+        tx: ReadTx,
+        begin: int,
+        compact_revision: int,
+        auth_generation: int = 0,
+        counting: Counting | None = None,
     ) -> None:
         self.tx = tx
+        #: How a limited Range's count is had (a reader's remembers the pages it served).
+        self.counting = counting if counting is not None else Counting()
         self.begin = begin
         self.compact_revision = compact_revision
         #: The auth store's generation in this transaction (an auth change in it moves it).
@@ -194,10 +202,13 @@ class Applier:
             fetch += 1
         with_values = not req.keys_only or req.sort_target == RangeRequest.VALUE
         rows = await self.tx.range(req.key, end, at, fetch, with_values)
-        if fetch > 0 and len(rows) == fetch:
-            counting = self.tx.count_soon(req.key, end, at)  # beside building the response
+        if fetch > 0 and len(rows) == fetch:  # a full page: more follow
+            read_at = at or current
+            counting = self.counting.count_soon(self.tx, req.key, end, at, read_at)
             response = await self._range_response(req, rows, len(rows), filtered)
             response.count = await counting
+            after = response.kvs[-1].key + b"\x00"  # where the next page starts
+            self.counting.served(after, end, read_at, response.count - len(response.kvs))
             return response
         return await self._range_response(req, rows, len(rows), filtered)
 

@@ -19,6 +19,7 @@ from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.mvcc.applier import Applier
 from kine_server.mvcc.history import HistoryPage, whole_revisions
+from kine_server.mvcc.range_counts import PageCounts
 from kine_server.pb import rpc_pb2
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class KVReader:
         #: Read transactions slower than this many seconds are logged (--slow-sql-threshold;
         #: 0 disables), as the writer logs slow write transactions.
         self.slow_threshold = slow_threshold
+        #: The counts of the pages of paginated LISTs this process served (range_counts.py).
+        self.page_counts = PageCounts()
 
     @contextlib.asynccontextmanager
     async def reading(self, what: str) -> AsyncIterator[ReadTx]:
@@ -70,7 +73,10 @@ class KVReader:
     async def range(self, req: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
         async with self.reading("Range") as tx:
             counters = await tx.counters()
-            return await Applier(tx, counters.revision, counters.compact_revision).range(req)
+            applier = Applier(
+                tx, counters.revision, counters.compact_revision, counting=self.page_counts
+            )
+            return await applier.range(req)
 
     async def read_only_txn(self, req: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
         """A Txn with no write in either branch: etcd serves it without a proposal."""
