@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import shutil
 import signal
 import socket
@@ -109,38 +110,45 @@ async def test_a_lagging_instance_cancels_compacted_watches_and_keeps_delivering
     a = SingleProcess(test_config(shared_dsn))
     await a.start()
     a_client = connect(f"127.0.0.1:{a.port}")
-    with KineProcess(shared_dsn, tmp_path) as b:
-        b_client = connect(b.address)
-        stream = WatchStream(b_client)
+    try:
+        with KineProcess(shared_dsn, tmp_path) as b:
+            await _lagging_instance(a_client, b)
+    finally:  # a failure must not leave A's server to the garbage collector (it hung there)
+        await a_client.close()
+        await a.stop()
+
+
+async def _lagging_instance(a_client: Client, b: KineProcess) -> None:
+    b_client = connect(b.address)
+    stream = WatchStream(b_client)
+    try:
+        await stream.create(b"/lag/", b"/lag0")
+        assert (await stream.read(10)) is not None  # created
+        await a_client.kv.Put(put(b"/lag/k", b"0"))
+        first = await stream.read(10)
+        assert first is not None and first.events[0].kv.value == b"0"
+        assert b.proc is not None
+        # All of B: its own process group (the writer process and its --workers front-ends).
+        os.killpg(b.proc.pid, signal.SIGSTOP)
         try:
-            await stream.create(b"/lag/", b"/lag0")
-            assert (await stream.read(10)) is not None  # created
-            await a_client.kv.Put(put(b"/lag/k", b"0"))
-            first = await stream.read(10)
-            assert first is not None and first.events[0].kv.value == b"0"
-            assert b.proc is not None
-            b.proc.send_signal(signal.SIGSTOP)
-            try:
-                for i in range(1, 21):
-                    response = await a_client.kv.Put(put(b"/lag/k", b"%d" % i))
-                current = response.header.revision
-                await a_client.kv.Compact(pb.CompactionRequest(revision=current, physical=True))
-            finally:
-                b.proc.send_signal(signal.SIGCONT)
-            cancelled = await stream.read(15)
-            assert cancelled is not None
-            assert (cancelled.canceled, cancelled.compact_revision) == (True, current)
-            await stream.create(b"/lag/", b"/lag0", watch_id=7)
-            assert (await stream.read(10)) is not None  # created
-            await b_client.kv.Put(put(b"/lag/k", b"b's own"))
-            await a_client.kv.Put(put(b"/lag/k", b"a's"))
-            seen = [await stream.read(10), await stream.read(10)]
-            assert [r.events[0].kv.value for r in seen if r is not None] == [b"b's own", b"a's"]
+            for i in range(1, 21):
+                response = await a_client.kv.Put(put(b"/lag/k", b"%d" % i))
+            current = response.header.revision
+            await a_client.kv.Compact(pb.CompactionRequest(revision=current, physical=True))
         finally:
-            await stream.close()
-            await b_client.close()
-    await a_client.close()
-    await a.stop()
+            os.killpg(b.proc.pid, signal.SIGCONT)
+        cancelled = await stream.read(15)
+        assert cancelled is not None
+        assert (cancelled.canceled, cancelled.compact_revision) == (True, current)
+        await stream.create(b"/lag/", b"/lag0", watch_id=7)
+        assert (await stream.read(10)) is not None  # created
+        await b_client.kv.Put(put(b"/lag/k", b"b's own"))
+        await a_client.kv.Put(put(b"/lag/k", b"a's"))
+        seen = [await stream.read(10), await stream.read(10)]
+        assert [r.events[0].kv.value for r in seen if r is not None] == [b"b's own", b"a's"]
+    finally:
+        await stream.close()
+        await b_client.close()
 
 
 # -- PostgreSQL: write Txns and periodic compaction -------------------------------------------
