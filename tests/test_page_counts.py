@@ -57,7 +57,7 @@ async def test_what_is_remembered_is_bounded_and_the_oldest_goes_first() -> None
         counts.served(b"%d" % i, OPEN_END, 1, i + 10)
     assert await counted(counts, tx, b"0", OPEN_END, 1) == 10
     counts.served(b"3", OPEN_END, 1, 13)  # evicts "1": "0" was used since
-    assert len(counts) == 3
+    assert counts.remembered() == 3
     assert await counted(counts, tx, b"1", OPEN_END, 1) == 0
     assert tx.asked == 1
     for key, expected in ((b"0", 10), (b"2", 12), (b"3", 13)):

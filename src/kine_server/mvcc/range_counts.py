@@ -59,7 +59,8 @@ class PageCounts(Counting):
         while len(self._next) > self._capacity:
             self._next.popitem(last=False)
 
-    def __len__(self) -> int:
+    def remembered(self) -> int:
+        """How many pages' next counts are kept (not __len__: an empty one would be falsy)."""
         return len(self._next)
 
 
