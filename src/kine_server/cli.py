@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from kine_server import migrate
 from kine_server.config import Config
 from kine_server.flags import load_config
+from kine_server.process.allocator import keep_freed_memory
 from kine_server.process.run import serve, serve_frontend
 from kine_server.process.startup import StartupError
 
@@ -51,6 +52,7 @@ def setup_logging(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory(os.environ)
     if argv and argv[0] == "restore":
         return migrate.restore_command(argv[1:], dict(os.environ))
     if argv and argv[0] == "import":
