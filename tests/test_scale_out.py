@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kine_server.mvcc.history import REVISION_PIECE
+from kine_server.pb import kv_pb2
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
@@ -266,3 +268,44 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.proc.kill()
                 proc.proc.wait()
+
+
+async def test_a_delete_range_larger_than_a_statement_reads_reaches_the_other_instance(
+    shared_dsn: str,
+) -> None:
+    """One revision of more changes than one statement may read (history.REVISION_PIECE): the
+    other instance's poller reads it in pieces and its watchers get every event of it, with
+    the value each key had, in key order, as etcd sends them."""
+    count = REVISION_PIECE + 1000
+    servers = await cluster(shared_dsn, count=2)
+    a, b = (connect(f"127.0.0.1:{s.port}") for s in servers)
+    try:
+        for first in range(0, count, 100):
+            puts = [
+                pb.RequestOp(request_put=pb.PutRequest(key=b"big/%05d" % i, value=b"%d" % i))
+                for i in range(first, min(first + 100, count))
+            ]
+            loaded = await a.kv.Txn(pb.TxnRequest(success=puts))
+        stream = WatchStream(b)
+        start = loaded.header.revision + 1  # not B's newest: B may not have seen A's last yet
+        await stream.create(b"big/", b"big0", prev_kv=True, start_revision=start)
+        assert (await stream.read()) is not None
+        deleted = await a.kv.DeleteRange(pb.DeleteRangeRequest(key=b"big/", range_end=b"big0"))
+        assert deleted.deleted == count
+        events: list[kv_pb2.Event] = []
+        while len(events) < count:
+            response = await stream.read(timeout=60)
+            assert response is not None, f"{len(events)} of {count} delete events arrived"
+            events += response.events
+        assert len(events) == count
+        assert {e.kv.mod_revision for e in events} == {deleted.header.revision}
+        assert [e.kv.key for e in events] == [b"big/%05d" % i for i in range(count)]
+        assert all(e.type == kv_pb2.Event.DELETE for e in events)
+        assert [e.prev_kv.value for e in events] == [b"%d" % i for i in range(count)]
+        assert servers[1].write_side.poller.published_revisions >= 1
+        await stream.close()
+    finally:
+        await a.close()
+        await b.close()
+        for server in servers:
+            await server.stop()

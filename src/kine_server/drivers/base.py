@@ -197,6 +197,13 @@ class ReadTx(abc.ABC):
         """History of a key range with after < mod_revision <= through, in (revision, sub) order,
         tombstones included; at most `limit` rows."""
 
+    @abc.abstractmethod
+    async def revision_changes(
+        self, revision: int, after_sub: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        """The changes of a key range in one revision with sub > after_sub, in sub order; at
+        most `limit` rows."""
+
 
 class WriteTx(ReadTx):
     """The one write transaction in flight. It holds the revision lock from `lock()` to commit."""

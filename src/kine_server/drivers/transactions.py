@@ -142,6 +142,12 @@ class SQLRead(ReadTx):
         query, params = self._s.changes(after, through, key, end, limit)
         return await self._conn.fetch_rows(query, params, to_change)
 
+    async def revision_changes(
+        self, revision: int, after_sub: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        query, params = self._s.revision_changes(revision, after_sub, key, end, limit)
+        return await self._conn.fetch_rows(query, params, to_change)
+
     async def lease(self, lease_id: int) -> tuple[int, int] | None:
         rows = await self._conn.fetch(self._s.lease, (lease_id,))
         return (rows[0][0], rows[0][1]) if rows else None
@@ -283,6 +289,12 @@ class SQLWrite(SQLRead, WriteTx):
     ) -> list[Change]:
         await self.flush()
         return await super().changes(after, through, key, end, limit)
+
+    async def revision_changes(
+        self, revision: int, after_sub: int, key: bytes, end: bytes | None, limit: int
+    ) -> list[Change]:
+        await self.flush()
+        return await super().revision_changes(revision, after_sub, key, end, limit)
 
     async def dump(self, after: tuple[int, int], limit: int) -> list[RawRow]:
         await self.flush()

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from kine_server import errors
 from kine_server.drivers.base import OPEN_END, Counters, Driver, ReadTx
 from kine_server.mvcc.applier import Applier
-from kine_server.mvcc.history import HistoryPage, whole_revisions
+from kine_server.mvcc.history import HistoryPage, read_page
 from kine_server.mvcc.range_counts import PageCounts
 from kine_server.pb import rpc_pb2
 
@@ -93,16 +93,8 @@ class KVReader:
             counters = await tx.counters()
             if after + 1 < counters.compact_revision:
                 return HistoryPage(counters.compact_revision, [], after)
-            changes = await tx.changes(after, through, key, end, limit)
-            if len(changes) < limit:
-                return HistoryPage(counters.compact_revision, changes, through)
-            whole = whole_revisions(changes)
-            if not whole:  # one revision bigger than a page: read all of it
-                through = changes[0].row.mod_revision
-                whole = await tx.changes(after, through, key, end, 2**62)
-            else:
-                through = whole[-1].row.mod_revision
-        return HistoryPage(counters.compact_revision, whole, through)
+            changes, through = await read_page(tx, after, through, key, end, limit)
+        return HistoryPage(counters.compact_revision, changes, through)
 
     async def hash_kv(self, revision: int) -> tuple[int, int, int]:
         """(crc32 of the key space as of `revision`, that revision, compact revision).

@@ -18,8 +18,8 @@ import contextlib
 import logging
 
 from kine_server import supervise
-from kine_server.drivers.base import OPEN_END, Change, Driver, DriverError, ReadTx
-from kine_server.mvcc.history import change_event, whole_revisions
+from kine_server.drivers.base import OPEN_END, Driver, DriverError
+from kine_server.mvcc.history import change_event, read_page
 from kine_server.mvcc.hub import EventHub
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class Poller:
                     gap = counters.compact_revision
                 else:
                     gap = 0
-                    changes = await self._page(tx, after, counters.revision)
+                    changes, _ = await read_page(
+                        tx, after, counters.revision, ALL_KEYS, OPEN_END, self._batch_size
+                    )
             if gap:
                 log.warning(
                     "revisions %d to %d were compacted before this instance saw them; "
@@ -100,13 +102,3 @@ class Poller:
                 log.error("revisions %d to %d are missing from the table", after + 1, through)
                 self._hub.skip(through)
             # else: the writer published meanwhile; read on from where the hub is now
-
-    async def _page(self, tx: ReadTx, after: int, current: int) -> list[Change]:
-        changes = await tx.changes(after, current, ALL_KEYS, OPEN_END, self._batch_size)
-        if len(changes) < self._batch_size:
-            return changes
-        whole = whole_revisions(changes)
-        if whole:
-            return whole
-        through = changes[0].row.mod_revision  # one revision larger than a page
-        return await tx.changes(after, through, ALL_KEYS, OPEN_END, 2**62)
