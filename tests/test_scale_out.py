@@ -39,15 +39,19 @@ async def cluster(dsn: str, count: int = 3, **overrides: object) -> list[SingleP
     return servers
 
 
+async def shut_down(servers: list[SingleProcess], clients: list[Client]) -> None:
+    for client in clients:
+        await client.close()
+    for server in servers:
+        await server.stop()
+
+
 @pytest.fixture
 async def three(shared_dsn: str) -> AsyncIterator[tuple[list[SingleProcess], list[Client]]]:
     servers = await cluster(shared_dsn)
     clients = [connect(f"127.0.0.1:{s.port}") for s in servers]
     yield servers, clients
-    for client in clients:
-        await client.close()
-    for server in servers:
-        await server.stop()
+    await shut_down(servers, clients)
 
 
 async def test_creates_and_cas_over_three_instances_reach_every_watcher_in_order(
@@ -132,10 +136,7 @@ async def test_without_notifications_the_poll_still_delivers(shared_dsn: str) ->
         assert servers[1].write_side.poller.published_revisions >= 20
         await stream.close()
     finally:
-        await a.close()
-        await b.close()
-        for server in servers:
-            await server.stop()
+        await shut_down(servers, [a, b])
 
 
 async def test_lease_expires_exactly_once_with_three_instances(
@@ -305,7 +306,4 @@ async def test_a_delete_range_larger_than_a_statement_reads_reaches_the_other_in
         assert servers[1].write_side.poller.published_revisions >= 1
         await stream.close()
     finally:
-        await a.close()
-        await b.close()
-        for server in servers:
-            await server.stop()
+        await shut_down(servers, [a, b])

@@ -193,6 +193,17 @@ def _params(key: bytes, end: bytes | None, at: int | None) -> list[Any]:
     return params
 
 
+def _history_params(
+    first: int, second: int, key: bytes, end: bytes | None, limit: int
+) -> list[Any]:
+    """changes_template's parameters: its two bounds on the rows, the key range, the limit."""
+    params: list[Any] = [first, second, key]
+    if end:
+        params.append(end)
+    params.append(limit)
+    return params
+
+
 def range_template(kind: int, historical: bool, limited: bool, with_values: bool) -> str:
     columns = ROW_COLUMNS if with_values else KEY_COLUMNS
     text = (
@@ -351,19 +362,12 @@ class Statements:
     def changes(
         self, after: int, through: int, key: bytes, end: bytes | None, limit: int
     ) -> tuple[str, list[Any]]:
-        params: list[Any] = [after, through, key]
-        if end:
-            params.append(end)
-        params.append(limit)
-        return self._changes[end_kind(end)], params
+        return self._changes[end_kind(end)], _history_params(after, through, key, end, limit)
 
     def revision_changes(
         self, revision: int, after_sub: int, key: bytes, end: bytes | None, limit: int
     ) -> tuple[str, list[Any]]:
-        params: list[Any] = [revision, after_sub, key]
-        if end:
-            params.append(end)
-        params.append(limit)
+        params = _history_params(revision, after_sub, key, end, limit)
         return self._revision_changes[end_kind(end)], params
 
     def delete_range(self, key: bytes, end: bytes | None, revision: int, first_sub: int) -> Batch:
