@@ -4,6 +4,11 @@ Every long-running task of the store (writer, poller, lease expiry, compactor, q
 `supervised`: an exception that escapes it is logged with its traceback and the task starts
 again after a pause, instead of leaving a server that answers requests with nobody behind them
 (a writer that is gone while `submit` waits forever). Cancellation still ends it.
+
+A task's loop waits for its wake-up with `woken`, not asyncio.wait_for: on Python 3.11,
+wait_for returns normally when what it waits for finishes just as the waiting task is
+cancelled, and the cancellation is lost (CPython gh-86296, fixed in 3.12): the loop runs on and
+the stop() that cancelled it waits forever. asyncio.timeout has no such window.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ async def supervised(
         except Exception:
             log.exception("background task %s failed; restarting it in %gs", name, restart_delay)
         await asyncio.sleep(restart_delay)
+
+
+async def woken(event: asyncio.Event, timeout: float | None) -> bool:
+    """Whether `event` is set within `timeout` seconds (None: no limit)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def start(name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from kine_server import supervise
 from kine_server.drivers import sql
 from kine_server.drivers.base import (
     CompactTx,
@@ -321,8 +322,7 @@ class PostgresDriver(Driver):
         while True:
             conn = self._listener
             if conn is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._listener_lost.wait(), self.listen_check_interval)
+                await supervise.woken(self._listener_lost, self.listen_check_interval)
                 if not conn.is_closed():
                     try:
                         await conn.fetchval("SELECT 1")  # bounded by command_timeout

@@ -93,7 +93,8 @@ class Lessor:
             # A clean stop: lease time stops counting now, not when the last promise runs out
             # (if the database answers in time; else the promise simply runs out).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._promise(0), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._promise(0)
 
     async def _promise(self, promise_ms: int) -> None:
         async def serve(applier: Applier) -> None:

@@ -20,7 +20,6 @@ success while the table grew.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -111,8 +110,7 @@ class Compactor:
             waits = [settings.retry_interval] if failed else []
             if next_tick is not None:
                 waits.append(max(0.0, next_tick - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(waits) if waits else None)
+            await supervise.woken(self._wake, min(waits) if waits else None)
             self._wake.clear()
             periodic = next_tick is not None and time.monotonic() >= next_tick
             if periodic:
@@ -130,7 +128,8 @@ class Compactor:
             # The database enforces --compact-timeout itself (and says why); this is a backstop.
             backstop = self.settings.timeout + max(1.0, self.settings.timeout)
             try:
-                outcome = await asyncio.wait_for(self._batch(advance), backstop)
+                async with asyncio.timeout(backstop):
+                    outcome = await self._batch(advance)
             except TimeoutError:
                 self._failed(TimeoutError(f"batch still running after {backstop:g}s"))
                 return False

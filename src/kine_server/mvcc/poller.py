@@ -14,7 +14,6 @@ are cancelled with it, as etcd cancels a watch below its compact revision.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from kine_server import supervise
@@ -60,8 +59,7 @@ class Poller:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+            await supervise.woken(self._wake, self._interval)
             self._wake.clear()
             try:
                 await self.poll()
