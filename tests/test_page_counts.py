@@ -17,6 +17,7 @@ from kine_server.mvcc.range_counts import PageCounts
 from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.support.client import Client
+from tests.test_big_requests import fill
 
 
 class CountingTx:
@@ -86,15 +87,11 @@ async def test_a_paginated_list_counts_its_range_once(
     spy = Spy()
     server.store.kv.page_counts = spy
     prefix, end = b"/registry/pods/", b"/registry/pods0"
-    for i in range(0, 1000, 100):
-        ops = [
-            pb.RequestOp(request_put=pb.PutRequest(key=prefix + b"p%04d" % j, value=b"v"))
-            for j in range(i, i + 100)
-        ]
-        await kine.kv.Txn(pb.TxnRequest(success=ops))
+    keys = await fill(kine.kv, prefix + b"p", 1000)
     page = await kine.kv.Range(pb.RangeRequest(key=prefix, range_end=end, limit=300))
     pinned, counts, seen = page.header.revision, [page.count], len(page.kvs)
-    await kine.kv.DeleteRange(pb.DeleteRangeRequest(key=prefix + b"p0500"))  # not at `pinned`
+    deleted = await kine.kv.DeleteRange(pb.DeleteRangeRequest(key=keys[500]))  # not at `pinned`
+    assert deleted.deleted == 1
     while page.more:
         request = pb.RangeRequest(
             key=page.kvs[-1].key + b"\x00", range_end=end, limit=300, revision=pinned

@@ -19,6 +19,7 @@ from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.process import KineProcess
 from tests.support.watching import WatchStream
+from tests.test_big_requests import fill, value
 from tests.test_store import cas_increment
 from tests.test_watch import collect, key_range
 
@@ -281,12 +282,8 @@ async def test_a_delete_range_larger_than_a_statement_reads_reaches_the_other_in
     servers = await cluster(shared_dsn, count=2)
     a, b = (connect(f"127.0.0.1:{s.port}") for s in servers)
     try:
-        for first in range(0, count, 100):
-            puts = [
-                pb.RequestOp(request_put=pb.PutRequest(key=b"big/%05d" % i, value=b"%d" % i))
-                for i in range(first, min(first + 100, count))
-            ]
-            loaded = await a.kv.Txn(pb.TxnRequest(success=puts))
+        keys = await fill(a.kv, b"big/", count)
+        loaded = await a.kv.Range(pb.RangeRequest(key=b"big/", count_only=True))
         stream = WatchStream(b)
         start = loaded.header.revision + 1  # not B's newest: B may not have seen A's last yet
         await stream.create(b"big/", b"big0", prev_kv=True, start_revision=start)
@@ -300,9 +297,9 @@ async def test_a_delete_range_larger_than_a_statement_reads_reaches_the_other_in
             events += response.events
         assert len(events) == count
         assert {e.kv.mod_revision for e in events} == {deleted.header.revision}
-        assert [e.kv.key for e in events] == [b"big/%05d" % i for i in range(count)]
+        assert [e.kv.key for e in events] == keys
         assert all(e.type == kv_pb2.Event.DELETE for e in events)
-        assert [e.prev_kv.value for e in events] == [b"%d" % i for i in range(count)]
+        assert [e.prev_kv.value for e in events] == [value(k) for k in keys]
         assert servers[1].write_side.poller.published_revisions >= 1
         await stream.close()
     finally:
