@@ -18,6 +18,7 @@ from kine_server.process.single import SingleProcess
 from tests.conftest import fresh_dsn, test_config
 from tests.support.client import Client, connect
 from tests.support.process import KineProcess
+from tests.support.procs import state
 from tests.support.watching import WatchStream
 from tests.test_big_requests import fill, value
 from tests.test_store import cas_increment
@@ -176,8 +177,13 @@ class Victim:
 
     acked: int = 0
     in_flight: int = 0
+    #: Requests issued while the process was frozen, not yet answered: none can be.
+    in_flight_frozen: int = 0
+    #: Requests issued while the process was frozen that were answered: must stay 0.
+    answered_frozen: int = 0
     #: Requests issued before the kill that never got an answer.
     cut_off: int = 0
+    frozen: bool = False
     killed: bool = False
 
 
@@ -197,8 +203,10 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
     try:
 
         async def put_to_victim(key: bytes) -> None:
-            victim.in_flight += 1
             sent_before_kill = not victim.killed
+            sent_frozen = victim.frozen and sent_before_kill
+            victim.in_flight += 1
+            victim.in_flight_frozen += sent_frozen
             try:
                 await clients[0].kv.Put(pb.PutRequest(key=key, value=b"x"), timeout=5)
             except Exception:
@@ -207,7 +215,9 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
                 raise
             finally:
                 victim.in_flight -= 1
+                victim.in_flight_frozen -= sent_frozen
             victim.acked += 1
+            victim.answered_frozen += sent_frozen
 
         async def writer(n: int) -> None:
             for i in range(40):
@@ -225,14 +235,19 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
 
         async def killer() -> None:
             # Mid-write: after 20 acknowledged writes, at a moment some are in flight, the
-            # process is frozen (SIGSTOP: it answers nothing more), and killed while a write to
-            # it is still waiting (the same as a SIGKILL at the moment it was frozen).
+            # writer process is frozen (SIGSTOP: it answers nothing more), and killed while a
+            # write issued after the freeze is waiting (the same as a SIGKILL at the moment it
+            # was frozen). A write in flight at the freeze may already have been answered, so
+            # only one issued after it is sure to be cut off.
             while not (victim.acked >= 20 and victim.in_flight > 0):
                 await asyncio.sleep(0.001)
             process = procs[0].proc
             assert process is not None
             process.send_signal(signal.SIGSTOP)
-            while victim.in_flight == 0:
+            while state(process.pid) != "T":
+                await asyncio.sleep(0.001)
+            victim.frozen = True
+            while victim.in_flight_frozen == 0:
                 await asyncio.sleep(0.001)
             process.send_signal(signal.SIGKILL)
             victim.killed = True
@@ -240,7 +255,7 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
 
         await asyncio.gather(*(writer(n) for n in range(16)), killer())
         # The kill landed mid-write: requests issued before it were never answered.
-        assert victim.cut_off > 0, victim
+        assert victim.cut_off > 0 and victim.answered_frozen == 0, victim
         listing = await clients[1].kv.Range(
             pb.RangeRequest(key=b"/k9/", range_end=b"/k90", keys_only=True)
         )

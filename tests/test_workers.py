@@ -26,7 +26,7 @@ from kine_server.pb import rpc_pb2 as pb
 from kine_server.pb import rpc_pb2_grpc
 from tests.support.ports import free_port
 from tests.support.process import KineProcess
-from tests.support.procs import children
+from tests.support.procs import children, state
 
 #: P(every connection on the same one of two front-ends) = 2 * 2**-CONNECTIONS.
 CONNECTIONS = 24
@@ -70,11 +70,7 @@ def frontends_serving(port: int) -> float:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return state(pid) not in (None, "Z")
 
 
 def workers(dsn: str, tmp_path: Path) -> tuple[KineProcess, int]:

@@ -15,13 +15,21 @@ class Process:
     pgrp: int
 
 
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, T: stopped, Z: zombie...), None once it is gone."""
+    try:
+        # The command name is in parentheses and may hold spaces: split after it.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
 def live() -> Iterator[Process]:
     """Every process that has not exited (zombies left out), read from /proc/PID/stat."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            # The command name is in parentheses and may hold spaces: split after it.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
