@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from kine_server.mvcc.history import REVISION_PIECE
@@ -238,7 +240,9 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
             # writer process is frozen (SIGSTOP: it answers nothing more), and killed while a
             # write issued after the freeze is waiting (the same as a SIGKILL at the moment it
             # was frozen). A write in flight at the freeze may already have been answered, so
-            # only one issued after it is sure to be cut off.
+            # the killer issues one itself once the process is stopped: that one is sure to be
+            # cut off. The freeze stays that short: a writer frozen inside its transaction holds
+            # the revision row, and the other instances' writes wait for it.
             while not (victim.acked >= 20 and victim.in_flight > 0):
                 await asyncio.sleep(0.001)
             process = procs[0].proc
@@ -247,11 +251,14 @@ async def test_kill_9_of_one_instance_loses_no_acknowledged_write(
             while state(process.pid) != "T":
                 await asyncio.sleep(0.001)
             victim.frozen = True
+            probe = asyncio.create_task(put_to_victim(b"/k9/probe"))
             while victim.in_flight_frozen == 0:
                 await asyncio.sleep(0.001)
             process.send_signal(signal.SIGKILL)
             victim.killed = True
             await asyncio.to_thread(process.wait)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await probe
 
         await asyncio.gather(*(writer(n) for n in range(16)), killer())
         # The kill landed mid-write: requests issued before it were never answered.
