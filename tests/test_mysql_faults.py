@@ -6,16 +6,20 @@ the others up for longer than MariaDB's wait_timeout (twice its --datastore-time
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import asyncmy
 import pytest
 
 from kine_server.drivers.mysql_dsn import parse
 from kine_server.process.single import SingleProcess
 from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
-from tests.support.mysql import ThrowawayMariaDB
+from tests.support.mysql import UNPRIVILEGED_OS_USER, ThrowawayMariaDB
+from tests.support.unprivileged import run_as
 from tests.test_pg_faults import (
     blackholed_then_recovered,
     cut_off_holding_the_lock,
@@ -66,3 +70,33 @@ async def test_an_instance_cut_off_inside_a_write_does_not_hold_the_others_up(
     """MariaDB ends A's silent session after its wait_timeout (twice A's --datastore-timeout),
     so B's write goes on instead of waiting for TCP keepalive."""
     await cut_off_holding_the_lock(proxy, database)
+
+
+async def test_another_mariadb_starting_leaves_this_ones_temporary_tables_alone(
+    mariadb: ThrowawayMariaDB,
+) -> None:
+    """A starting mariadbd (mariadb-install-db's too) deletes every `#sql*` file in its tmpdir.
+    While the tests' servers shared /tmp, one started mid-run (test_mysql_tls's, a bench's)
+    removed the on-disk temporary table of a statement the session's server was running, and a
+    watch's catch-up read failed with "Error on delete of '/tmp/#sql-temptable-...'"."""
+    if mariadb.external:
+        pytest.skip("an external server's tmpdir is its operator's")
+    at = parse(mariadb.dsn)
+    conn = await asyncmy.connect(host=at.host, port=at.port, user=at.user, password=at.password)
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute("SELECT @@tmpdir")
+            [(tmpdir,)] = await cursor.fetchall()
+    finally:
+        conn.close()
+    in_use = Path(tmpdir) / f"#sql-temptable-{uuid.uuid4().hex[:8]}.MAI"
+    in_use.touch()
+    try:
+        _, owner = run_as(UNPRIVILEGED_OS_USER)
+        if owner is not None:
+            os.chown(in_use, *owner)  # the server's own file, which it may delete
+        with ThrowawayMariaDB():
+            pass
+        assert in_use.exists()
+    finally:
+        in_use.unlink(missing_ok=True)

@@ -86,8 +86,14 @@ class ThrowawayMariaDB:
             return
         self._base = Path(tempfile.mkdtemp(prefix="kine-mariadb-", dir="/tmp"))
         self._base.chmod(0o755)
+        # Its own temporary directory (also for mariadb-install-db's bootstrap server): a
+        # starting mariadbd deletes every `#sql*` file in its tmpdir, so with a shared /tmp
+        # each server started removed the temporary tables other servers were using (their
+        # statement failed: "Error on delete of '/tmp/#sql-...'").
+        (self._base / "tmp").mkdir()
         if self._owner is not None:
             os.chown(self._base, *self._owner)
+            os.chown(self._base / "tmp", *self._owner)
         try:
             self._install()
             for attempt in range(_PORT_ATTEMPTS):
@@ -110,6 +116,7 @@ class ThrowawayMariaDB:
                 _program("mariadb-install-db", "mysql_install_db"),
                 "--no-defaults",
                 f"--datadir={self.base_dir / 'data'}",
+                f"--tmpdir={self.base_dir / 'tmp'}",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
                 "--skip-name-resolve",
@@ -132,6 +139,7 @@ class ThrowawayMariaDB:
                 "--no-defaults",
                 f"--datadir={base / 'data'}",
                 f"--socket={base / 'mysqld.sock'}",
+                f"--tmpdir={base / 'tmp'}",
                 f"--pid-file={base / 'mysqld.pid'}",
                 f"--log-error={self.log_path}",
                 f"--port={self.port}",
