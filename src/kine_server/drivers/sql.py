@@ -53,7 +53,8 @@ NEWEST = (
 #: The newest row of each of several keys, tombstones included (the one whose next_revision is
 #: still NULL): a group commit reads its requests' keys in one statement (dialect.key_list).
 NEWEST_MANY = (
-    f"SELECT {ROW_COLUMNS} FROM kine_kv WHERE key IN ({{key_list}}) AND next_revision IS NULL"
+    f"SELECT {ROW_COLUMNS} FROM kine_kv{{by_key}} "
+    "WHERE key IN ({key_list}) AND next_revision IS NULL"
 )
 #: Run before the new rows go in (SQLWrite writes new rows with INSERT_RAW, next_revision set
 #: when the same batch superseded them): a key changed twice in one revision has two rows at
@@ -207,14 +208,17 @@ def _history_params(
 def range_template(kind: int, historical: bool, limited: bool, with_values: bool) -> str:
     columns = ROW_COLUMNS if with_values else KEY_COLUMNS
     text = (
-        f"SELECT {columns} FROM kine_kv WHERE {_key_filter(kind)} AND {_visible(historical)} "
-        "ORDER BY key"
+        f"SELECT {columns} FROM kine_kv{{by_key}} WHERE {_key_filter(kind)} "
+        f"AND {_visible(historical)} ORDER BY key"
     )
     return text + " LIMIT ?" if limited else text
 
 
 def count_template(kind: int, historical: bool) -> str:
-    return f"SELECT count(*) FROM kine_kv WHERE {_key_filter(kind)} AND {_visible(historical)}"
+    return (
+        f"SELECT count(*) FROM kine_kv{{by_key}} WHERE {_key_filter(kind)} "
+        f"AND {_visible(historical)}"
+    )
 
 
 def changes_template(kind: int, one_revision: bool = False) -> str:
@@ -248,19 +252,21 @@ def changes_template(kind: int, one_revision: bool = False) -> str:
     )
 
 
-def delete_live_templates(where: str) -> tuple[str, str]:
+def delete_live_templates(where: str, by_key: bool) -> tuple[str, str]:
     """The statements that delete every live row matching `where` at a revision: a tombstone
     for each (subs from a first one on, in key order, as range() and LEASED return the rows),
     then the rows superseded. Set-based: a statement per key (SUPERSEDE and INSERT) cost about
     90 microseconds a key, 12 s for a DeleteRange of 130 000 keys. The tombstones go in first,
     while the rows they delete are still the live ones; being tombstones, they are not live.
+    `by_key`: `where` selects by key (the dialect's by_key hint applies).
     (row_number() OVER: SQLite 3.25+, PostgreSQL, MySQL 8, MariaDB 10.2.)"""
+    table = "kine_kv{by_key}" if by_key else "kine_kv"
     live = f"WHERE {where} AND {schema.LIVE}"
     tombstones = (
         "INSERT INTO kine_kv (key, create_revision, mod_revision, version, value, lease, sub) "
-        f"SELECT key, 0, ?, 0, ?, 0, ? + row_number() OVER (ORDER BY key) - 1 FROM kine_kv {live}"
+        f"SELECT key, 0, ?, 0, ?, 0, ? + row_number() OVER (ORDER BY key) - 1 FROM {table} {live}"
     )
-    supersede = f"UPDATE kine_kv SET next_revision = ? {live}"
+    supersede = f"UPDATE {table} SET next_revision = ? {live}"
     return tombstones, supersede
 
 
@@ -340,10 +346,12 @@ class Statements:
             kind: dialect.render(changes_template(kind, one_revision=True)) for kind in _END_KINDS
         }
         self._delete_range = {
-            kind: tuple(dialect.render(t) for t in delete_live_templates(_key_filter(kind)))
+            kind: tuple(dialect.render(t) for t in delete_live_templates(_key_filter(kind), True))
             for kind in _END_KINDS
         }
-        self._delete_leased = tuple(dialect.render(t) for t in delete_live_templates("lease = ?"))
+        self._delete_leased = tuple(
+            dialect.render(t) for t in delete_live_templates("lease = ?", False)
+        )
         self.schema = schema.ddl(dialect)
         self.migrations = schema.migrations(dialect)
 
