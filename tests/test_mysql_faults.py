@@ -1,7 +1,8 @@
 """MySQL/MariaDB behind a faulty network, as tests/test_pg_faults.py for PostgreSQL: requests
 fail with UNAVAILABLE within the datastore timeout, the server recovers by itself, nothing
 acknowledged is lost, and an instance cut off while it holds the revision lock does not hold
-the others up for longer than MariaDB's wait_timeout (twice its --datastore-timeout)."""
+the others up for longer than MariaDB's wait_timeout (twice its --datastore-timeout). Also the
+database server's own trouble with its files, and the tests' servers' with each other's."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncmy
+import grpc
 import pytest
 
 from kine_server.drivers.mysql_dsn import parse
+from kine_server.pb import kv_pb2
+from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.support.client import Client, connect
 from tests.support.faultproxy import FaultProxy, Mode
@@ -100,3 +104,44 @@ async def test_another_mariadb_starting_leaves_this_ones_temporary_tables_alone(
         assert in_use.exists()
     finally:
         in_use.unlink(missing_ok=True)
+
+
+async def test_the_servers_own_file_trouble_is_unavailable_and_passes() -> None:
+    """MariaDB cannot create the on-disk temporary table a history read needs (its tmpdir not
+    writable): the database's trouble, not the statement's, so a watch catching up ends with
+    UNAVAILABLE, which clients retry (as PostgreSQL's class 58), not INTERNAL; the same watch
+    made again once the directory is writable delivers every event."""
+    with ThrowawayMariaDB() as db:  # its own: the session's server's tmpdir stays writable
+        server = await started(f"{db.dsn.rstrip('/')}/kine")
+        client = connect(f"127.0.0.1:{server.port}")
+        try:
+            for i in range(20):
+                await client.kv.Put(pb.PutRequest(key=b"h/%02d" % i, value=b"v" * 100))
+            create = pb.WatchRequest(
+                create_request=pb.WatchCreateRequest(
+                    key=b"h/", range_end=b"h0", start_revision=2, prev_kv=True
+                )
+            )
+            tmpdir = db.base_dir / "tmp"
+            tmpdir.chmod(0)
+            try:
+                call = client.watch.Watch()
+                await call.write(create)
+                assert (await call.read()).created
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await asyncio.wait_for(call.read(), 10)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "Can't create/write to file" in (ended.value.details() or "")
+            finally:
+                tmpdir.chmod(0o755)
+            call = client.watch.Watch()
+            await call.write(create)
+            assert (await call.read()).created
+            events: list[kv_pb2.Event] = []
+            while len(events) < 20:
+                events += (await asyncio.wait_for(call.read(), 10)).events
+            assert [e.kv.key for e in events] == [b"h/%02d" % i for i in range(20)]
+            call.cancel()
+        finally:
+            await client.close()
+            await asyncio.wait_for(server.stop(), 30)

@@ -44,6 +44,14 @@ RETRYABLE = frozenset(
 #: Of those, the ones that mean the session itself is gone: its connection is dropped.
 SESSION_GONE = frozenset({1053, 1927, 4031})
 
+#: The server's own trouble with its files, disk and memory, which a retry may cure as it may
+#: PostgreSQL's classes 53 (insufficient resources) and 58 (system error): below 1000, the
+#: "global errors" of the server's file layer (EE_*: a file it could not create, read, write or
+#: delete, such as a temporary table's; out of memory; disk full), and can't create a file
+#: (1004), disk full (1021), error reading or writing a file (1024, 1026), an error from the
+#: storage engine (1030), a table or temporary table full (1114). None is the statement's fault.
+SERVER_TROUBLE = frozenset(range(1, 1000)) | {1004, 1021, 1024, 1026, 1030, 1114}
+
 
 def errno(exc: BaseException) -> int:
     """The MySQL error number of an asyncmy error, 0 for anything else."""
@@ -101,10 +109,11 @@ def describe_connect_error(exc: BaseException) -> str:
 
 def driver_error(exc: BaseException) -> DriverError:
     """What an asyncmy or network error means to the store: no answer at all, an error a retry
-    may cure, or the statement's own fault (a value out of range, a key too long, a syntax
-    error, a constraint)."""
+    may cure (RETRYABLE, SERVER_TROUBLE), or the statement's own fault (a value out of range, a
+    key too long, a syntax error, a constraint)."""
     if unanswered(exc):
         return DatabaseUnreachable(describe(exc))
-    if errno(exc) in RETRYABLE:
+    number = errno(exc)
+    if number in RETRYABLE or number in SERVER_TROUBLE:
         return DriverError(describe(exc))
     return StatementError(f"{type(exc).__name__}: {describe(exc)}")
