@@ -15,13 +15,20 @@ class Process:
     pgrp: int
 
 
-def state(pid: int) -> str | None:
-    """The process's state letter (R, S, T: stopped, Z: zombie...), None once it is gone."""
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command (state, ppid, pgrp, ...), None once the
+    process is gone."""
     try:
         # The command name is in parentheses and may hold spaces: split after it.
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, T: stopped, Z: zombie...), None once it is gone."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
 
 
 def live() -> Iterator[Process]:
@@ -29,12 +36,11 @@ def live() -> Iterator[Process]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = _stat(entry.name)
+        if fields is None:
             continue
-        state, ppid, pgrp = fields[0], int(fields[1]), int(fields[2])
-        if state != "Z":
+        letter, ppid, pgrp = fields[0], int(fields[1]), int(fields[2])
+        if letter != "Z":
             yield Process(int(entry.name), ppid, pgrp)
 
 
