@@ -23,26 +23,15 @@ from kine_server.pb import rpc_pb2 as pb
 from kine_server.process.single import SingleProcess
 from tests.conftest import MYSQL
 from tests.support.client import Client
+from tests.test_big_requests import fill
 
 KEY_INDEX = "kine_kv_key_rev_sub"
 KEYS = 10_000
 
 
-async def load(kine: Client, numbers: range) -> int:
-    """Keys b/NNNNN of 1 KiB values (the bench's LIST workload), a hundred per Txn; the
-    revision of the last."""
-    for first in numbers[::100]:
-        puts = [
-            pb.RequestOp(request_put=pb.PutRequest(key=b"b/%05d" % i, value=b"v" * 1024))
-            for i in range(first, min(first + 100, numbers.stop))
-        ]
-        loaded = await kine.kv.Txn(pb.TxnRequest(success=puts))
-    return int(loaded.header.revision)
-
-
-def statements_by_key(at: int) -> dict[str, tuple[str, list[Any]]]:
+def statements_by_key(at: int, keys: list[bytes]) -> dict[str, tuple[str, list[Any]]]:
     """Every statement shape that selects kine_kv rows by key, with parameters over b/ (the
-    loaded keys), at the newest revision or at `at`."""
+    loaded `keys`), at the newest revision or at `at`."""
     statements = sql.Statements(DIALECT)
     shapes: dict[str, tuple[str, list[Any]]] = {}
     for name, revision in (("newest", None), ("at", at)):
@@ -54,8 +43,7 @@ def statements_by_key(at: int) -> dict[str, tuple[str, list[Any]]]:
     shapes["delete range: tombstones"] = tombstones
     shapes["delete range: supersede"] = supersede
     assert statements.newest_many is not None
-    keys = DIALECT.encode_keys([b"b/%05d" % i for i in range(0, KEYS, KEYS // 100)])
-    shapes["newest of a batch"] = (statements.newest_many, [keys])
+    shapes["newest of a batch"] = (statements.newest_many, [DIALECT.encode_keys(keys[::100])])
     return shapes
 
 
@@ -70,13 +58,14 @@ async def test_reads_by_key_walk_the_key_index_while_the_statistics_are_stale(
         host=at.host, port=at.port, user=at.user, password=at.password, database=at.database
     )
     try:
-        await load(kine, range(0, 30))
+        await fill(kine.kv, b"b/a", 30)
         async with conn.cursor() as cursor:
             # The statistics of a table of 30 keys, kept.
             await cursor.execute("ALTER TABLE kine_kv STATS_AUTO_RECALC=0")
             await cursor.execute("ANALYZE TABLE kine_kv")
             await cursor.fetchall()
-        loaded = await load(kine, range(30, KEYS))
+        keys = await fill(kine.kv, b"b/b", KEYS)
+        loaded = await kine.kv.Range(pb.RangeRequest(key=b"b/", count_only=True))
         plans = {}
         async with conn.cursor() as cursor:
             await cursor.execute(
@@ -85,7 +74,7 @@ async def test_reads_by_key_walk_the_key_index_while_the_statistics_are_stale(
             )
             [(n_rows,)] = await cursor.fetchall()
             assert n_rows == 30  # still those of 30 keys
-            for name, (text, params) in statements_by_key(loaded).items():
+            for name, (text, params) in statements_by_key(loaded.header.revision, keys).items():
                 await cursor.execute("EXPLAIN " + text, params)
                 columns = [d[0] for d in cursor.description]
                 rows = [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
